@@ -1,0 +1,8 @@
+"""The four ParScale-EAR components, one file each."""
+
+from .ear_transformer import EARTransformer
+from .energy_head import EnergyHead, energy_score_loss
+from .lite_hybrid import LiteHybrid
+from .lite_vae import LiteVAE
+
+__all__ = ["EARTransformer", "EnergyHead", "LiteHybrid", "LiteVAE", "energy_score_loss"]

@@ -1,0 +1,43 @@
+"""Config validation shared by the model components.
+
+Every error names the field, the value it got and what would be accepted, so a bad config
+fails at construction instead of as a shape error deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def check_int(owner: str, name: str, value, minimum: int = 1) -> None:
+    """Raise unless ``value`` is an int (not a bool) that is at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}: `{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_float(owner: str, name: str, value, low: float, high: float, *, high_inclusive: bool = True) -> None:
+    """Raise unless ``low <= value <= high`` (or ``< high`` when ``high_inclusive`` is False)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and low <= value and (value <= high if high_inclusive else value < high)
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"{owner}: `{name}` must be a number in [{low}, {high}{bracket}, got {value!r}.")
+
+
+def check_divisible(owner: str, name: str, value: int, divisor: int, divisor_name: str) -> None:
+    """Raise unless ``value`` is a multiple of ``divisor``."""
+    if value % divisor != 0:
+        raise ValueError(
+            f"{owner}: `{name}`={value} must be divisible by `{divisor_name}`={divisor}."
+        )
+
+
+def check_int_sequence(owner: str, name: str, value, length: int | None = None) -> None:
+    """Raise unless ``value`` is a non-empty sequence of positive ints (of ``length`` if given)."""
+    ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    if ok and length is not None:
+        ok = len(value) == length
+    if not ok:
+        what = f"{length} positive integers" if length is not None else "a non-empty list of positive integers"
+        raise ValueError(f"{owner}: `{name}` must be {what}, got {value!r}.")

@@ -1,0 +1,219 @@
+"""EAR's masked autoregressive backbone, widened with ParScale parallel streams.
+
+One bidirectional transformer runs over ``buffer_size`` leading positions (holding the class
+embedding and, with ParScale, a per-stream prefix) followed by the N token positions. Unknown
+tokens are replaced by a learned mask token; the model returns one hidden vector per token
+position, which the energy head turns into a token.
+
+ParScale (Qwen, "Parallel Scaling Law", 2025): the batch is replicated ``parscale_n`` = P
+times, each copy gets its own learnable prefix, the shared backbone runs all copies as one
+batch, and the P hidden states of every position are mixed with softmax weights from a small
+MLP, smoothed as ``w * (1 - eps) + eps / P``. With P = 1 none of this exists.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+from ._checks import check_divisible, check_float, check_int
+
+
+def latents_to_tokens(latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents `(B, C, h, w)` -> tokens `(B, h*w, C)` in raster order."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def tokens_to_latents(tokens: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """Tokens `(B, N, C)` in raster order -> VAE latents `(B, C, grid_size, grid_size)`."""
+    b, n, c = tokens.shape
+    return tokens.transpose(1, 2).reshape(b, c, grid_size, grid_size)
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        # Bidirectional: every position sees every position; what a masked position "sees" of
+        # other unknown tokens is only the shared mask token, never their values.
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = _Attention(dim, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+            nn.Linear(hidden, dim), nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class EARTransformer(ModelMixin, ConfigMixin):
+    r"""Bidirectional masked-AR backbone over ``buffer_size + grid_size**2`` positions.
+
+    Args:
+        in_channels: channels C of a token (the VAE's `latent_channels`).
+        grid_size: side of the token grid; N = grid_size**2 token positions.
+        num_classes: number of classes; index `num_classes` is the learned null class used for
+            classifier-free guidance.
+        hidden_size, num_layers, num_heads, mlp_ratio: transformer shape (EAR-B: 768, 24, 12, 4).
+        buffer_size: leading positions holding the class embedding (and stream prefixes).
+        class_dropout_prob: probability of replacing a label by the null class in training.
+        dropout: dropout of attention and MLP in training.
+        mask_ratio_min: lower end of the training mask ratio; the ratio is drawn from a normal
+            (mean 1, sd `mask_ratio_std`) truncated to [mask_ratio_min, 1].
+        mask_ratio_std: see above.
+        parscale_n: number P of parallel streams.
+        parscale_attn_smooth: label smoothing eps of the stream-aggregation weights.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 32,
+        grid_size: int = 16,
+        num_classes: int = 1000,
+        hidden_size: int = 768,
+        num_layers: int = 24,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        buffer_size: int = 64,
+        class_dropout_prob: float = 0.1,
+        dropout: float = 0.1,
+        mask_ratio_min: float = 0.7,
+        mask_ratio_std: float = 0.25,
+        parscale_n: int = 1,
+        parscale_attn_smooth: float = 0.01,
+    ):
+        super().__init__()
+        for name in ("in_channels", "grid_size", "num_classes", "hidden_size", "num_layers", "num_heads",
+                     "buffer_size", "parscale_n"):
+            check_int("EARTransformer", name, locals()[name])
+        check_divisible("EARTransformer", "hidden_size", hidden_size, num_heads, "num_heads")
+        check_float("EARTransformer", "mlp_ratio", mlp_ratio, 1e-3, 64.0)
+        check_float("EARTransformer", "class_dropout_prob", class_dropout_prob, 0.0, 1.0, high_inclusive=False)
+        check_float("EARTransformer", "dropout", dropout, 0.0, 1.0, high_inclusive=False)
+        check_float("EARTransformer", "mask_ratio_min", mask_ratio_min, 0.0, 1.0)
+        check_float("EARTransformer", "mask_ratio_std", mask_ratio_std, 1e-6, 10.0)
+        check_float("EARTransformer", "parscale_attn_smooth", parscale_attn_smooth, 0.0, 1.0)
+
+        self.num_tokens = grid_size * grid_size
+        self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)
+        self.token_proj = nn.Linear(in_channels, hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.pos_embedding = nn.Parameter(torch.zeros(1, buffer_size + self.num_tokens, hidden_size))
+        self.blocks = nn.ModuleList(
+            [_Block(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(num_layers)]
+        )
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        if parscale_n > 1:
+            self.stream_prefix = nn.Parameter(torch.zeros(parscale_n, buffer_size, hidden_size))
+            self.stream_aggregator = nn.Sequential(
+                nn.Linear(parscale_n * hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, parscale_n)
+            )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for p in (self.mask_token, self.pos_embedding):
+            nn.init.trunc_normal_(p, std=0.02)
+        nn.init.normal_(self.class_embedding.weight, std=0.02)
+        if self.config.parscale_n > 1:
+            nn.init.trunc_normal_(self.stream_prefix, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def null_class(self) -> int:
+        """Index of the learned unconditional class."""
+        return self.config.num_classes
+
+    def sample_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training mask: a random order per image and a mask ratio from the truncated normal.
+
+        Returns:
+            `(batch_size, N)` bool, True at the positions to predict. One ratio per batch, as in
+            MAR / EAR, and at least one masked token.
+        """
+        n = self.num_tokens
+        low, std = self.config.mask_ratio_min, self.config.mask_ratio_std
+        # Inverse-CDF draw of N(1, std) truncated to [low, 1]: exact and generator-driven.
+        normal = torch.distributions.Normal(1.0, std)
+        cdf_low, cdf_high = normal.cdf(torch.tensor(low)), normal.cdf(torch.tensor(1.0))
+        u = torch.rand((), generator=generator)
+        ratio = normal.icdf(cdf_low + u * (cdf_high - cdf_low)).clamp(low, 1.0)
+        num_masked = max(1, math.ceil(n * ratio.item()))
+        orders = torch.argsort(torch.rand(batch_size, n, generator=generator), dim=1)
+        mask = torch.zeros(batch_size, n, dtype=torch.bool)
+        mask.scatter_(1, orders[:, :num_masked], True)
+        return mask.to(self.device)
+
+    def drop_labels(self, class_labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace each label by the null class with probability `class_dropout_prob` (training)."""
+        drop = torch.rand(class_labels.shape, generator=generator) < self.config.class_dropout_prob
+        return torch.where(drop.to(class_labels.device), torch.full_like(class_labels, self.null_class), class_labels)
+
+    def forward(self, tokens: torch.Tensor, class_labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden vectors of all token positions.
+
+        Args:
+            tokens: `(B, N, C)` latent tokens; values at masked positions are ignored.
+            class_labels: `(B,)` long, in [0, num_classes]; `num_classes` is the null class.
+            mask: `(B, N)` bool, True where the token is unknown.
+
+        Returns:
+            `(B, N, hidden_size)`: for each position, the (stream-aggregated) hidden vector.
+        """
+        b, n, _ = tokens.shape
+        p, buf = self.config.parscale_n, self.config.buffer_size
+        x = self.token_proj(tokens)
+        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        prefix = self.class_embedding(class_labels).unsqueeze(1).expand(b, buf, -1)
+        if p > 1:
+            # (P, B, buf, D): stream s of every image gets prefix s; streams become batch rows.
+            prefix = prefix.unsqueeze(0) + self.stream_prefix.unsqueeze(1)
+            prefix = prefix.reshape(p * b, buf, -1)
+            x = x.repeat(p, 1, 1)
+        h = torch.cat([prefix, x], dim=1) + self.pos_embedding
+        for block in self.blocks:
+            h = block(h)
+        h = self.norm(h)[:, buf:]
+        if p > 1:
+            h = self.aggregate_streams(h.view(p, b, n, -1))
+        return h
+
+    def stream_weights(self, streams: torch.Tensor) -> torch.Tensor:
+        """Smoothed softmax weights `(B, N, P)` of `streams` `(P, B, N, D)`; each row sums to one."""
+        p = self.config.parscale_n
+        eps = self.config.parscale_attn_smooth
+        logits = self.stream_aggregator(streams.permute(1, 2, 0, 3).flatten(2))
+        weights = logits.float().softmax(dim=-1)
+        return weights * (1 - eps) + eps / p
+
+    def aggregate_streams(self, streams: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over the P streams: `(P, B, N, D) -> (B, N, D)`."""
+        weights = self.stream_weights(streams).to(streams.dtype)
+        return torch.einsum("bnp,pbnd->bnd", weights, streams)

@@ -1,0 +1,170 @@
+"""EAR's energy head: a one-step token sampler, and the energy score that trains it.
+
+Shao et al., "Continuous Visual Autoregressive Generation via Score Maximization" (ICML 2025).
+The backbone's hidden vector ``z`` of a token position becomes the head's residual stream; a
+uniform noise vector is the only AdaLN condition of every block, so one forward pass turns
+``(z, noise)`` into one sample of the token's continuous distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+from ._checks import check_float, check_int
+
+
+def energy_score_loss(
+    samples: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 1.0,
+    lambda_: float = 1.0,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Energy score of ``K >= 2`` model samples against the target (lower is better).
+
+    For K = 2 this is ``||x1-y||^a + ||x2-y||^a - lambda * ||x1-x2||^a``; for larger K the
+    attraction term is averaged over samples and the repulsion over all ordered pairs, with
+    the same scale. With ``0 < alpha < 2`` and ``lambda = 1`` it is a strictly proper
+    scoring rule: its expectation is minimal when the samples follow the target distribution.
+
+    Args:
+        samples: `(K, M, C)`, K independent samples for each of M targets.
+        target: `(M, C)`.
+        alpha: exponent of the distance, in (0, 2).
+        lambda_: weight of the repulsive (diversity) term; EAR uses 1, then 0.99 late in training.
+        weight: optional `(M,)` weights (e.g. the mask of predicted tokens); the loss is their
+            weighted mean.
+
+    Returns:
+        The scalar loss.
+    """
+    if samples.dim() != 3 or samples.shape[0] < 2 or samples.shape[1:] != target.shape:
+        raise ValueError(
+            f"energy_score_loss: expected samples (K>=2, M, C) matching target (M, C), "
+            f"got samples {tuple(samples.shape)} and target {tuple(target.shape)}."
+        )
+    k = samples.shape[0]
+    attraction = (samples - target.unsqueeze(0)).norm(dim=-1).pow(alpha).mean(dim=0)
+    pair_dist = (samples.unsqueeze(0) - samples.unsqueeze(1)).norm(dim=-1).pow(alpha)  # (K, K, M)
+    # The diagonal is zero; average over the K*(K-1) ordered pairs, so K=2 gives ||x1-x2||.
+    repulsion = pair_dist.sum(dim=(0, 1)) / (k * (k - 1))
+    per_target = 2.0 * attraction - lambda_ * repulsion
+    if weight is None:
+        return per_target.mean()
+    return (per_target * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+class _AdaLNBlock(nn.Module):
+    """Residual MLP block whose LayerNorm is modulated (shift, scale, gate) by the noise embedding."""
+
+    def __init__(self, width: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, width))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        # A zero gate makes each block start as the identity, the usual AdaLN-Zero choice.
+        nn.init.zeros_(self.modulation[1].weight[2 * width :])
+        nn.init.zeros_(self.modulation[1].bias[2 * width :])
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, temperature: float) -> torch.Tensor:
+        shift, scale, gate = self.modulation(cond).chunk(3, dim=-1)
+        h = self.norm(x) * (1 + scale) + temperature * shift
+        return x + gate * self.mlp(h)
+
+
+class EnergyHead(ModelMixin, ConfigMixin):
+    r"""EAR's one-step head: ``(z, noise) -> token``.
+
+    Args:
+        condition_dim: width of the backbone's hidden vector ``z`` (the transformer's `hidden_size`).
+        token_channels: channels C of one VAE token (the VAE's `latent_channels`).
+        width: width of the head's residual stream.
+        depth: number of AdaLN residual MLP blocks.
+        noise_dim: dimension of the uniform noise ``U[-0.5, 0.5]^noise_dim`` (EAR: 64).
+        mlp_ratio: hidden width of each block's MLP relative to `width`.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        condition_dim: int = 768,
+        token_channels: int = 32,
+        width: int = 1024,
+        depth: int = 6,
+        noise_dim: int = 64,
+        mlp_ratio: float = 1.0,
+    ):
+        super().__init__()
+        for name in ("condition_dim", "token_channels", "width", "depth", "noise_dim"):
+            check_int("EnergyHead", name, locals()[name])
+        check_float("EnergyHead", "mlp_ratio", mlp_ratio, 1e-3, 64.0)
+        self.z_proj = nn.Linear(condition_dim, width)
+        self.noise_embed = nn.Linear(noise_dim, width)
+        self.blocks = nn.ModuleList([_AdaLNBlock(width, mlp_ratio) for _ in range(depth)])
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, token_channels)
+
+    def draw_noise(self, num: int, generator: torch.Generator | None = None, device=None, dtype=None) -> torch.Tensor:
+        """Noise ``U[-0.5, 0.5]^noise_dim`` for ``num`` tokens, `(num, noise_dim)`."""
+        device = device if device is not None else self.device
+        dtype = dtype if dtype is not None else self.dtype
+        noise = torch.rand(num, self.config.noise_dim, generator=generator, device=generator.device if generator else device)
+        return (noise - 0.5).to(device=device, dtype=dtype)
+
+    def forward(self, z: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """One sample per row.
+
+        Args:
+            z: `(M, condition_dim)` backbone hidden vectors.
+            noise: `(M, noise_dim)` uniform noise, e.g. from :meth:`draw_noise`.
+            temperature: multiplies only the AdaLN shifts (EAR's inference temperature, 0.7);
+                1.0 in training.
+
+        Returns:
+            `(M, token_channels)` tokens.
+        """
+        x = self.z_proj(z)
+        cond = self.noise_embed(noise)
+        for block in self.blocks:
+            x = block(x, cond, temperature)
+        shift, scale = self.final_modulation(cond).chunk(2, dim=-1)
+        x = self.final_norm(x) * (1 + scale) + temperature * shift
+        return self.out(x)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        z: torch.Tensor,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Draw one token per row of ``z`` `(M, condition_dim)` in one forward; returns `(M, token_channels)`."""
+        if noise is None:
+            noise = self.draw_noise(z.shape[0], generator, device=z.device, dtype=z.dtype)
+        return self(z, noise, temperature)
+
+    def loss(
+        self,
+        z: torch.Tensor,
+        target: torch.Tensor,
+        num_samples: int = 2,
+        alpha: float = 1.0,
+        lambda_: float = 1.0,
+        weight: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Energy-score training loss for targets `(M, C)` given hidden vectors `(M, condition_dim)`.
+
+        Draws ``num_samples`` samples per target in one batched forward (EAR uses 2 per
+        estimate) and scores them with :func:`energy_score_loss`.
+        """
+        m = z.shape[0]
+        noise = self.draw_noise(num_samples * m, generator, device=z.device, dtype=z.dtype)
+        samples = self(z.repeat(num_samples, 1), noise).view(num_samples, m, -1)
+        return energy_score_loss(samples, target, alpha=alpha, lambda_=lambda_, weight=weight)

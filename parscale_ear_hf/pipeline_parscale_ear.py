@@ -1,0 +1,382 @@
+"""ParScale-EAR pipeline: class label -> masked autoregressive sampling -> VAE decode."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from importlib import resources
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from huggingface_hub import snapshot_download
+
+from .models.ear_transformer import EARTransformer, latents_to_tokens, tokens_to_latents
+from .models.energy_head import EnergyHead
+from .models.lite_hybrid import LiteHybrid
+from .models.lite_vae import LiteVAE
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+GUIDANCE_SCHEDULES = ("linear", "constant")
+# The Hub entry file that lets `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`
+# find this class; written beside model_index.json by `save_pretrained`.
+HUB_ENTRY_MODULE = "pipeline_parscale_ear"
+
+
+def mask_schedule(step: int, num_steps: int, num_tokens: int, num_masked: int) -> int:
+    """How many tokens stay masked after ``step`` (0-based) of ``num_steps``: MAR / EAR's cosine schedule.
+
+    At least one token is predicted per step and at least one stays for the last step; after the
+    last step nothing is masked.
+    """
+    if step >= num_steps - 1:
+        return 0
+    remaining = math.floor(num_tokens * math.cos(math.pi / 2 * (step + 1) / num_steps))
+    return max(1, min(num_masked - 1, remaining))
+
+
+def _vae_spatial_factor(vae) -> int:
+    if isinstance(vae, LiteVAE):
+        return 2 ** vae.config.levels
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _uniform(batch: int, shape: tuple[int, ...], generator, device) -> torch.Tensor:
+    """``U[0, 1)`` of shape `(batch, *shape)`; with a list of generators, row i comes from generator i alone."""
+    if isinstance(generator, list):
+        rows = [torch.rand(shape, generator=g, device=g.device) for g in generator]
+        return torch.stack(rows).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.rand((batch, *shape), generator=generator, device=gen_device).to(device)
+
+
+@contextmanager
+def _eval_mode(*modules: torch.nn.Module):
+    """Sample with dropout off even when a component is shared with a training loop; restore after."""
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, was_training):
+            m.train(flag)
+
+
+def check_components(vae, lite_hybrid, transformer, energy_head) -> None:
+    """Raise a ValueError / TypeError naming the fields when the four components do not fit together."""
+    expected = {"vae": (LiteVAE, AutoencoderKL), "lite_hybrid": (LiteHybrid,), "transformer": (EARTransformer,),
+                "energy_head": (EnergyHead,)}
+    given = {"vae": vae, "lite_hybrid": lite_hybrid, "transformer": transformer, "energy_head": energy_head}
+    for name, classes in expected.items():
+        if not isinstance(given[name], classes):
+            names = " or ".join(c.__name__ for c in classes)
+            raise TypeError(f"ParScaleEARPipeline: `{name}` must be a {names}, got {type(given[name]).__name__}.")
+    pairs = [
+        ("vae.config.latent_channels", vae.config.latent_channels,
+         "transformer.config.in_channels", transformer.config.in_channels),
+        ("lite_hybrid.config.in_channels", lite_hybrid.config.in_channels,
+         "transformer.config.in_channels", transformer.config.in_channels),
+        ("energy_head.config.token_channels", energy_head.config.token_channels,
+         "transformer.config.in_channels", transformer.config.in_channels),
+        ("lite_hybrid.config.grid_size", lite_hybrid.config.grid_size,
+         "transformer.config.grid_size", transformer.config.grid_size),
+        ("energy_head.config.condition_dim", energy_head.config.condition_dim,
+         "transformer.config.hidden_size", transformer.config.hidden_size),
+    ]
+    for name_a, a, name_b, b in pairs:
+        if a != b:
+            raise ValueError(f"ParScaleEARPipeline: components do not fit: {name_a}={a} but {name_b}={b}; they must be equal.")
+
+
+class ParScaleEARPipeline(DiffusionPipeline):
+    r"""Class-conditional image generation with EAR's energy head over a masked-AR ParScale backbone.
+
+    Args:
+        vae: a :class:`LiteVAE` or a ``diffusers.AutoencoderKL``; decodes tokens to images.
+        lite_hybrid: :class:`LiteHybrid`, enhances the visible tokens before each backbone pass.
+        transformer: :class:`EARTransformer`, the masked autoregressive backbone.
+        energy_head: :class:`EnergyHead`, samples one token per position in one forward.
+        id2label: optional ``{class id: "name, synonym, ..."}``; saved in `model_index.json`.
+    """
+
+    model_cpu_offload_seq = "lite_hybrid->transformer->energy_head->vae"
+    _callback_tensor_inputs = ["tokens", "mask"]
+
+    def __init__(
+        self,
+        vae: LiteVAE | AutoencoderKL,
+        lite_hybrid: LiteHybrid,
+        transformer: EARTransformer,
+        energy_head: EnergyHead,
+        id2label: dict | None = None,
+    ):
+        super().__init__()
+        check_components(vae, lite_hybrid, transformer, energy_head)
+        self.register_modules(vae=vae, lite_hybrid=lite_hybrid, transformer=transformer, energy_head=energy_head)
+        # JSON keys are strings: store them so, to make the config identical after a reload.
+        id2label = self._check_id2label(id2label, transformer.config.num_classes)
+        self.register_to_config(id2label={str(k): v for k, v in id2label.items()} if id2label else None)
+        self.labels = {}
+        for key, value in (id2label or {}).items():
+            for name in value.split(","):
+                self.labels[name.strip()] = key
+        self.labels = dict(sorted(self.labels.items()))
+        self.vae_scale_factor = _vae_spatial_factor(vae)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @staticmethod
+    def _check_id2label(id2label, num_classes: int) -> dict[int, str] | None:
+        if id2label is None:
+            return None
+        if not isinstance(id2label, dict):
+            raise TypeError(f"ParScaleEARPipeline: `id2label` must be a dict {{class id: name}}, got {type(id2label).__name__}.")
+        out = {}
+        for key, value in id2label.items():
+            try:
+                idx = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"ParScaleEARPipeline: `id2label` key {key!r} is not a class id (an integer).") from None
+            if not 0 <= idx < num_classes or not isinstance(value, str):
+                raise ValueError(
+                    f"ParScaleEARPipeline: `id2label` entry {key!r}: {value!r} must map an id in "
+                    f"[0, {num_classes - 1}] to a name string."
+                )
+            out[idx] = value
+        return out
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """``{class id: name}`` or None."""
+        stored = self.config.id2label
+        return {int(k): v for k, v in stored.items()} if stored else None
+
+    @property
+    def grid_size(self) -> int:
+        return self.transformer.config.grid_size
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Map class names (any synonym of `id2label`) to ids, like ``DiTPipeline.get_label_ids``."""
+        names = [label] if isinstance(label, str) else list(label)
+        if not self.labels:
+            raise ValueError("ParScaleEARPipeline: this pipeline has no `id2label`, so class labels must be ints.")
+        unknown = [n for n in names if n not in self.labels]
+        if unknown:
+            shown = ", ".join(repr(k) for k in list(self.labels)[:20])
+            more = "" if len(self.labels) <= 20 else f", ... ({len(self.labels)} names)"
+            raise ValueError(f"ParScaleEARPipeline: unknown class name(s) {unknown}; accepted names: {shown}{more}.")
+        return [self.labels[n] for n in names]
+
+    def _class_ids(self, class_labels) -> list[int]:
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.flatten().tolist()
+        if isinstance(class_labels, (int, str)):
+            class_labels = [class_labels]
+        if not isinstance(class_labels, Sequence) or len(class_labels) == 0:
+            raise ValueError(f"ParScaleEARPipeline: `class_labels` must be a non-empty list of ints or names, got {class_labels!r}.")
+        num_classes = self.transformer.config.num_classes
+        ids = []
+        for label in class_labels:
+            if isinstance(label, str):
+                ids.extend(self.get_label_ids(label))
+            elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < num_classes:
+                ids.append(label)
+            else:
+                raise ValueError(
+                    f"ParScaleEARPipeline: class label {label!r} is out of range; accepted: ints in "
+                    f"[0, {num_classes - 1}] or class names from `id2label`."
+                )
+        return ids
+
+    def check_inputs(self, num_inference_steps, guidance_scale, guidance_schedule, temperature,
+                     num_images_per_class, output_type, callback_on_step_end_tensor_inputs) -> None:
+        """Validate the sampling arguments before any work starts."""
+        n = self.grid_size**2
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= n:
+            raise ValueError(
+                f"ParScaleEARPipeline: `num_inference_steps` must be an int in [1, {n}] (the number of tokens), "
+                f"got {num_inference_steps!r}."
+            )
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or not guidance_scale >= 1:
+            raise ValueError(f"ParScaleEARPipeline: `guidance_scale` must be a number >= 1 (1 disables guidance), got {guidance_scale!r}.")
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"ParScaleEARPipeline: `guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+            raise ValueError(f"ParScaleEARPipeline: `temperature` must be a number >= 0, got {temperature!r}.")
+        if isinstance(num_images_per_class, bool) or not isinstance(num_images_per_class, int) or num_images_per_class < 1:
+            raise ValueError(f"ParScaleEARPipeline: `num_images_per_class` must be an int >= 1, got {num_images_per_class!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"ParScaleEARPipeline: `output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(
+                f"ParScaleEARPipeline: `callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}."
+            )
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents `(B, C, h, w)` -> images `(B, 3, H, W)` in [-1, 1]."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(z).sample
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | list[int] | list[str] | torch.Tensor,
+        num_inference_steps: int = 64,
+        guidance_scale: float = 3.0,
+        guidance_schedule: str = "linear",
+        temperature: float = 0.7,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_images_per_class: int = 1,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["tokens"],  # noqa: B006 (diffusers' convention)
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images of the given classes.
+
+        Args:
+            class_labels: class ids or names (see :meth:`get_label_ids`), one image each (times
+                `num_images_per_class`).
+            num_inference_steps: autoregressive steps, in [1, N]; a cosine schedule decides how
+                many tokens are predicted at each.
+            guidance_scale: classifier-free guidance ``cfg``; hidden states are mixed before the
+                head as ``cfg * h_cond + (1 - cfg) * h_uncond``. 1 disables guidance.
+            guidance_schedule: "linear" (EAR / MAR: guidance grows from 1 to `guidance_scale` as
+                tokens are revealed) or "constant".
+            temperature: the energy head's temperature (scales the AdaLN shifts); EAR uses 0.7.
+            generator: a ``torch.Generator``, or one per image so that each image is reproducible
+                alone or inside any batch.
+            num_images_per_class: images per entry of `class_labels`.
+            output_type: "pil", "np", "pt" (images in [0, 1]) or "latent" (scaled VAE latents
+                `(B, C, h, w)`).
+            return_dict: return an :class:`~diffusers.ImagePipelineOutput` instead of a tuple.
+            callback_on_step_end: ``fn(pipe, step, step, tensors) -> dict`` called after each step
+                with the tensors named in `callback_on_step_end_tensor_inputs` (`tokens` `(B, N, C)`,
+                `mask` `(B, N)`, read-only); a returned `tokens` replaces the current tokens.
+            callback_on_step_end_tensor_inputs: which tensors the callback receives.
+
+        Returns:
+            :class:`~diffusers.ImagePipelineOutput` with `.images`, or a tuple `(images,)`.
+        """
+        self.check_inputs(num_inference_steps, guidance_scale, guidance_schedule, temperature,
+                          num_images_per_class, output_type, callback_on_step_end_tensor_inputs)
+        ids = [i for i in self._class_ids(class_labels) for _ in range(num_images_per_class)]
+        batch = len(ids)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(
+                f"ParScaleEARPipeline: got {len(generator)} generators for {batch} images; pass one generator "
+                f"or exactly one per image (len(class_labels) * num_images_per_class)."
+            )
+
+        # Dropout off while sampling, even for components shared with a training loop.
+        with _eval_mode(self.vae, self.lite_hybrid, self.transformer, self.energy_head):
+            device, dtype = self._execution_device, self.transformer.dtype
+            n, channels = self.grid_size**2, self.transformer.config.in_channels
+            labels = torch.tensor(ids, device=device)
+            use_cfg = guidance_scale > 1
+            if use_cfg:
+                labels = torch.cat([labels, torch.full_like(labels, self.transformer.null_class)])
+
+            # All randomness of image i is drawn up front from its own generator: its order, then
+            # one noise vector per token (each token is sampled exactly once).
+            orders = torch.argsort(_uniform(batch, (n,), generator, device), dim=1)
+            noise = (_uniform(batch, (n, self.energy_head.config.noise_dim), generator, device) - 0.5).to(dtype)
+            tokens = torch.zeros(batch, n, channels, device=device, dtype=dtype)
+            mask = torch.ones(batch, n, dtype=torch.bool, device=device)
+            num_masked = n
+
+            for step in self.progress_bar(range(num_inference_steps)):
+                num_masked_next = mask_schedule(step, num_inference_steps, n, num_masked)
+                mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :num_masked_next], True)
+                to_predict = mask & ~mask_next
+
+                x = self.lite_hybrid(tokens, mask)
+                if use_cfg:
+                    hidden = self.transformer(torch.cat([x, x]), labels, torch.cat([mask, mask]))
+                    h_cond, h_uncond = hidden.chunk(2)
+                    cfg = guidance_scale
+                    if guidance_schedule == "linear":
+                        cfg = 1 + (guidance_scale - 1) * (n - num_masked_next) / n
+                    z = cfg * h_cond[to_predict] + (1 - cfg) * h_uncond[to_predict]
+                else:
+                    z = self.transformer(x, labels, mask)[to_predict]
+                tokens[to_predict] = self.energy_head(z, noise[to_predict], temperature).to(dtype)
+                mask, num_masked = mask_next, num_masked_next
+
+                if callback_on_step_end is not None:
+                    local = {"tokens": tokens, "mask": mask}
+                    outputs = callback_on_step_end(self, step, step, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    tokens = outputs.pop("tokens", tokens)
+
+            latents = tokens_to_latents(tokens, self.grid_size)
+            if output_type == "latent":
+                images = latents
+            else:
+                images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+            self.maybe_free_model_hooks()
+            if not return_dict:
+                return (images,)
+            return ImagePipelineOutput(images=images)
+
+    # Saving and loading -------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """``DiffusionPipeline.save_pretrained`` (safetensors), plus the Hub entry file.
+
+        `model_index.json` names the class as ``["pipeline_parscale_ear", "ParScaleEARPipeline"]``
+        so that ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` finds it;
+        ``ParScaleEARPipeline.from_pretrained`` ignores the entry file and needs no remote code.
+        """
+        if not kwargs.get("safe_serialization", True):
+            raise ValueError("ParScaleEARPipeline: only safetensors are supported; `safe_serialization` must be True.")
+        super().save_pretrained(save_directory, **kwargs)
+        entry = resources.files("parscale_ear_hf.hub_entry").joinpath(f"{HUB_ENTRY_MODULE}.py")
+        with resources.as_file(entry) as entry_path:
+            shutil.copyfile(entry_path, os.path.join(save_directory, f"{HUB_ENTRY_MODULE}.py"))
+        index_path = os.path.join(save_directory, self.config_name)
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        index["_class_name"] = [HUB_ENTRY_MODULE, type(self).__name__]
+        tmp_path = index_path + ".tmp"
+        with open(tmp_path, "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp_path, index_path)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        # Our own class needs no remote code: read the entry-file class name back as plain.
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        name = config.get("_class_name")
+        if isinstance(name, list) and len(name) == 2 and name[1] == cls.__name__:
+            config["_class_name"] = cls.__name__
+        return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load from a folder or a Hub repo id (online, or offline from the HF cache).
+
+        A repo id is fetched with ``huggingface_hub.snapshot_download`` (configs, safetensors and
+        the entry file only; never pickles), which also resolves it offline from the cache, and
+        then loaded as a folder: diffusers' own repo-id path rejects components that come from an
+        installed package.
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            path = snapshot_download(
+                path,
+                revision=kwargs.pop("revision", None),
+                cache_dir=kwargs.get("cache_dir"),
+                token=kwargs.pop("token", None),
+                local_files_only=kwargs.pop("local_files_only", False),
+                allow_patterns=["*.json", "*.safetensors", "*.py", "*.md", "*.txt"],
+            )
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(path, **kwargs)
