@@ -217,6 +217,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
                 f"ParScaleEARPipeline: `callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}."
             )
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents `(B, C, h, w)` -> images `(B, 3, H, W)` in [-1, 1]."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0

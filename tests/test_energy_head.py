@@ -1,0 +1,99 @@
+"""EnergyHead and the energy score: the loss is a proper score and the head learns a distribution."""
+
+import pytest
+import torch
+
+from parscale_ear_hf import EnergyHead, energy_score_loss
+
+
+def test_energy_score_k2_matches_formula():
+    g = torch.Generator().manual_seed(0)
+    x1, x2, y = (torch.randn(5, 3, generator=g) for _ in range(3))
+    expected = ((x1 - y).norm(dim=-1) + (x2 - y).norm(dim=-1) - 0.99 * (x1 - x2).norm(dim=-1)).mean()
+    assert torch.allclose(energy_score_loss(torch.stack([x1, x2]), y, lambda_=0.99), expected, atol=1e-6)
+
+
+def test_energy_score_weight_is_a_weighted_mean():
+    g = torch.Generator().manual_seed(1)
+    samples, y = torch.randn(2, 6, 3, generator=g), torch.randn(6, 3, generator=g)
+    weight = torch.tensor([1.0, 0, 1, 0, 0, 1])
+    keep = weight.bool()
+    assert torch.allclose(energy_score_loss(samples, y, weight=weight), energy_score_loss(samples[:, keep], y[keep]))
+
+
+def test_energy_score_is_lower_for_the_target_distribution():
+    # Proper scoring rule: in expectation the true distribution scores best, including against a
+    # shifted one and an under-dispersed (collapsed) one.
+    g = torch.Generator().manual_seed(0)
+    m = 20000
+    y = torch.randn(m, 2, generator=g)
+    true = torch.randn(2, m, 2, generator=g)
+    shifted = true + torch.tensor([0.5, 0.0])
+    collapsed = 0.3 * true
+    score = lambda s: energy_score_loss(s, y).item()  # noqa: E731
+    assert score(true) < score(shifted) - 0.05
+    assert score(true) < score(collapsed) - 0.05
+
+
+@pytest.mark.parametrize("samples_shape,target_shape", [((1, 4, 2), (4, 2)), ((2, 4, 2), (4, 3)), ((4, 2), (4, 2))])
+def test_energy_score_rejects_bad_shapes(samples_shape, target_shape):
+    with pytest.raises(ValueError, match="energy_score_loss"):
+        energy_score_loss(torch.zeros(samples_shape), torch.zeros(target_shape))
+
+
+def test_head_learns_a_2d_conditional_distribution():
+    torch.manual_seed(0)
+    head = EnergyHead(condition_dim=2, token_channels=2, width=64, depth=2, noise_dim=8, mlp_ratio=2.0)
+    means = torch.tensor([[1.5, -1.0], [-2.0, 0.5]])
+    stds = torch.tensor([[0.5, 0.2], [0.1, 0.8]])
+    conds = torch.eye(2)  # condition k selects distribution k
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        k = torch.randint(0, 2, (256,), generator=g)
+        y = means[k] + stds[k] * torch.randn(256, 2, generator=g)
+        loss = head.loss(conds[k], y, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k in range(2):
+        samples = head.sample(conds[k].expand(4000, 2), temperature=1.0, generator=g)
+        assert torch.allclose(samples.mean(0), means[k], atol=0.12), (k, samples.mean(0))
+        assert torch.allclose(samples.std(0), stds[k], rtol=0.25, atol=0.05), (k, samples.std(0))
+
+
+def test_sample_is_one_forward_and_reproducible():
+    head = EnergyHead(condition_dim=8, token_channels=3, width=16, depth=2, noise_dim=4)
+    z = torch.randn(5, 8)
+    a = head.sample(z, generator=torch.Generator().manual_seed(3))
+    b = head.sample(z, generator=torch.Generator().manual_seed(3))
+    c = head.sample(z, generator=torch.Generator().manual_seed(4))
+    assert a.shape == (5, 3) and torch.equal(a, b) and not torch.equal(a, c)
+    noise = head.draw_noise(5, torch.Generator().manual_seed(3))
+    assert noise.min() >= -0.5 and noise.max() <= 0.5
+    assert torch.equal(head(z, noise), a)
+
+
+def test_temperature_scales_only_the_shift():
+    torch.manual_seed(0)
+    head = EnergyHead(condition_dim=8, token_channels=3, width=16, depth=2, noise_dim=4)
+    for p in head.parameters():  # make the gates non-zero so every block contributes
+        torch.nn.init.normal_(p, std=0.3)
+    z, noise = torch.randn(6, 8), torch.rand(6, 4) - 0.5
+    with torch.no_grad():
+        out_t = head(z, noise, temperature=0.5)
+        for block in head.blocks:
+            w = block.modulation[1]
+            width = w.out_features // 3
+            w.weight[:width] *= 0.5  # shift rows
+            w.bias[:width] *= 0.5
+        fw = head.final_modulation[1]
+        fw.weight[: fw.out_features // 2] *= 0.5
+        fw.bias[: fw.out_features // 2] *= 0.5
+        assert torch.allclose(head(z, noise, temperature=1.0), out_t, atol=1e-5)
+
+
+@pytest.mark.parametrize("field,value", [("width", 0), ("depth", -1), ("noise_dim", 1.5), ("mlp_ratio", 0)])
+def test_invalid_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        EnergyHead(**{field: value})
