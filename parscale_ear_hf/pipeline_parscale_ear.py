@@ -39,6 +39,17 @@ def mask_schedule(step: int, num_steps: int, num_tokens: int, num_masked: int) -
     return max(1, min(num_masked - 1, remaining))
 
 
+def _rewrite_json(path: str, edit: Callable[[dict], dict]) -> None:
+    """Apply ``edit`` to a JSON file, atomically (a crash leaves the old or the new file, never half)."""
+    with open(path, encoding="utf-8") as f:
+        data = edit(json.load(f))
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp_path, path)
+
+
 def _vae_spatial_factor(vae) -> int:
     if isinstance(vae, LiteVAE):
         return 2 ** vae.config.levels
@@ -327,28 +338,37 @@ class ParScaleEARPipeline(DiffusionPipeline):
 
     # Saving and loading -------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """``DiffusionPipeline.save_pretrained`` (safetensors), plus the Hub entry file.
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """``DiffusionPipeline.save_pretrained`` (safetensors only), plus the Hub entry file.
 
         `model_index.json` names the class as ``["pipeline_parscale_ear", "ParScaleEARPipeline"]``
         so that ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` finds it;
         ``ParScaleEARPipeline.from_pretrained`` ignores the entry file and needs no remote code.
+        Local paths (`_name_or_path`) are not written, so a re-saved pipeline is identical. With
+        `push_to_hub`, the finished folder is uploaded (`repo_id`, `token`, `private`,
+        `commit_message`, `create_pr` as in diffusers).
         """
-        if not kwargs.get("safe_serialization", True):
+        if not kwargs.pop("safe_serialization", True):
             raise ValueError("ParScaleEARPipeline: only safetensors are supported; `safe_serialization` must be True.")
-        super().save_pretrained(save_directory, **kwargs)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr") if k in kwargs}
+        save_directory = os.fspath(save_directory)
+        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
         entry = resources.files("parscale_ear_hf.hub_entry").joinpath(f"{HUB_ENTRY_MODULE}.py")
         with resources.as_file(entry) as entry_path:
             shutil.copyfile(entry_path, os.path.join(save_directory, f"{HUB_ENTRY_MODULE}.py"))
-        index_path = os.path.join(save_directory, self.config_name)
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-        index["_class_name"] = [HUB_ENTRY_MODULE, type(self).__name__]
-        tmp_path = index_path + ".tmp"
-        with open(tmp_path, "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp_path, index_path)
+
+        def without_local_path(config: dict) -> dict:
+            config.pop("_name_or_path", None)
+            return config
+
+        _rewrite_json(os.path.join(save_directory, self.config_name),
+                      lambda index: {**without_local_path(index), "_class_name": [HUB_ENTRY_MODULE, type(self).__name__]})
+        for name in ("vae", "lite_hybrid", "transformer", "energy_head"):
+            _rewrite_json(os.path.join(save_directory, name, "config.json"), without_local_path)
+        if push_to_hub:
+            # Upload only the finished folder (diffusers' own push would run before the entry file exists).
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            self.push_to_hub(repo_id, safe_serialization=True, variant=kwargs.get("variant"), **hub_kwargs)
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -365,12 +385,19 @@ class ParScaleEARPipeline(DiffusionPipeline):
         """Load from a folder or a Hub repo id (online, or offline from the HF cache).
 
         A repo id is fetched with ``huggingface_hub.snapshot_download`` (configs, safetensors and
-        the entry file only; never pickles), which also resolves it offline from the cache, and
-        then loaded as a folder: diffusers' own repo-id path rejects components that come from an
-        installed package.
+        the entry file only; never pickles), which also resolves it offline from the cache
+        (``HF_HUB_OFFLINE=1``), and then loaded as a folder. Online, diffusers' own repo-id path
+        rejects components whose `model_index.json` entry is a module path of an installed package
+        (it looks for ``<component>/<module path>.py`` in the repo), hence this detour.
         """
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
+            looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.path.exists(path)
+            if looks_local:
+                raise FileNotFoundError(
+                    f"ParScaleEARPipeline.from_pretrained: {path!r} is not an existing folder; pass a folder written "
+                    "by `save_pretrained` or a Hub repo id ('name' or 'org/name')."
+                )
             path = snapshot_download(
                 path,
                 revision=kwargs.pop("revision", None),

@@ -41,3 +41,25 @@ def check_int_sequence(owner: str, name: str, value, length: int | None = None) 
     if not ok:
         what = f"{length} positive integers" if length is not None else "a non-empty list of positive integers"
         raise ValueError(f"{owner}: `{name}` must be {what}, got {value!r}.")
+
+
+class StrictLoadingMixin:
+    """``from_pretrained`` that refuses weights which do not match the config.
+
+    diffusers only logs missing or unexpected keys, which would leave layers randomly
+    initialised without a word (e.g. a config with more layers than the checkpoint).
+    Put it before ``ModelMixin`` in the bases.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        problems = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+        if problems:
+            where = pretrained_model_name_or_path
+            if kwargs.get("subfolder"):
+                where = f"{where}/{kwargs['subfolder']}"
+            details = "; ".join(f"{k}: {sorted(map(str, v))[:8]}" for k, v in problems.items())
+            raise ValueError(f"{cls.__name__}.from_pretrained({str(where)!r}): the weights do not match config.json ({details}).")
+        return (model, info) if want_info else model

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from ._checks import check_divisible, check_float, check_int
+from ._checks import StrictLoadingMixin, check_divisible, check_float, check_int
 
 
 def latents_to_tokens(latents: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class EARTransformer(ModelMixin, ConfigMixin):
+class EARTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""Bidirectional masked-AR backbone over ``buffer_size + grid_size**2`` positions.
 
     Args:

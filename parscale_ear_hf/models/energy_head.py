@@ -13,7 +13,7 @@ import torch.nn as nn
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from ._checks import check_float, check_int
+from ._checks import StrictLoadingMixin, check_float, check_int
 
 
 def energy_score_loss(
@@ -76,7 +76,7 @@ class _AdaLNBlock(nn.Module):
         return x + gate * self.mlp(h)
 
 
-class EnergyHead(ModelMixin, ConfigMixin):
+class EnergyHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""EAR's one-step head: ``(z, noise) -> token``.
 
     Args:

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from ._checks import check_divisible, check_int
+from ._checks import StrictLoadingMixin, check_divisible, check_int
 
 
-class LiteHybrid(ModelMixin, ConfigMixin):
+class LiteHybrid(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""Coarse + fine token module on the ``grid_size x grid_size`` latent token grid.
 
     Args:

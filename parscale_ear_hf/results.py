@@ -1,0 +1,85 @@
+"""Results files: every figure the project shows is written here by a command, with provenance.
+
+A results JSON holds the payload plus where it came from (command, git revision, machine,
+time), and README sections are regenerated from such files between marker comments, never
+typed by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def git_revision(repo_dir: str | os.PathLike | None = None) -> str:
+    """``HEAD``'s commit hash, with ``-dirty`` when tracked files differ from it; "unknown" outside git."""
+    cwd = repo_dir or Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
+def machine_description() -> dict:
+    """What the numbers were measured on: CPU, core count, accelerator, library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def provenance() -> dict:
+    return {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "git_revision": git_revision(),
+        "machine": machine_description(),
+        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(path: str | os.PathLike, payload: dict) -> dict:
+    """Write ``payload`` plus :func:`provenance` to ``path`` atomically; returns what was written."""
+    record = {**payload, "provenance": provenance()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return record
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """Replace what lies between ``<!-- {name}:start -->`` and ``<!-- {name}:end -->``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"replace_section: expected exactly one '{start}' ... '{end}' pair in the document.")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{body.rstrip()}\n{end}{tail}"
+
+
+def update_readme(readme: str | os.PathLike, name: str, body: str) -> None:
+    path = Path(readme)
+    path.write_text(replace_section(path.read_text(encoding="utf-8"), name, body), encoding="utf-8")

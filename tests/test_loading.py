@@ -1,0 +1,651 @@
+"""Saving and loading: folders, components, the offline Hub cache, remote code, bad files, misfits.
+
+Nothing here touches the network: every test that could reach the Hub runs with
+``HF_HUB_OFFLINE`` on and sockets refused, against a Hugging Face cache built by hand in a
+temporary folder with the standard layout (``models--org--name/{blobs,refs,snapshots}``).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import diffusers.pipelines.pipeline_utils as pipeline_utils
+import diffusers.utils.dynamic_modules_utils as dynamic_modules_utils
+import diffusers.utils.hub_utils as hub_utils
+import huggingface_hub.constants as hf_constants
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from parscale_ear_hf import EARTransformer, EnergyHead, LiteHybrid, LiteVAE, ParScaleEARPipeline
+
+from conftest import ID2LABEL, tiny_components, tiny_pipeline
+
+REPO_ID = "parscale-tests/tiny-ear"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMPONENTS = ("vae", "lite_hybrid", "transformer", "energy_head")
+COMPONENT_CLASSES = {"vae": LiteVAE, "lite_hybrid": LiteHybrid, "transformer": EARTransformer, "energy_head": EnergyHead}
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+ENTRY_NAME = "pipeline_parscale_ear.py"
+ENTRY_SOURCE = Path(__file__).resolve().parents[1] / "pipelines" / ENTRY_NAME
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+GUIDANCE = (1.0, 3.0)  # 1 disables classifier-free guidance
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def generate(pipe, guidance_scale=3.0, seed=0, labels=(0, 3, 7)):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        list(labels), num_inference_steps=4, guidance_scale=guidance_scale, output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
+
+
+def assert_same_images(a, b):
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() < 1e-5
+
+
+def tree_hashes(folder) -> dict:
+    """``{relative path: sha256}`` of every file (symlinks followed), so added or removed files show too."""
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def copy_folder(src, dst) -> Path:
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def edit_config(folder, component, **values):
+    path = Path(folder) / component / "config.json"
+    config = json.loads(path.read_text())
+    config.update(values)
+    path.write_text(json.dumps(config, indent=2))
+
+
+def assert_same_state_dict(a: torch.nn.Module, b: torch.nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def public_config(config) -> dict:
+    """The config as its config.json holds it (tuples become lists), without private `_` keys."""
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+
+
+def populate_hub_cache(cache: Path, folder: Path, repo_id=REPO_ID, commit=COMMIT) -> Path:
+    """Put `folder` into `cache` as huggingface_hub stores a downloaded repo: blobs, symlinked snapshot, refs/main."""
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    blobs, snapshot = repo_dir / "blobs", repo_dir / "snapshots" / commit
+    blobs.mkdir(parents=True, exist_ok=True)
+    for src in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = src.read_bytes()
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / src.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def tiny_autoencoder_kl(latent_channels=4):
+    """A diffusers AutoencoderKL with a down factor of 4: the 4x4 token grid decodes to 16x16."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=4, sample_size=16,
+    )
+
+
+def _refuse_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("test_loading.py: network access is disabled")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One saved pipeline shared by the module, with its reference images; it must never change."""
+    pipe = tiny_pipeline()
+    folder = tmp_path_factory.mktemp("saved") / "pipeline"
+    pipe.save_pretrained(folder)
+    images = {g: generate(pipe, g) for g in GUIDANCE}
+    before = tree_hashes(folder)
+    yield SimpleNamespace(pipe=pipe, folder=folder, images=images)
+    # Loading (in any test below) never writes into the folder it reads.
+    assert tree_hashes(folder) == before
+
+
+@pytest.fixture(scope="module")
+def resaved(saved, tmp_path_factory):
+    loaded = ParScaleEARPipeline.from_pretrained(saved.folder)
+    folder = tmp_path_factory.mktemp("resaved") / "pipeline"
+    loaded.save_pretrained(folder)
+    return SimpleNamespace(pipe=loaded, folder=folder)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """Offline mode with an empty HF cache in tmp_path; returns the cache folder.
+
+    huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE once, at import, into
+    ``huggingface_hub.constants``: set the environment (for anything reading it later) and patch
+    the constants (for what already read it). Sockets are refused as well.
+    """
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    _refuse_network(monkeypatch)
+    return cache
+
+
+@pytest.fixture
+def modules_cache(monkeypatch, tmp_path):
+    """Where diffusers copies remote code (HF_MODULES_CACHE, read at import): a fresh tmp folder."""
+    path = tmp_path / "hf_modules"
+    monkeypatch.setenv("HF_MODULES_CACHE", str(path))
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(path))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # diffusers appends the cache to sys.path
+    before = set(sys.modules)
+    yield path
+    for name in set(sys.modules) - before:
+        if name.startswith("diffusers_modules"):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Record what would be uploaded: the folder's files at the moment of the upload."""
+    uploads = []
+
+    class Card:
+        def save(self, path):
+            Path(path).write_text("# model card\n")
+
+    def create_repo(repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, working_dir, repo_id, **kwargs):
+        root = Path(working_dir)
+        files = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        uploads.append(SimpleNamespace(repo_id=repo_id, files=files))
+
+    for module in (pipeline_utils, hub_utils):
+        monkeypatch.setattr(module, "create_repo", create_repo)
+        monkeypatch.setattr(module, "load_or_create_model_card", lambda *a, **k: Card())
+        monkeypatch.setattr(module, "populate_model_card", lambda card, *a, **k: card)
+    monkeypatch.setattr(ParScaleEARPipeline, "_upload_folder", upload_folder)
+    _refuse_network(monkeypatch)
+    return uploads
+
+
+# ---------------------------------------------------------------- 1. pipeline save / load
+
+
+def test_save_writes_safetensors_configs_and_entry_file(saved):
+    files = tree_hashes(saved.folder)
+    assert not [f for f in files if Path(f).suffix in PICKLE_SUFFIXES]
+    weight_files = sorted(f for f in files if f.endswith((".safetensors", *PICKLE_SUFFIXES)))
+    assert weight_files == sorted(f"{c}/{WEIGHTS}" for c in COMPONENTS)
+    for component in COMPONENTS:
+        assert (saved.folder / component / "config.json").is_file()
+        assert (saved.folder / component / WEIGHTS).is_file()
+    assert not [f for f in files if f.endswith(".tmp")]  # the atomic rewrite left nothing behind
+
+    # The Hub entry file is the package's own pipelines/ file, byte for byte.
+    assert (saved.folder / ENTRY_NAME).read_bytes() == ENTRY_SOURCE.read_bytes()
+    index = json.loads((saved.folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_parscale_ear", "ParScaleEARPipeline"]
+    for component, cls in COMPONENT_CLASSES.items():
+        assert index[component][1] == cls.__name__
+    assert index["id2label"] == {str(k): v for k, v in ID2LABEL.items()}
+
+
+def test_save_refuses_pickle_serialization(tmp_path):
+    with pytest.raises(ValueError, match="safe_serialization"):
+        tiny_pipeline().save_pretrained(tmp_path / "out", safe_serialization=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("as_str", [False, True], ids=["Path", "str"])
+def test_pipeline_round_trip_gives_identical_images(saved, as_str):
+    loaded = ParScaleEARPipeline.from_pretrained(str(saved.folder) if as_str else saved.folder)
+    assert type(loaded) is ParScaleEARPipeline
+    for component, cls in COMPONENT_CLASSES.items():
+        assert type(getattr(loaded, component)) is cls
+        assert_same_state_dict(getattr(saved.pipe, component), getattr(loaded, component))
+    for g in GUIDANCE:
+        assert_same_images(generate(loaded, g), saved.images[g])
+    # The comparison is meaningful: other weights give other images.
+    assert np.abs(generate(tiny_pipeline(seed=1)) - saved.images[3.0]).max() > 1e-3
+
+
+def test_round_trip_keeps_id2label_and_labels(saved):
+    loaded = ParScaleEARPipeline.from_pretrained(saved.folder)
+    assert loaded.id2label == ID2LABEL
+    assert loaded.labels == saved.pipe.labels
+    assert loaded.get_label_ids(["digit 3", "number 7"]) == [3, 7]
+    assert_same_images(generate(loaded, labels=["digit 0", "number 3", "digit 7"]), saved.images[3.0])
+
+
+def test_round_trip_without_id2label(tmp_path):
+    pipe = ParScaleEARPipeline(**tiny_components())
+    pipe.save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "model_index.json").read_text())["id2label"] is None
+    loaded = ParScaleEARPipeline.from_pretrained(tmp_path / "p")
+    assert loaded.id2label is None and loaded.labels == {}
+    assert_same_images(generate(loaded), generate(pipe))
+
+
+def test_round_trip_with_parscale_streams(tmp_path):
+    pipe = tiny_pipeline(parscale_n=2)
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = ParScaleEARPipeline.from_pretrained(tmp_path / "p")
+    assert loaded.transformer.config.parscale_n == 2
+    assert_same_state_dict(pipe.transformer, loaded.transformer)
+    assert_same_images(generate(loaded), generate(pipe))
+
+
+def test_resave_keeps_id2label_class_name_and_configs(saved, resaved):
+    """DiTPipeline drops id2label when a loaded pipeline is saved again; this one must not."""
+    first = json.loads((saved.folder / "model_index.json").read_text())
+    second = json.loads((resaved.folder / "model_index.json").read_text())
+    assert second == first
+    assert second["id2label"] == {str(k): v for k, v in ID2LABEL.items()}
+    assert (resaved.folder / ENTRY_NAME).read_bytes() == ENTRY_SOURCE.read_bytes()
+    for component in COMPONENTS:
+        a = json.loads((saved.folder / component / "config.json").read_text())
+        b = json.loads((resaved.folder / component / "config.json").read_text())
+        assert a == b, component
+        # Same tensors give the same safetensors file.
+        assert (saved.folder / component / WEIGHTS).read_bytes() == (resaved.folder / component / WEIGHTS).read_bytes()
+    again = ParScaleEARPipeline.from_pretrained(resaved.folder)
+    assert again.id2label == ID2LABEL
+    assert_same_images(generate(again), saved.images[3.0])
+
+
+@pytest.mark.parametrize("name", ["model_index.json", *(f"{c}/config.json" for c in COMPONENTS)])
+def test_resave_writes_identical_json(saved, resaved, name):
+    assert (resaved.folder / name).read_text() == (saved.folder / name).read_text()
+
+
+# ---------------------------------------------------------------- 2. components alone
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_component_round_trip(tmp_path, name):
+    component = tiny_components(parscale_n=2)[name]  # parscale_n=2: the stream parameters are saved too
+    component.save_pretrained(tmp_path / name)
+    assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["config.json", WEIGHTS]
+    cls = COMPONENT_CLASSES[name]
+    loaded = cls.from_pretrained(tmp_path / name)
+    assert type(loaded) is cls
+    assert public_config(loaded.config) == public_config(component.config)
+    assert_same_state_dict(component, loaded)
+
+
+# ---------------------------------------------------------------- 3. offline Hub cache
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"cache_dir": True},
+        {"cache_dir": True, "local_files_only": True},
+        {"cache_dir": True, "revision": COMMIT},
+        {},  # the cache from HF_HUB_CACHE alone
+    ],
+    ids=["cache_dir", "local_files_only", "revision=commit", "HF_HUB_CACHE"],
+)
+def test_load_repo_id_from_offline_hub_cache(saved, offline, kwargs):
+    populate_hub_cache(offline, saved.folder)
+    kwargs = {**kwargs, **({"cache_dir": str(offline)} if kwargs.get("cache_dir") else {})}
+    loaded = ParScaleEARPipeline.from_pretrained(REPO_ID, **kwargs)
+    assert type(loaded) is ParScaleEARPipeline and loaded.id2label == ID2LABEL
+    for g in GUIDANCE:
+        assert_same_images(generate(loaded, g), saved.images[g])
+
+
+@pytest.mark.parametrize("local_files_only", [False, True])
+def test_repo_id_missing_from_offline_cache_raises(saved, offline, local_files_only):
+    populate_hub_cache(offline, saved.folder)  # a cache that holds another repo
+    with pytest.raises(LocalEntryNotFoundError) as info:
+        ParScaleEARPipeline.from_pretrained(
+            "parscale-tests/not-cached", cache_dir=str(offline), local_files_only=local_files_only
+        )
+    assert isinstance(info.value, OSError)
+    assert "cache" in str(info.value).lower()
+    assert not (offline / "models--parscale-tests--not-cached" / "snapshots").exists()
+
+
+def test_missing_local_folder_error_is_clear(tmp_path, offline):
+    missing = tmp_path / "no_such_pipeline"
+    with pytest.raises((OSError, ValueError)) as info:
+        ParScaleEARPipeline.from_pretrained(missing)
+    message = str(info.value)
+    assert str(missing) in message
+    phrases = ("not an existing folder", "not a valid local path", "does not exist", "no such", "not a local", "not a directory", "local folder")
+    assert any(p in message.lower() for p in phrases), message
+
+
+@pytest.mark.parametrize("source", ["folder", "hub cache"])
+def test_pickle_weights_beside_safetensors_are_never_read(saved, tmp_path, offline, source):
+    folder = copy_folder(saved.folder, tmp_path / "p")
+    for component in COMPONENTS:  # unreadable pickles: loading one would raise
+        (folder / component / "diffusion_pytorch_model.bin").write_bytes(b"not a pickle")
+    if source == "folder":
+        loaded = ParScaleEARPipeline.from_pretrained(folder)
+    else:
+        populate_hub_cache(offline, folder)
+        loaded = ParScaleEARPipeline.from_pretrained(REPO_ID, cache_dir=str(offline))
+    assert_same_images(generate(loaded), saved.images[3.0])
+
+
+# ---------------------------------------------------------------- 4. DiffusionPipeline + remote code
+
+
+def test_diffusion_pipeline_loads_folder_with_trust_remote_code(saved, modules_cache):
+    loaded = DiffusionPipeline.from_pretrained(saved.folder, trust_remote_code=True)
+    assert type(loaded) is ParScaleEARPipeline
+    assert (modules_cache / "diffusers_modules" / "local" / ENTRY_NAME).is_file()
+    assert loaded.id2label == ID2LABEL
+    for g in GUIDANCE:
+        assert_same_images(generate(loaded, g), saved.images[g])
+
+
+@pytest.mark.parametrize("local_files_only", [False, True])
+def test_diffusion_pipeline_loads_repo_id_from_offline_cache(saved, offline, modules_cache, local_files_only):
+    populate_hub_cache(offline, saved.folder)
+    loaded = DiffusionPipeline.from_pretrained(
+        REPO_ID, trust_remote_code=True, cache_dir=str(offline), local_files_only=local_files_only
+    )
+    assert type(loaded) is ParScaleEARPipeline
+    assert_same_images(generate(loaded), saved.images[3.0])
+
+
+def test_diffusion_pipeline_without_trust_remote_code_refuses(saved, modules_cache):
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(saved.folder)
+
+
+@pytest.mark.parametrize("entry", ["poisoned", "removed"])
+def test_own_class_needs_no_remote_code(saved, tmp_path, modules_cache, entry):
+    """ParScaleEARPipeline.from_pretrained never runs (or needs) the entry file."""
+    folder = copy_folder(saved.folder, tmp_path / "p")
+    if entry == "removed":
+        (folder / ENTRY_NAME).unlink()
+    else:
+        (folder / ENTRY_NAME).write_text("raise RuntimeError('the Hub entry file was executed')\n")
+    loaded = ParScaleEARPipeline.from_pretrained(folder)  # no trust_remote_code
+    assert type(loaded) is ParScaleEARPipeline
+    assert_same_images(generate(loaded), saved.images[3.0])
+    assert not modules_cache.exists()
+
+
+# ---------------------------------------------------------------- 5. bad files
+
+
+def truncate(path: Path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def garbage(path: Path):
+    path.write_bytes(b"this is not a safetensors file" * 20)
+
+
+def empty(path: Path):
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [truncate, garbage, empty], ids=["truncated", "garbage", "empty"])
+def test_corrupt_weights_raise_and_leave_folder_unchanged(saved, tmp_path, damage):
+    folder = copy_folder(saved.folder, tmp_path / "p")
+    damage(folder / "transformer" / WEIGHTS)
+    before = tree_hashes(folder)
+    weights = str(folder / "transformer" / WEIGHTS)
+    with pytest.raises(OSError) as info:
+        ParScaleEARPipeline.from_pretrained(folder)
+    assert weights in str(info.value) and "load" in str(info.value).lower()
+    with pytest.raises(OSError, match="transformer"):
+        EARTransformer.from_pretrained(folder, subfolder="transformer")
+    assert tree_hashes(folder) == before
+
+
+def test_missing_weights_file_raises(saved, tmp_path):
+    folder = copy_folder(saved.folder, tmp_path / "p")
+    (folder / "energy_head" / WEIGHTS).unlink()
+    before = tree_hashes(folder)
+    with pytest.raises(OSError, match=WEIGHTS.replace(".", r"\.")):
+        ParScaleEARPipeline.from_pretrained(folder)
+    assert tree_hashes(folder) == before
+
+
+@pytest.mark.parametrize(
+    "edits",
+    [
+        {"transformer": {"hidden_size": 64}},
+        {"transformer": {"hidden_size": 64}, "energy_head": {"condition_dim": 64}},  # configs fit, weights do not
+        {"energy_head": {"width": 16}},
+    ],
+    ids=["transformer.hidden_size", "hidden_size+condition_dim", "energy_head.width"],
+)
+def test_config_that_does_not_match_weights_raises(saved, tmp_path, edits):
+    folder = copy_folder(saved.folder, tmp_path / "p")
+    for component, values in edits.items():
+        edit_config(folder, component, **values)
+    before = tree_hashes(folder)
+    with pytest.raises(ValueError, match=r"expected shape .* but got"):
+        ParScaleEARPipeline.from_pretrained(folder)
+    component = next(iter(edits))
+    with pytest.raises(ValueError, match="expected shape"):
+        COMPONENT_CLASSES[component].from_pretrained(folder, subfolder=component)
+    assert tree_hashes(folder) == before
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_config_with_other_layer_count_raises(saved, tmp_path, num_layers):
+    folder = copy_folder(saved.folder, tmp_path / "p")
+    edit_config(folder, "transformer", num_layers=num_layers)
+    with pytest.raises(ValueError, match=r"do not match config.json.*blocks\.[12]\."):
+        ParScaleEARPipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "component, field, value, names",
+    [
+        ("transformer", "num_heads", 0, ["`num_heads`"]),
+        ("transformer", "hidden_size", 30, ["`hidden_size`", "`num_heads`"]),
+        ("transformer", "dropout", 1.5, ["`dropout`"]),
+        ("lite_hybrid", "grid_size", -1, ["`grid_size`"]),
+        ("lite_hybrid", "use_fine", "yes", ["`use_fine`"]),
+        ("energy_head", "noise_dim", 0, ["`noise_dim`"]),
+        ("vae", "latent_channels", 0, ["`latent_channels`"]),
+    ],
+)
+def test_invalid_config_value_raises_naming_the_field(saved, tmp_path, component, field, value, names):
+    folder = copy_folder(saved.folder, tmp_path / "p")
+    edit_config(folder, component, **{field: value})
+    before = tree_hashes(folder)
+    with pytest.raises(ValueError) as info:
+        ParScaleEARPipeline.from_pretrained(folder)
+    message = str(info.value)
+    assert COMPONENT_CLASSES[component].__name__ in message
+    assert repr(value) in message
+    for name in names:
+        assert name in message
+    assert tree_hashes(folder) == before
+
+
+def test_invalid_id2label_in_model_index_raises(saved, tmp_path):
+    folder = copy_folder(saved.folder, tmp_path / "p")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["id2label"] = {"99": "no such class"}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="id2label.*'99'"):
+        ParScaleEARPipeline.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------- 6. components that do not fit
+
+
+def _lite_vae(latent_channels):
+    return LiteVAE(
+        sample_size=16, levels=2, latent_channels=latent_channels, encoder_channels=(8, 8), encoder_layers_per_level=1,
+        aggregation_channels=16, aggregation_layers=1, decoder_block_out_channels=(8, 16, 16),
+        decoder_layers_per_block=1, norm_num_groups=4,
+    )
+
+
+MISFITS = {
+    "energy_head.condition_dim": (
+        "energy_head", lambda: EnergyHead(condition_dim=16, token_channels=4, width=32, depth=2, noise_dim=8),
+        ("energy_head.config.condition_dim=16", "transformer.config.hidden_size=32"),
+    ),
+    "energy_head.token_channels": (
+        "energy_head", lambda: EnergyHead(condition_dim=32, token_channels=8, width=32, depth=2, noise_dim=8),
+        ("energy_head.config.token_channels=8", "transformer.config.in_channels=4"),
+    ),
+    "lite_hybrid.grid_size": (
+        "lite_hybrid", lambda: LiteHybrid(in_channels=4, grid_size=8, coarse_grid_size=2, hidden_dim=16, num_heads=2),
+        ("lite_hybrid.config.grid_size=8", "transformer.config.grid_size=4"),
+    ),
+    "lite_hybrid.in_channels": (
+        "lite_hybrid", lambda: LiteHybrid(in_channels=8, grid_size=4, coarse_grid_size=2, hidden_dim=16, num_heads=2),
+        ("lite_hybrid.config.in_channels=8", "transformer.config.in_channels=4"),
+    ),
+    "vae.latent_channels": (
+        "vae", lambda: _lite_vae(8), ("vae.config.latent_channels=8", "transformer.config.in_channels=4"),
+    ),
+    "AutoencoderKL.latent_channels": (
+        "vae", lambda: tiny_autoencoder_kl(8), ("vae.config.latent_channels=8", "transformer.config.in_channels=4"),
+    ),
+    "transformer.hidden_size": (
+        "transformer",
+        lambda: EARTransformer(in_channels=4, grid_size=4, num_classes=10, hidden_size=64, num_layers=1, num_heads=4, buffer_size=4),
+        ("energy_head.config.condition_dim=32", "transformer.config.hidden_size=64"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISFITS))
+def test_components_that_do_not_fit_raise_naming_both_fields(case):
+    slot, make, names = MISFITS[case]
+    components = tiny_components()
+    components[slot] = make()
+    with pytest.raises(ValueError) as info:
+        ParScaleEARPipeline(**components)
+    for name in names:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("slot", COMPONENTS)
+@pytest.mark.parametrize("wrong", ["Linear", "NoneType", "swapped"])
+def test_component_of_wrong_type_raises_type_error(slot, wrong):
+    components = tiny_components()
+    other = "energy_head" if slot == "transformer" else "transformer"
+    replacement = {"Linear": torch.nn.Linear(4, 4), "NoneType": None, "swapped": components[other]}[wrong]
+    components[slot] = replacement
+    with pytest.raises(TypeError) as info:
+        ParScaleEARPipeline(**components)
+    assert f"`{slot}`" in str(info.value)
+    assert type(replacement).__name__ in str(info.value)
+
+
+# ---------------------------------------------------------------- 7. diffusers AutoencoderKL as the vae
+
+
+def test_autoencoder_kl_vae_runs_and_round_trips(tmp_path, modules_cache):
+    components = tiny_components()
+    components["vae"] = tiny_autoencoder_kl()
+    pipe = ParScaleEARPipeline(**components, id2label=ID2LABEL)
+    assert pipe.vae_scale_factor == 4
+    images = generate(pipe)
+    assert images.shape == (3, 16, 16, 3)
+    assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+
+    pipe.save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
+    assert sorted(p.name for p in (tmp_path / "p" / "vae").iterdir()) == ["config.json", WEIGHTS]
+    assert not [f for f in tree_hashes(tmp_path / "p") if Path(f).suffix in PICKLE_SUFFIXES]
+
+    for loaded in (
+        ParScaleEARPipeline.from_pretrained(tmp_path / "p"),
+        DiffusionPipeline.from_pretrained(tmp_path / "p", trust_remote_code=True),
+    ):
+        assert type(loaded) is ParScaleEARPipeline
+        assert type(loaded.vae) is AutoencoderKL
+        assert_same_state_dict(pipe.vae, loaded.vae)
+        assert_same_images(generate(loaded), images)
+
+
+# ---------------------------------------------------------------- pushing to the Hub (faked, offline)
+
+
+def test_push_to_hub_uploads_entry_file_and_safetensors(fake_hub):
+    tiny_pipeline().push_to_hub(REPO_ID)
+    [upload] = fake_hub
+    assert upload.repo_id == REPO_ID
+    assert upload.files[ENTRY_NAME] == ENTRY_SOURCE.read_bytes()
+    assert json.loads(upload.files["model_index.json"])["_class_name"] == ["pipeline_parscale_ear", "ParScaleEARPipeline"]
+    assert sorted(f for f in upload.files if f.endswith(".safetensors")) == sorted(f"{c}/{WEIGHTS}" for c in COMPONENTS)
+    assert not [f for f in upload.files if Path(f).suffix in PICKLE_SUFFIXES]
+
+
+def test_save_pretrained_push_to_hub_uploads_entry_file(fake_hub, tmp_path):
+    # A str: diffusers' own push_to_hub branch calls save_directory.split(...).
+    tiny_pipeline().save_pretrained(str(tmp_path / "p"), push_to_hub=True, repo_id=REPO_ID)
+    [upload] = fake_hub
+    assert ENTRY_NAME in upload.files
+    assert json.loads(upload.files["model_index.json"])["_class_name"] == ["pipeline_parscale_ear", "ParScaleEARPipeline"]
+
+
+def test_repo_id_loads_offline_in_a_fresh_process(saved, tmp_path):
+    """As a user runs it: HF_HUB_OFFLINE=1 and HF_HUB_CACHE set before anything is imported."""
+    import subprocess
+
+    cache = tmp_path / "hf_cache"
+    populate_hub_cache(cache, saved.folder)
+    np.save(tmp_path / "expected.npy", saved.images[3.0])
+    script = (
+        "import numpy as np, torch\n"
+        "from parscale_ear_hf import ParScaleEARPipeline\n"
+        f"pipe = ParScaleEARPipeline.from_pretrained({REPO_ID!r})\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        "images = pipe([0, 3, 7], num_inference_steps=4, guidance_scale=3.0, output_type='np',\n"
+        "              generator=torch.Generator().manual_seed(0)).images\n"
+        f"assert np.abs(images - np.load({str(tmp_path / 'expected.npy')!r})).max() < 1e-5\n"
+        "print('loaded offline')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "loaded offline" in proc.stdout
