@@ -1,6 +1,6 @@
 """Count the parameters of the ImageNet-256 default configs, write results JSON, refresh the README table.
 
-    python examples/param_counts.py --output results/param_counts.json --readme README.md
+python examples/param_counts.py --output results/param_counts.json --readme README.md
 """
 
 import argparse
@@ -20,8 +20,11 @@ def main():
     table = parameter_table(counts["components"])
     print(table)
     if args.readme:
-        update_readme(args.readme, "param-table", f"{table}\n\n_Written by `python examples/param_counts.py` "
-                      f"to `{args.output}`._")
+        update_readme(
+            args.readme,
+            "param-table",
+            f"{table}\n\n_Written by `python examples/param_counts.py` to `{args.output}`._",
+        )
 
 
 if __name__ == "__main__":

@@ -50,5 +50,7 @@ def parameter_table(counts: dict[str, int]) -> str:
     rows = ["| component | class | role and default shapes | parameters |", "|---|---|---|---:|"]
     for key, (cls, role) in COMPONENT_ROLES.items():
         rows.append(f"| `{key}` | `{cls}` | {role} | {counts[key] / 1e6:.2f}M |")
-    rows.append(f"| generator total | | LiteHybrid + EARTransformer + EnergyHead | {counts['generator_total'] / 1e6:.2f}M |")
+    rows.append(
+        f"| generator total | | LiteHybrid + EARTransformer + EnergyHead | {counts['generator_total'] / 1e6:.2f}M |"
+    )
     return "\n".join(rows)

@@ -15,7 +15,8 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from huggingface_hub import snapshot_download
 
-from .models.ear_transformer import EARTransformer, latents_to_tokens, tokens_to_latents
+from .models._checks import check_float, check_int
+from .models.ear_transformer import EARTransformer, tokens_to_latents
 from .models.energy_head import EnergyHead
 from .models.lite_hybrid import LiteHybrid
 from .models.lite_vae import LiteVAE
@@ -52,7 +53,7 @@ def _rewrite_json(path: str, edit: Callable[[dict], dict]) -> None:
 
 def _vae_spatial_factor(vae) -> int:
     if isinstance(vae, LiteVAE):
-        return 2 ** vae.config.levels
+        return 2**vae.config.levels
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
@@ -80,28 +81,54 @@ def _eval_mode(*modules: torch.nn.Module):
 
 def check_components(vae, lite_hybrid, transformer, energy_head) -> None:
     """Raise a ValueError / TypeError naming the fields when the four components do not fit together."""
-    expected = {"vae": (LiteVAE, AutoencoderKL), "lite_hybrid": (LiteHybrid,), "transformer": (EARTransformer,),
-                "energy_head": (EnergyHead,)}
+    expected = {
+        "vae": (LiteVAE, AutoencoderKL),
+        "lite_hybrid": (LiteHybrid,),
+        "transformer": (EARTransformer,),
+        "energy_head": (EnergyHead,),
+    }
     given = {"vae": vae, "lite_hybrid": lite_hybrid, "transformer": transformer, "energy_head": energy_head}
     for name, classes in expected.items():
         if not isinstance(given[name], classes):
             names = " or ".join(c.__name__ for c in classes)
             raise TypeError(f"ParScaleEARPipeline: `{name}` must be a {names}, got {type(given[name]).__name__}.")
     pairs = [
-        ("vae.config.latent_channels", vae.config.latent_channels,
-         "transformer.config.in_channels", transformer.config.in_channels),
-        ("lite_hybrid.config.in_channels", lite_hybrid.config.in_channels,
-         "transformer.config.in_channels", transformer.config.in_channels),
-        ("energy_head.config.token_channels", energy_head.config.token_channels,
-         "transformer.config.in_channels", transformer.config.in_channels),
-        ("lite_hybrid.config.grid_size", lite_hybrid.config.grid_size,
-         "transformer.config.grid_size", transformer.config.grid_size),
-        ("energy_head.config.condition_dim", energy_head.config.condition_dim,
-         "transformer.config.hidden_size", transformer.config.hidden_size),
+        (
+            "vae.config.latent_channels",
+            vae.config.latent_channels,
+            "transformer.config.in_channels",
+            transformer.config.in_channels,
+        ),
+        (
+            "lite_hybrid.config.in_channels",
+            lite_hybrid.config.in_channels,
+            "transformer.config.in_channels",
+            transformer.config.in_channels,
+        ),
+        (
+            "energy_head.config.token_channels",
+            energy_head.config.token_channels,
+            "transformer.config.in_channels",
+            transformer.config.in_channels,
+        ),
+        (
+            "lite_hybrid.config.grid_size",
+            lite_hybrid.config.grid_size,
+            "transformer.config.grid_size",
+            transformer.config.grid_size,
+        ),
+        (
+            "energy_head.config.condition_dim",
+            energy_head.config.condition_dim,
+            "transformer.config.hidden_size",
+            transformer.config.hidden_size,
+        ),
     ]
     for name_a, a, name_b, b in pairs:
         if a != b:
-            raise ValueError(f"ParScaleEARPipeline: components do not fit: {name_a}={a} but {name_b}={b}; they must be equal.")
+            raise ValueError(
+                f"ParScaleEARPipeline: components do not fit: {name_a}={a} but {name_b}={b}; they must be equal."
+            )
 
 
 class ParScaleEARPipeline(DiffusionPipeline):
@@ -145,13 +172,17 @@ class ParScaleEARPipeline(DiffusionPipeline):
         if id2label is None:
             return None
         if not isinstance(id2label, dict):
-            raise TypeError(f"ParScaleEARPipeline: `id2label` must be a dict {{class id: name}}, got {type(id2label).__name__}.")
+            raise TypeError(
+                f"ParScaleEARPipeline: `id2label` must be a dict {{class id: name}}, got {type(id2label).__name__}."
+            )
         out = {}
         for key, value in id2label.items():
             try:
                 idx = int(key)
             except (TypeError, ValueError):
-                raise ValueError(f"ParScaleEARPipeline: `id2label` key {key!r} is not a class id (an integer).") from None
+                raise ValueError(
+                    f"ParScaleEARPipeline: `id2label` key {key!r} is not a class id (an integer)."
+                ) from None
             if not 0 <= idx < num_classes or not isinstance(value, str):
                 raise ValueError(
                     f"ParScaleEARPipeline: `id2label` entry {key!r}: {value!r} must map an id in "
@@ -188,7 +219,9 @@ class ParScaleEARPipeline(DiffusionPipeline):
         if isinstance(class_labels, (int, str)):
             class_labels = [class_labels]
         if not isinstance(class_labels, Sequence) or len(class_labels) == 0:
-            raise ValueError(f"ParScaleEARPipeline: `class_labels` must be a non-empty list of ints or names, got {class_labels!r}.")
+            raise ValueError(
+                f"ParScaleEARPipeline: `class_labels` must be a non-empty list of ints or names, got {class_labels!r}."
+            )
         num_classes = self.transformer.config.num_classes
         ids = []
         for label in class_labels:
@@ -203,29 +236,33 @@ class ParScaleEARPipeline(DiffusionPipeline):
                 )
         return ids
 
-    def check_inputs(self, num_inference_steps, guidance_scale, guidance_schedule, temperature,
-                     num_images_per_class, output_type, callback_on_step_end_tensor_inputs) -> None:
+    def check_inputs(
+        self,
+        num_inference_steps,
+        guidance_scale,
+        guidance_schedule,
+        temperature,
+        num_images_per_class,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
         """Validate the sampling arguments before any work starts."""
-        n = self.grid_size**2
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= n:
-            raise ValueError(
-                f"ParScaleEARPipeline: `num_inference_steps` must be an int in [1, {n}] (the number of tokens), "
-                f"got {num_inference_steps!r}."
-            )
-        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or not guidance_scale >= 1:
-            raise ValueError(f"ParScaleEARPipeline: `guidance_scale` must be a number >= 1 (1 disables guidance), got {guidance_scale!r}.")
+        owner = "ParScaleEARPipeline"
+        # At most one step per token: N = grid_size**2.
+        check_int(owner, "num_inference_steps", num_inference_steps, 1, self.grid_size**2)
+        check_float(owner, "guidance_scale", guidance_scale, 1.0, float("inf"))
+        check_float(owner, "temperature", temperature, 0.0, float("inf"))
+        check_int(owner, "num_images_per_class", num_images_per_class, 1)
         if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"ParScaleEARPipeline: `guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
-            raise ValueError(f"ParScaleEARPipeline: `temperature` must be a number >= 0, got {temperature!r}.")
-        if isinstance(num_images_per_class, bool) or not isinstance(num_images_per_class, int) or num_images_per_class < 1:
-            raise ValueError(f"ParScaleEARPipeline: `num_images_per_class` must be an int >= 1, got {num_images_per_class!r}.")
+            raise ValueError(
+                f"{owner}: `guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}."
+            )
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"ParScaleEARPipeline: `output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+            raise ValueError(f"{owner}: `output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(
-                f"ParScaleEARPipeline: `callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}."
+                f"{owner}: `callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}."
             )
 
     @torch.no_grad()
@@ -276,8 +313,15 @@ class ParScaleEARPipeline(DiffusionPipeline):
         Returns:
             :class:`~diffusers.ImagePipelineOutput` with `.images`, or a tuple `(images,)`.
         """
-        self.check_inputs(num_inference_steps, guidance_scale, guidance_schedule, temperature,
-                          num_images_per_class, output_type, callback_on_step_end_tensor_inputs)
+        self.check_inputs(
+            num_inference_steps,
+            guidance_scale,
+            guidance_schedule,
+            temperature,
+            num_images_per_class,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
         ids = [i for i in self._class_ids(class_labels) for _ in range(num_images_per_class)]
         batch = len(ids)
         if isinstance(generator, list) and len(generator) != batch:
@@ -323,7 +367,9 @@ class ParScaleEARPipeline(DiffusionPipeline):
 
                 if callback_on_step_end is not None:
                     local = {"tokens": tokens, "mask": mask}
-                    outputs = callback_on_step_end(self, step, step, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    outputs = callback_on_step_end(
+                        self, step, step, {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    )
                     tokens = outputs.pop("tokens", tokens)
 
             latents = tokens_to_latents(tokens, self.grid_size)
@@ -350,7 +396,9 @@ class ParScaleEARPipeline(DiffusionPipeline):
         """
         if not kwargs.pop("safe_serialization", True):
             raise ValueError("ParScaleEARPipeline: only safetensors are supported; `safe_serialization` must be True.")
-        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr") if k in kwargs}
+        hub_kwargs = {
+            k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr") if k in kwargs
+        }
         save_directory = os.fspath(save_directory)
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
         entry = resources.files("parscale_ear_hf.hub_entry").joinpath(f"{HUB_ENTRY_MODULE}.py")
@@ -361,8 +409,10 @@ class ParScaleEARPipeline(DiffusionPipeline):
             config.pop("_name_or_path", None)
             return config
 
-        _rewrite_json(os.path.join(save_directory, self.config_name),
-                      lambda index: {**without_local_path(index), "_class_name": [HUB_ENTRY_MODULE, type(self).__name__]})
+        _rewrite_json(
+            os.path.join(save_directory, self.config_name),
+            lambda index: {**without_local_path(index), "_class_name": [HUB_ENTRY_MODULE, type(self).__name__]},
+        )
         for name in ("vae", "lite_hybrid", "transformer", "energy_head"):
             _rewrite_json(os.path.join(save_directory, name, "config.json"), without_local_path)
         if push_to_hub:
@@ -392,7 +442,9 @@ class ParScaleEARPipeline(DiffusionPipeline):
         """
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
-            looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.path.exists(path)
+            looks_local = (
+                os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.path.exists(path)
+            )
             if looks_local:
                 raise FileNotFoundError(
                     f"ParScaleEARPipeline.from_pretrained: {path!r} is not an existing folder; pass a folder written "

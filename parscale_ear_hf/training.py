@@ -61,8 +61,12 @@ class EARTrainingModel(nn.Module):
         labels = self.transformer.drop_labels(class_labels, generator)
         hidden = self.transformer(self.lite_hybrid(tokens, mask), labels, mask)
         return self.energy_head.loss(
-            hidden[mask], tokens[mask], num_samples=self.num_head_samples,
-            alpha=self.energy_alpha, lambda_=self.energy_lambda, generator=generator,
+            hidden[mask],
+            tokens[mask],
+            num_samples=self.num_head_samples,
+            alpha=self.energy_alpha,
+            lambda_=self.energy_lambda,
+            generator=generator,
         )
 
     def param_groups(self, lr: float, head_lr_scale: float = 0.25, weight_decay: float = 0.02) -> list[dict]:
@@ -76,7 +80,11 @@ class EARTrainingModel(nn.Module):
             decay = param.dim() >= 2 and "embedding" not in name and "prefix" not in name and "token" not in name
             groups[(is_head, decay)].append(param)
         return [
-            {"params": params, "lr": lr * (head_lr_scale if is_head else 1.0),
-             "weight_decay": weight_decay if decay else 0.0}
-            for (is_head, decay), params in groups.items() if params
+            {
+                "params": params,
+                "lr": lr * (head_lr_scale if is_head else 1.0),
+                "weight_decay": weight_decay if decay else 0.0,
+            }
+            for (is_head, decay), params in groups.items()
+            if params
         ]

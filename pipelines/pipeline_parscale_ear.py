@@ -9,8 +9,6 @@ Without remote code, ``parscale_ear_hf.ParScaleEARPipeline.from_pretrained(repo)
 try:
     from parscale_ear_hf import ParScaleEARPipeline
 except ImportError as err:  # pragma: no cover - exercised only without the package
-    raise ImportError(
-        "This pipeline needs the `parscale-ear-hf` package: `pip install parscale-ear-hf`."
-    ) from err
+    raise ImportError("This pipeline needs the `parscale-ear-hf` package: `pip install parscale-ear-hf`.") from err
 
 __all__ = ["ParScaleEARPipeline"]

@@ -15,14 +15,29 @@ def tiny_components(parscale_n: int = 1, seed: int = 0, **hybrid_kwargs):
     """A 16x16 RGB VAE with a 4x4x4 token grid, and matching generator parts."""
     torch.manual_seed(seed)
     vae = LiteVAE(
-        sample_size=16, levels=2, latent_channels=4, encoder_channels=(8, 8), encoder_layers_per_level=1,
-        aggregation_channels=16, aggregation_layers=1, decoder_block_out_channels=(8, 16, 16),
-        decoder_layers_per_block=1, norm_num_groups=4,
+        sample_size=16,
+        levels=2,
+        latent_channels=4,
+        encoder_channels=(8, 8),
+        encoder_layers_per_level=1,
+        aggregation_channels=16,
+        aggregation_layers=1,
+        decoder_block_out_channels=(8, 16, 16),
+        decoder_layers_per_block=1,
+        norm_num_groups=4,
     )
-    lite_hybrid = LiteHybrid(in_channels=4, grid_size=4, coarse_grid_size=2, hidden_dim=16, num_heads=2, **hybrid_kwargs)
+    lite_hybrid = LiteHybrid(
+        in_channels=4, grid_size=4, coarse_grid_size=2, hidden_dim=16, num_heads=2, **hybrid_kwargs
+    )
     transformer = EARTransformer(
-        in_channels=4, grid_size=4, num_classes=NUM_CLASSES, hidden_size=32, num_layers=2, num_heads=4,
-        buffer_size=4, parscale_n=parscale_n,
+        in_channels=4,
+        grid_size=4,
+        num_classes=NUM_CLASSES,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        buffer_size=4,
+        parscale_n=parscale_n,
     )
     energy_head = EnergyHead(condition_dim=32, token_channels=4, width=32, depth=2, noise_dim=8)
     # Non-zero gates, so that the LiteHybrid actually changes the tokens in the tests.

@@ -143,8 +143,15 @@ def test_tokens_latents_round_trip():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("hidden_size", 30), ("num_layers", 0), ("parscale_n", 0), ("parscale_attn_smooth", 1.5),
-     ("class_dropout_prob", 1.0), ("mask_ratio_min", -0.1), ("grid_size", -1)],
+    [
+        ("hidden_size", 30),
+        ("num_layers", 0),
+        ("parscale_n", 0),
+        ("parscale_attn_smooth", 1.5),
+        ("class_dropout_prob", 1.0),
+        ("mask_ratio_min", -0.1),
+        ("grid_size", -1),
+    ],
 )
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

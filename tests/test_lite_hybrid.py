@@ -19,8 +19,9 @@ def _tiny(**kwargs):
 
 
 def test_identity_when_both_branches_off():
-    off = LiteHybrid(in_channels=4, grid_size=4, coarse_grid_size=2, hidden_dim=8, num_heads=2,
-                     use_coarse=False, use_fine=False)
+    off = LiteHybrid(
+        in_channels=4, grid_size=4, coarse_grid_size=2, hidden_dim=8, num_heads=2, use_coarse=False, use_fine=False
+    )
     x = torch.randn(2, 16, 4)
     assert torch.equal(off(x, torch.rand(2, 16) < 0.5), x)
     assert sum(p.numel() for p in off.parameters()) == 0

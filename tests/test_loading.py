@@ -31,7 +31,12 @@ from conftest import ID2LABEL, tiny_components, tiny_pipeline
 REPO_ID = "parscale-tests/tiny-ear"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 COMPONENTS = ("vae", "lite_hybrid", "transformer", "energy_head")
-COMPONENT_CLASSES = {"vae": LiteVAE, "lite_hybrid": LiteHybrid, "transformer": EARTransformer, "energy_head": EnergyHead}
+COMPONENT_CLASSES = {
+    "vae": LiteVAE,
+    "lite_hybrid": LiteHybrid,
+    "transformer": EARTransformer,
+    "energy_head": EnergyHead,
+}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 ENTRY_NAME = "pipeline_parscale_ear.py"
 ENTRY_SOURCE = Path(__file__).resolve().parents[1] / "pipelines" / ENTRY_NAME
@@ -45,7 +50,10 @@ GUIDANCE = (1.0, 3.0)  # 1 disables classifier-free guidance
 def generate(pipe, guidance_scale=3.0, seed=0, labels=(0, 3, 7)):
     pipe.set_progress_bar_config(disable=True)
     return pipe(
-        list(labels), num_inference_steps=4, guidance_scale=guidance_scale, output_type="np",
+        list(labels),
+        num_inference_steps=4,
+        guidance_scale=guidance_scale,
+        output_type="np",
         generator=torch.Generator().manual_seed(seed),
     ).images
 
@@ -60,7 +68,8 @@ def tree_hashes(folder) -> dict:
     folder = Path(folder)
     return {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*")) if p.is_file()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -110,9 +119,15 @@ def tiny_autoencoder_kl(latent_channels=4):
     """A diffusers AutoencoderKL with a down factor of 4: the 4x4 token grid decodes to 16x16."""
     torch.manual_seed(0)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1, norm_num_groups=4, sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
     )
 
 
@@ -352,7 +367,15 @@ def test_missing_local_folder_error_is_clear(tmp_path, offline):
         ParScaleEARPipeline.from_pretrained(missing)
     message = str(info.value)
     assert str(missing) in message
-    phrases = ("not an existing folder", "not a valid local path", "does not exist", "no such", "not a local", "not a directory", "local folder")
+    phrases = (
+        "not an existing folder",
+        "not a valid local path",
+        "does not exist",
+        "no such",
+        "not a local",
+        "not a directory",
+        "local folder",
+    )
     assert any(p in message.lower() for p in phrases), message
 
 
@@ -519,38 +542,55 @@ def test_invalid_id2label_in_model_index_raises(saved, tmp_path):
 
 def _lite_vae(latent_channels):
     return LiteVAE(
-        sample_size=16, levels=2, latent_channels=latent_channels, encoder_channels=(8, 8), encoder_layers_per_level=1,
-        aggregation_channels=16, aggregation_layers=1, decoder_block_out_channels=(8, 16, 16),
-        decoder_layers_per_block=1, norm_num_groups=4,
+        sample_size=16,
+        levels=2,
+        latent_channels=latent_channels,
+        encoder_channels=(8, 8),
+        encoder_layers_per_level=1,
+        aggregation_channels=16,
+        aggregation_layers=1,
+        decoder_block_out_channels=(8, 16, 16),
+        decoder_layers_per_block=1,
+        norm_num_groups=4,
     )
 
 
 MISFITS = {
     "energy_head.condition_dim": (
-        "energy_head", lambda: EnergyHead(condition_dim=16, token_channels=4, width=32, depth=2, noise_dim=8),
+        "energy_head",
+        lambda: EnergyHead(condition_dim=16, token_channels=4, width=32, depth=2, noise_dim=8),
         ("energy_head.config.condition_dim=16", "transformer.config.hidden_size=32"),
     ),
     "energy_head.token_channels": (
-        "energy_head", lambda: EnergyHead(condition_dim=32, token_channels=8, width=32, depth=2, noise_dim=8),
+        "energy_head",
+        lambda: EnergyHead(condition_dim=32, token_channels=8, width=32, depth=2, noise_dim=8),
         ("energy_head.config.token_channels=8", "transformer.config.in_channels=4"),
     ),
     "lite_hybrid.grid_size": (
-        "lite_hybrid", lambda: LiteHybrid(in_channels=4, grid_size=8, coarse_grid_size=2, hidden_dim=16, num_heads=2),
+        "lite_hybrid",
+        lambda: LiteHybrid(in_channels=4, grid_size=8, coarse_grid_size=2, hidden_dim=16, num_heads=2),
         ("lite_hybrid.config.grid_size=8", "transformer.config.grid_size=4"),
     ),
     "lite_hybrid.in_channels": (
-        "lite_hybrid", lambda: LiteHybrid(in_channels=8, grid_size=4, coarse_grid_size=2, hidden_dim=16, num_heads=2),
+        "lite_hybrid",
+        lambda: LiteHybrid(in_channels=8, grid_size=4, coarse_grid_size=2, hidden_dim=16, num_heads=2),
         ("lite_hybrid.config.in_channels=8", "transformer.config.in_channels=4"),
     ),
     "vae.latent_channels": (
-        "vae", lambda: _lite_vae(8), ("vae.config.latent_channels=8", "transformer.config.in_channels=4"),
+        "vae",
+        lambda: _lite_vae(8),
+        ("vae.config.latent_channels=8", "transformer.config.in_channels=4"),
     ),
     "AutoencoderKL.latent_channels": (
-        "vae", lambda: tiny_autoencoder_kl(8), ("vae.config.latent_channels=8", "transformer.config.in_channels=4"),
+        "vae",
+        lambda: tiny_autoencoder_kl(8),
+        ("vae.config.latent_channels=8", "transformer.config.in_channels=4"),
     ),
     "transformer.hidden_size": (
         "transformer",
-        lambda: EARTransformer(in_channels=4, grid_size=4, num_classes=10, hidden_size=64, num_layers=1, num_heads=4, buffer_size=4),
+        lambda: EARTransformer(
+            in_channels=4, grid_size=4, num_classes=10, hidden_size=64, num_layers=1, num_heads=4, buffer_size=4
+        ),
         ("energy_head.config.condition_dim=32", "transformer.config.hidden_size=64"),
     ),
 }
@@ -615,8 +655,13 @@ def test_push_to_hub_uploads_entry_file_and_safetensors(fake_hub):
     [upload] = fake_hub
     assert upload.repo_id == REPO_ID
     assert upload.files[ENTRY_NAME] == ENTRY_SOURCE.read_bytes()
-    assert json.loads(upload.files["model_index.json"])["_class_name"] == ["pipeline_parscale_ear", "ParScaleEARPipeline"]
-    assert sorted(f for f in upload.files if f.endswith(".safetensors")) == sorted(f"{c}/{WEIGHTS}" for c in COMPONENTS)
+    assert json.loads(upload.files["model_index.json"])["_class_name"] == [
+        "pipeline_parscale_ear",
+        "ParScaleEARPipeline",
+    ]
+    assert sorted(f for f in upload.files if f.endswith(".safetensors")) == sorted(
+        f"{c}/{WEIGHTS}" for c in COMPONENTS
+    )
     assert not [f for f in upload.files if Path(f).suffix in PICKLE_SUFFIXES]
 
 
@@ -625,7 +670,10 @@ def test_save_pretrained_push_to_hub_uploads_entry_file(fake_hub, tmp_path):
     tiny_pipeline().save_pretrained(str(tmp_path / "p"), push_to_hub=True, repo_id=REPO_ID)
     [upload] = fake_hub
     assert ENTRY_NAME in upload.files
-    assert json.loads(upload.files["model_index.json"])["_class_name"] == ["pipeline_parscale_ear", "ParScaleEARPipeline"]
+    assert json.loads(upload.files["model_index.json"])["_class_name"] == [
+        "pipeline_parscale_ear",
+        "ParScaleEARPipeline",
+    ]
 
 
 def test_repo_id_loads_offline_in_a_fresh_process(saved, tmp_path):

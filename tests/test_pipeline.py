@@ -111,8 +111,14 @@ def test_callback_sees_tokens_revealed_by_the_schedule_and_can_edit_them(pipe):
         seen.append((step, int(tensors["mask"][0].sum())))
         return {"tokens": torch.zeros_like(tensors["tokens"])}
 
-    latents = run(pipe, [1], output_type="latent", num_inference_steps=4, callback_on_step_end=callback,
-                  callback_on_step_end_tensor_inputs=["tokens", "mask"])
+    latents = run(
+        pipe,
+        [1],
+        output_type="latent",
+        num_inference_steps=4,
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["tokens", "mask"],
+    )
     assert [s for s, _ in seen] == [0, 1, 2, 3]
     assert [m for _, m in seen] == [mask_schedule(k, 4, 16, [16, 15, 11, 6][k]) for k in range(4)]
     assert torch.count_nonzero(latents) == 0  # the last step's edit is what came out

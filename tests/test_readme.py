@@ -25,8 +25,9 @@ def test_usage_snippet_runs(tmp_path, monkeypatch):
 def test_parameter_table_is_generated_from_the_results_file():
     record = json.loads((ROOT / "results" / "param_counts.json").read_text())
     assert record["components"] == default_parameter_counts()["components"]  # results file is current
-    assert record["provenance"]["git_revision"] and record["provenance"]["command"].endswith("param_counts.py "
-                                                                                             "--output results/param_counts.json --readme README.md")
+    assert record["provenance"]["git_revision"] and record["provenance"]["command"].endswith(
+        "param_counts.py --output results/param_counts.json --readme README.md"
+    )
     readme = (ROOT / "README.md").read_text()
     assert parameter_table(record["components"]) in readme
 
@@ -44,8 +45,12 @@ def test_replace_section_requires_one_marker_pair():
 
 def test_demo_script_builds_saves_reloads_and_writes_a_grid(tmp_path):
     out = tmp_path / "grid.png"
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "generate.py"), "--output", str(out), "--steps", "8"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "generate.py"), "--output", str(out), "--steps", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "RANDOM weights" in proc.stdout and out.is_file()
     assert (tmp_path / "random_tiny_pipeline" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()

@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def check_int(owner: str, name: str, value, minimum: int = 1) -> None:
-    """Raise unless ``value`` is an int (not a bool) that is at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: `{name}` must be an integer >= {minimum}, got {value!r}.")
+def check_int(owner: str, name: str, value, minimum: int = 1, maximum: int | None = None) -> None:
+    """Raise unless ``value`` is an int (not a bool) in ``[minimum, maximum]``."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    if not ok or (maximum is not None and value > maximum):
+        accepted = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{owner}: `{name}` must be an integer {accepted}, got {value!r}.")
 
 
 def check_float(owner: str, name: str, value, low: float, high: float, *, high_inclusive: bool = True) -> None:
@@ -20,16 +22,14 @@ def check_float(owner: str, name: str, value, low: float, high: float, *, high_i
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = ok and low <= value and (value <= high if high_inclusive else value < high)
     if not ok:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"{owner}: `{name}` must be a number in [{low}, {high}{bracket}, got {value!r}.")
+        accepted = f">= {low}" if high == float("inf") else f"in [{low}, {high}{']' if high_inclusive else ')'}"
+        raise ValueError(f"{owner}: `{name}` must be a number {accepted}, got {value!r}.")
 
 
 def check_divisible(owner: str, name: str, value: int, divisor: int, divisor_name: str) -> None:
     """Raise unless ``value`` is a multiple of ``divisor``."""
     if value % divisor != 0:
-        raise ValueError(
-            f"{owner}: `{name}`={value} must be divisible by `{divisor_name}`={divisor}."
-        )
+        raise ValueError(f"{owner}: `{name}`={value} must be divisible by `{divisor_name}`={divisor}.")
 
 
 def check_int_sequence(owner: str, name: str, value, length: int | None = None) -> None:
@@ -61,5 +61,7 @@ class StrictLoadingMixin:
             if kwargs.get("subfolder"):
                 where = f"{where}/{kwargs['subfolder']}"
             details = "; ".join(f"{k}: {sorted(map(str, v))[:8]}" for k, v in problems.items())
-            raise ValueError(f"{cls.__name__}.from_pretrained({str(where)!r}): the weights do not match config.json ({details}).")
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained({str(where)!r}): the weights do not match config.json ({details})."
+            )
         return (model, info) if want_info else model

@@ -61,8 +61,11 @@ class _Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
-            nn.Linear(hidden, dim), nn.Dropout(dropout),
+            nn.Linear(dim, hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+            nn.Dropout(dropout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,8 +111,16 @@ class EARTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
         parscale_attn_smooth: float = 0.01,
     ):
         super().__init__()
-        for name in ("in_channels", "grid_size", "num_classes", "hidden_size", "num_layers", "num_heads",
-                     "buffer_size", "parscale_n"):
+        for name in (
+            "in_channels",
+            "grid_size",
+            "num_classes",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "buffer_size",
+            "parscale_n",
+        ):
             check_int("EARTransformer", name, locals()[name])
         check_divisible("EARTransformer", "hidden_size", hidden_size, num_heads, "num_heads")
         check_float("EARTransformer", "mlp_ratio", mlp_ratio, 1e-3, 64.0)
@@ -124,9 +135,7 @@ class EARTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
         self.token_proj = nn.Linear(in_channels, hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.pos_embedding = nn.Parameter(torch.zeros(1, buffer_size + self.num_tokens, hidden_size))
-        self.blocks = nn.ModuleList(
-            [_Block(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(num_layers)]
-        )
+        self.blocks = nn.ModuleList([_Block(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(num_layers)])
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
         if parscale_n > 1:
             self.stream_prefix = nn.Parameter(torch.zeros(parscale_n, buffer_size, hidden_size))

@@ -113,7 +113,9 @@ class EnergyHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
         """Noise ``U[-0.5, 0.5]^noise_dim`` for ``num`` tokens, `(num, noise_dim)`."""
         device = device if device is not None else self.device
         dtype = dtype if dtype is not None else self.dtype
-        noise = torch.rand(num, self.config.noise_dim, generator=generator, device=generator.device if generator else device)
+        noise = torch.rand(
+            num, self.config.noise_dim, generator=generator, device=generator.device if generator else device
+        )
         return (noise - 0.5).to(device=device, dtype=dtype)
 
     def forward(self, z: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

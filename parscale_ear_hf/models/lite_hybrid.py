@@ -58,8 +58,13 @@ class LiteHybrid(StrictLoadingMixin, ModelMixin, ConfigMixin):
             self.coarse_in = nn.Linear(in_channels, hidden_dim)
             self.coarse_pos = nn.Parameter(torch.zeros(1, coarse_grid_size**2, hidden_dim))
             self.coarse_mixer = nn.TransformerEncoderLayer(
-                hidden_dim, num_heads, dim_feedforward=2 * hidden_dim, dropout=0.0,
-                activation="gelu", batch_first=True, norm_first=True,
+                hidden_dim,
+                num_heads,
+                dim_feedforward=2 * hidden_dim,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
             )
             self.coarse_out = nn.Linear(hidden_dim, in_channels)
             self.coarse_gate = nn.Parameter(torch.zeros(in_channels))
@@ -67,7 +72,9 @@ class LiteHybrid(StrictLoadingMixin, ModelMixin, ConfigMixin):
         if use_fine:
             self.fine_local = nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels)
             self.fine_mlp = nn.Sequential(
-                nn.LayerNorm(in_channels), nn.Linear(in_channels, hidden_dim), nn.GELU(),
+                nn.LayerNorm(in_channels),
+                nn.Linear(in_channels, hidden_dim),
+                nn.GELU(),
                 nn.Linear(hidden_dim, in_channels),
             )
             self.fine_gate = nn.Parameter(torch.zeros(in_channels))
@@ -100,7 +107,8 @@ class LiteHybrid(StrictLoadingMixin, ModelMixin, ConfigMixin):
         side = self.config.grid_size
         if n != side * side or c != self.config.in_channels:
             raise ValueError(
-                f"LiteHybrid: expected tokens (B, {side * side}, {self.config.in_channels}), got {tuple(tokens.shape)}."
+                f"LiteHybrid: expected tokens (B, {side * side}, {self.config.in_channels}), "
+                f"got {tuple(tokens.shape)}."
             )
         visible = torch.ones(b, n, 1, device=tokens.device, dtype=tokens.dtype)
         if mask is not None:

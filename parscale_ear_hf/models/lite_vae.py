@@ -12,7 +12,6 @@ standard convolutional VAE decoder of `diffusers`. The public API mirrors
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, DiagonalGaussianDistribution
@@ -42,9 +41,7 @@ def haar_dwt(x: torch.Tensor) -> torch.Tensor:
         is the low-pass image.
     """
     if x.ndim != 4 or x.shape[-2] % 2 or x.shape[-1] % 2:
-        raise ValueError(
-            f"haar_dwt: expected a tensor (B, C, H, W) with even H and W, got shape {tuple(x.shape)}."
-        )
+        raise ValueError(f"haar_dwt: expected a tensor (B, C, H, W) with even H and W, got shape {tuple(x.shape)}.")
     b, c, h, w = x.shape
     blocks = x.reshape(b, c, h // 2, 2, w // 2, 2)
     top_left, top_right = blocks[:, :, :, 0, :, 0], blocks[:, :, :, 0, :, 1]
