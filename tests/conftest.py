@@ -9,23 +9,25 @@ torch.set_num_threads(2)
 
 NUM_CLASSES = 10
 ID2LABEL = {i: f"digit {i}, number {i}" for i in range(NUM_CLASSES)}
+# A LiteVAE for 16x16 RGB images with a 4x4x4 latent.
+TINY_VAE_CONFIG = dict(
+    sample_size=16,
+    levels=2,
+    latent_channels=4,
+    encoder_channels=(8, 8),
+    encoder_layers_per_level=1,
+    aggregation_channels=16,
+    aggregation_layers=1,
+    decoder_block_out_channels=(8, 16, 16),
+    decoder_layers_per_block=1,
+    norm_num_groups=4,
+)
 
 
 def tiny_components(parscale_n: int = 1, seed: int = 0, **hybrid_kwargs):
     """A 16x16 RGB VAE with a 4x4x4 token grid, and matching generator parts."""
     torch.manual_seed(seed)
-    vae = LiteVAE(
-        sample_size=16,
-        levels=2,
-        latent_channels=4,
-        encoder_channels=(8, 8),
-        encoder_layers_per_level=1,
-        aggregation_channels=16,
-        aggregation_layers=1,
-        decoder_block_out_channels=(8, 16, 16),
-        decoder_layers_per_block=1,
-        norm_num_groups=4,
-    )
+    vae = LiteVAE(**TINY_VAE_CONFIG)
     lite_hybrid = LiteHybrid(
         in_channels=4, grid_size=4, coarse_grid_size=2, hidden_dim=16, num_heads=2, **hybrid_kwargs
     )

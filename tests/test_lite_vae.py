@@ -8,24 +8,13 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
 from parscale_ear_hf.models.lite_vae import LiteVAE, haar_dwt, haar_idwt, multilevel_haar_dwt
 
-TINY_CONFIG = dict(
-    sample_size=16,
-    levels=2,
-    latent_channels=4,
-    encoder_channels=(8, 8),
-    encoder_layers_per_level=1,
-    aggregation_channels=16,
-    aggregation_layers=1,
-    decoder_block_out_channels=(8, 16, 16),
-    decoder_layers_per_block=1,
-    norm_num_groups=4,
-)
+from conftest import TINY_VAE_CONFIG
 
 
 @pytest.fixture
 def vae():
     torch.manual_seed(0)
-    return LiteVAE(**TINY_CONFIG).eval()
+    return LiteVAE(**TINY_VAE_CONFIG).eval()
 
 
 @pytest.fixture
@@ -153,7 +142,7 @@ def test_decode_rejects_bad_latents(vae, shape):
 )
 def test_bad_config_names_the_field(override, field):
     with pytest.raises(ValueError, match=re.escape(f"`{field}`")):
-        LiteVAE(**{**TINY_CONFIG, **override})
+        LiteVAE(**{**TINY_VAE_CONFIG, **override})
 
 
 # ---------------------------------------------------------------- save / load
@@ -161,7 +150,7 @@ def test_bad_config_names_the_field(override, field):
 
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    vae = LiteVAE(**TINY_CONFIG, scaling_factor=0.75, shift_factor=-0.125).eval()
+    vae = LiteVAE(**TINY_VAE_CONFIG, scaling_factor=0.75, shift_factor=-0.125).eval()
     vae.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
 

@@ -26,7 +26,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 
 from parscale_ear_hf import EARTransformer, EnergyHead, LiteHybrid, LiteVAE, ParScaleEARPipeline
 
-from conftest import ID2LABEL, tiny_components, tiny_pipeline
+from conftest import ID2LABEL, TINY_VAE_CONFIG, tiny_components, tiny_pipeline
 
 REPO_ID = "parscale-tests/tiny-ear"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -541,18 +541,7 @@ def test_invalid_id2label_in_model_index_raises(saved, tmp_path):
 
 
 def _lite_vae(latent_channels):
-    return LiteVAE(
-        sample_size=16,
-        levels=2,
-        latent_channels=latent_channels,
-        encoder_channels=(8, 8),
-        encoder_layers_per_level=1,
-        aggregation_channels=16,
-        aggregation_layers=1,
-        decoder_block_out_channels=(8, 16, 16),
-        decoder_layers_per_block=1,
-        norm_num_groups=4,
-    )
+    return LiteVAE(**{**TINY_VAE_CONFIG, "latent_channels": latent_channels})
 
 
 MISFITS = {
