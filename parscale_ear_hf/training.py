@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
+from .models._checks import check_float, check_int
 from .models.ear_transformer import EARTransformer, latents_to_tokens
 from .models.energy_head import EnergyHead
 from .models.lite_hybrid import LiteHybrid
@@ -88,3 +96,272 @@ class EARTrainingModel(nn.Module):
             for (is_head, decay), params in groups.items()
             if params
         ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop: `examples/train_ear.py` and `parscale-ear train` parse these arguments and
+# call `run`. Everything random is a function of (seed, step, micro-step, rank), so a run resumed
+# from a checkpoint continues exactly as the uninterrupted run would have.
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command-line arguments of generator training."""
+    data = parser.add_argument_group("data and output")
+    data.add_argument("--latents", required=True, help="latent cache folder written by examples/cache_latents.py")
+    data.add_argument("--output-dir", required=True, help="checkpoints, logs, sample grids and the final pipeline")
+    data.add_argument(
+        "--model-config",
+        required=True,
+        help="JSON with {'lite_hybrid': {...}, 'transformer': {...}, 'energy_head': {...}} config fields; "
+        "token channels, grid size and number of classes are taken from the latent cache",
+    )
+    data.add_argument("--vae", default=None, help="VAE folder for the saved pipeline (default: the cache's VAE)")
+    model = parser.add_argument_group("ablations (override the model config)")
+    model.add_argument("--parscale-n", type=int, default=None, help="number of ParScale streams P")
+    model.add_argument("--no-coarse", action="store_true", help="LiteHybrid without its coarse branch")
+    model.add_argument("--no-fine", action="store_true", help="LiteHybrid without its fine branch")
+    optim = parser.add_argument_group("optimisation (EAR recipe defaults)")
+    optim.add_argument("--max-steps", type=int, required=True, help="optimizer updates")
+    optim.add_argument("--batch-size", type=int, default=64, help="images per process per micro-step")
+    optim.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    optim.add_argument("--lr", type=float, default=8e-4, help="backbone learning rate (EAR: 8e-4 at batch 2048)")
+    optim.add_argument("--head-lr-scale", type=float, default=0.25, help="energy head lr = lr * this (EAR: 0.25)")
+    optim.add_argument("--weight-decay", type=float, default=0.02)
+    optim.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up, then constant (EAR)")
+    optim.add_argument("--grad-clip", type=float, default=3.0)
+    optim.add_argument("--ema-decay", type=float, default=0.9999)
+    optim.add_argument("--energy-lambda", type=float, default=1.0, help="repulsion weight (EAR: 0.99 late)")
+    optim.add_argument("--num-head-samples", type=int, default=2, help="head samples per target token")
+    run_args = parser.add_argument_group("runtime")
+    run_args.add_argument("--seed", type=int, default=0)
+    run_args.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="bf16 on GPU")
+    run_args.add_argument("--cpu", action="store_true", help="force CPU (gloo between processes)")
+    run_args.add_argument("--checkpoint-every", type=int, default=500)
+    run_args.add_argument("--keep-checkpoints", type=int, default=2)
+    run_args.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    run_args.add_argument("--log-every", type=int, default=10)
+    run_args.add_argument("--sample-every", type=int, default=0, help="sample grid every N steps (0: only at the end)")
+    run_args.add_argument("--sample-steps", type=int, default=16, help="autoregressive steps of the sample grids")
+    run_args.add_argument("--sample-guidance", type=float, default=3.0)
+    return parser
+
+
+def _step_seed(seed: int, *counters: int) -> int:
+    """A distinct, reproducible seed for each (seed, step, micro-step, rank)."""
+    value = seed
+    for c in counters:
+        value = (value * 1_000_003 + c + 1) % (2**63 - 1)
+    return value
+
+
+class _EpochOrder:
+    """The data order: an endless concatenation of per-epoch permutations, fixed by the seed."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self._epoch, self._perm = -1, None
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(_step_seed(self.seed, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=g)
+        return int(self._perm[offset])
+
+
+def build_components(model_config: dict, info: dict, args) -> tuple[LiteHybrid, EARTransformer, EnergyHead]:
+    """Components from the JSON model config, filled in and checked against the latent cache."""
+    from_data = {
+        "lite_hybrid": {"in_channels": info["latent_channels"], "grid_size": info["grid_size"]},
+        "transformer": {
+            "in_channels": info["latent_channels"],
+            "grid_size": info["grid_size"],
+            "num_classes": info["num_classes"],
+        },
+        "energy_head": {"token_channels": info["latent_channels"]},
+    }
+    unknown = set(model_config) - set(from_data)
+    if unknown:
+        raise ValueError(f"--model-config: unknown sections {sorted(unknown)}; accepted: {sorted(from_data)}.")
+    configs = {}
+    for name, data_fields in from_data.items():
+        config = dict(model_config.get(name, {}))
+        for field, value in data_fields.items():
+            if field in config and config[field] != value:
+                raise ValueError(
+                    f"--model-config: {name}.{field}={config[field]} does not fit the latent cache "
+                    f"({args.latents}: {field}={value}); remove it or make them equal."
+                )
+            config[field] = value
+        configs[name] = config
+    if args.parscale_n is not None:
+        configs["transformer"]["parscale_n"] = args.parscale_n
+    if args.no_coarse:
+        configs["lite_hybrid"]["use_coarse"] = False
+    if args.no_fine:
+        configs["lite_hybrid"]["use_fine"] = False
+    configs["energy_head"].setdefault("condition_dim", configs["transformer"].get("hidden_size", 768))
+    return (
+        LiteHybrid(**configs["lite_hybrid"]),
+        EARTransformer(**configs["transformer"]),
+        EnergyHead(**configs["energy_head"]),
+    )
+
+
+def _load_vae(path: str):
+    from diffusers import AutoencoderKL
+
+    from .models.lite_vae import LiteVAE
+
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        class_name = json.load(f).get("_class_name")
+    return (AutoencoderKL if class_name == "AutoencoderKL" else LiteVAE).from_pretrained(path)
+
+
+def _validate(args) -> None:
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints"):
+        check_int("train", f"--{name.replace('_', '-')}", getattr(args, name))
+    for name in ("warmup_steps", "log_every", "sample_every"):
+        check_int("train", f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
+    check_float("train", "--ema-decay", args.ema_decay, 0.0, 1.0)
+    check_float("train", "--lr", args.lr, 1e-12, 10.0)
+
+
+def run(args: argparse.Namespace) -> EARTrainingModel:
+    """Train LiteHybrid + EARTransformer + EnergyHead on cached latents; save the pipeline with EMA weights.
+
+    Returns the trained model (the live weights; the saved pipeline holds the EMA weights).
+    """
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from .checkpointing import JsonlLog, load_checkpoint, resolve_resume, save_checkpoint
+    from .latent_cache import load_latent_cache, sample_latents
+
+    _validate(args)
+    output_dir = Path(args.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    resume_from = resolve_resume(args.resume, checkpoint_dir)  # fails before any work when nothing to resume
+    with open(args.model_config, encoding="utf-8") as f:
+        model_config = json.load(f)
+    dataset, info = load_latent_cache(args.latents)
+    vae_path = args.vae or info["vae"]
+    vae = _load_vae(vae_path)  # loaded up front: a wrong path fails now, not after training
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        cpu=args.cpu,
+    )
+    torch.manual_seed(args.seed)
+    lite_hybrid, transformer, energy_head = build_components(model_config, info, args)
+    model = EARTrainingModel(
+        lite_hybrid, transformer, energy_head, num_head_samples=args.num_head_samples, energy_lambda=args.energy_lambda
+    )
+    optimizer = torch.optim.AdamW(
+        model.param_groups(args.lr, args.head_lr_scale, args.weight_decay), lr=args.lr, betas=(0.9, 0.95)
+    )
+    # Stepped by hand once per update: accelerate's prepared scheduler steps once per process.
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
+    ema = EMAModel(model.parameters(), decay=args.ema_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler, ema)
+    unwrapped = accelerator.unwrap_model(model)
+
+    log = JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
+    start_step = 0
+    if resume_from is not None:
+        start_step = load_checkpoint(accelerator, resume_from)["step"]
+        log.truncate_after(start_step)
+        accelerator.print(f"resumed from {resume_from} at step {start_step}")
+    elif accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        log.path.unlink(missing_ok=True)
+        with open(output_dir / "run_config.json", "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "model_config": model_config, "latent_cache": info}, f, indent=2)
+
+    order = _EpochOrder(len(dataset), args.seed)
+    per_rank, world, rank = args.batch_size, accelerator.num_processes, accelerator.process_index
+    scale, shift = info["scaling_factor"], info["shift_factor"]
+    hflip = bool(info.get("hflip"))
+    progress = tqdm(
+        range(start_step, args.max_steps),
+        initial=start_step,
+        total=args.max_steps,
+        disable=not accelerator.is_main_process,
+        desc="train",
+    )
+    start_time = time.perf_counter()
+    for step in progress:
+        model.train()
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(args.gradient_accumulation_steps):
+            seed = _step_seed(args.seed, step, micro, rank)
+            torch.manual_seed(seed)  # dropout draws from the global generator
+            generator = torch.Generator().manual_seed(seed)
+            first = ((step * args.gradient_accumulation_steps + micro) * world + rank) * per_rank
+            batch = dataset[[order[p] for p in range(first, first + per_rank)]]
+            moments = batch["moments"]
+            if hflip:  # each example: the flipped image's moments with probability 1/2
+                flip = torch.rand(per_rank, generator=generator) < 0.5
+                moments = torch.where(flip[:, None, None, None], batch["moments_flip"], moments)
+            latents = sample_latents(moments, scale, shift, generator).to(accelerator.device)
+            labels = batch["label"].long().to(accelerator.device)
+            with accelerator.accumulate(model):
+                loss = model(latents, labels, generator=generator)  # the prepared model autocasts (bf16)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / args.gradient_accumulation_steps
+        scheduler.step()
+        ema.step(unwrapped.parameters())
+        step_loss = accelerator.reduce(step_loss, reduction="mean").item()
+        done = step + 1
+        progress.set_postfix(loss=f"{step_loss:.4f}")
+        if done % args.log_every == 0 or done == args.max_steps or done == start_step + 1:
+            log.write(
+                {
+                    "step": done,
+                    "loss": step_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "seconds": round(time.perf_counter() - start_time, 3),
+                }
+            )
+        if done % args.checkpoint_every == 0 or done == args.max_steps:
+            save_checkpoint(accelerator, checkpoint_dir, done, {"log": str(log.path)}, keep=args.keep_checkpoints)
+        if args.sample_every and done % args.sample_every == 0 and accelerator.is_main_process:
+            _save_ema_pipeline(unwrapped, ema, vae, info, args, output_dir / "samples" / f"step-{done:08d}.png")
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        pipe = _save_ema_pipeline(unwrapped, ema, vae, info, args, output_dir / "samples" / "final.png")
+        pipe.save_pretrained(output_dir / "pipeline")
+        accelerator.print(f"saved the EMA pipeline to {output_dir / 'pipeline'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return unwrapped
+
+
+def _save_ema_pipeline(model: EARTrainingModel, ema, vae, info: dict, args, grid_path: Path):
+    """A pipeline holding copies of the EMA weights, and a sample grid (one image per class) from it."""
+    from .cli import labelled_grid
+    from .pipeline_parscale_ear import ParScaleEARPipeline
+
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    parts = [copy.deepcopy(m).float().eval() for m in (model.lite_hybrid, model.transformer, model.energy_head)]
+    ema.restore(model.parameters())
+    id2label = {int(k): v for k, v in info["id2label"].items()} if info.get("id2label") else None
+    pipe = ParScaleEARPipeline(vae.to(parts[0].device), *parts, id2label=id2label)
+    pipe.set_progress_bar_config(disable=True)
+    labels = list(range(min(10, info["num_classes"])))
+    steps = min(args.sample_steps, info["grid_size"] ** 2)
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(labels))]
+    images = pipe(labels, num_inference_steps=steps, guidance_scale=args.sample_guidance, generator=generators).images
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    labelled_grid(images, [pipe.id2label[i] if pipe.id2label else str(i) for i in labels]).save(grid_path)
+    return pipe

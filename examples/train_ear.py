@@ -1,0 +1,17 @@
+"""Train the generator (LiteHybrid + EARTransformer + EnergyHead) on cached VAE latents.
+
+One CPU:        python examples/train_ear.py --latents data/mnist_latents --model-config
+                    examples/configs/mnist_demo_generator.json --output-dir runs/gen --max-steps 3000 --cpu
+Two CPU procs:  torchrun --nproc_per_node 2 examples/train_ear.py ... --cpu
+GPUs:           accelerate launch --config_file examples/accelerate_configs/h100_bf16.yaml
+                    examples/train_ear.py ... --mixed-precision bf16
+Resume:         the same command with --resume latest
+"""
+
+import argparse
+
+from parscale_ear_hf.training import add_arguments, run
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run(add_arguments(parser).parse_args())
