@@ -1,0 +1,283 @@
+r"""Cache VAE posteriors once, so generator training never runs the VAE encoder.
+
+    accelerate launch examples/cache_latents.py --vae outputs/vae_mnist/vae --dataset data/mnist_demo \
+        --output-dir outputs/latents_mnist
+
+Each process encodes its shard of the dataset and writes ``shard-<rank>`` (`save_to_disk`) with
+the posterior moments (mean and log-variance, float32) and the label; with ``--hflip`` also the
+moments of the horizontally flipped image, for flip augmentation as MAR does on ImageNet (not for
+MNIST digits, which are not mirror-symmetric). Like MAR, training then draws a fresh posterior
+sample each time (:func:`sample_latents`) instead of storing one fixed sample. ``cache_info.json``,
+written last, records the VAE, its latent scale and the dataset; a folder without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+
+from .data import add_dataset_arguments, image_loader, load_dataset_from_args, shard_for_process
+from .models.lite_vae import LiteVAE
+
+INFO_FILE = "cache_info.json"
+
+
+def shard_name(rank: int) -> str:
+    return f"shard-{rank:05d}"
+
+
+def _cache_features(moments_shape: tuple[int, ...], label_feature, hflip: bool):
+    import datasets
+
+    features = {"moments": datasets.Array3D(shape=moments_shape, dtype="float32"), "label": label_feature}
+    if hflip:
+        features["moments_flip"] = datasets.Array3D(shape=moments_shape, dtype="float32")
+    return datasets.Features(features)
+
+
+@torch.no_grad()
+def encode_to_cache(
+    vae: LiteVAE | AutoencoderKL,
+    dataset,
+    output_dir: str | os.PathLike,
+    *,
+    image_size: int,
+    channels: int,
+    batch_size: int = 64,
+    hflip: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    accelerator: Accelerator | None = None,
+    num_workers: int = 0,
+) -> int:
+    """Encode this process's shard of ``dataset`` and write it to ``output_dir/shard-<rank>``.
+
+    Args:
+        vae: encoder whose ``encode(x).latent_dist.parameters`` are the moments `(B, 2C, h, w)`.
+        dataset: map-style or streamed dataset with "image" and "label" columns
+            (:func:`~parscale_ear_hf.data.load_image_dataset`).
+        image_size, channels: preprocessing (:func:`~parscale_ear_hf.data.image_transform`).
+        hflip: also store "moments_flip", the moments of the horizontally flipped images.
+        rank, world_size: which shard (:func:`~parscale_ear_hf.data.shard_for_process`).
+        accelerator: when given, its device is used, the main process shows a progress bar, and
+            the call returns only once every process has written its shard.
+
+    Returns:
+        The number of examples written by this process. Columns of the shard: "moments" and
+        "moments_flip" (float32 `(2C, h, w)`: mean then log-variance along channels) and "label"
+        (the source's label feature, e.g. its `ClassLabel`).
+    """
+    import datasets
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = accelerator.device if accelerator is not None else vae.device
+    shard = shard_for_process(dataset, rank, world_size)
+    loader = image_loader(shard, image_size, channels, batch_size=batch_size, num_workers=num_workers)
+    progress = tqdm(
+        total=len(shard) if isinstance(shard, datasets.Dataset) else None,
+        desc=f"encode {shard_name(rank)}",
+        unit="img",
+        disable=accelerator is None or not accelerator.is_main_process,
+    )
+
+    def examples():
+        for batch in loader:
+            images = batch["pixel_values"].to(device)
+            if hflip:
+                images = torch.cat([images, images.flip(-1)])
+            moments = vae.encode(images).latent_dist.parameters.float().cpu().numpy()
+            count = len(batch["label"])
+            for i, label in enumerate(batch["label"].tolist()):
+                example = {"moments": moments[i], "label": label}
+                if hflip:
+                    example["moments_flip"] = moments[count + i]
+                yield example
+            progress.update(count)
+
+    # The moments' shape is fixed by the VAE; probe it with one blank image.
+    probe = vae.encode(torch.zeros(1, channels, image_size, image_size, device=device)).latent_dist.parameters
+    # Streamed sources may not declare features; their labels are plain integers.
+    label_feature = dataset.features["label"] if dataset.features is not None else datasets.Value("int64")
+    features = _cache_features(tuple(probe.shape[1:]), label_feature, hflip)
+    # Build in a private cache folder (never reused: a unique fingerprint, no hashing of the
+    # VAE), save to a temporary name, and rename: a killed run leaves no half-written shard.
+    build_dir = Path(tempfile.mkdtemp(prefix=f".build-{shard_name(rank)}-", dir=output_dir))
+    tmp, final = output_dir / f".tmp-{shard_name(rank)}", output_dir / shard_name(rank)
+    try:
+        written = datasets.Dataset.from_generator(
+            examples, features=features, cache_dir=os.fspath(build_dir), fingerprint=uuid.uuid4().hex
+        )
+        shutil.rmtree(tmp, ignore_errors=True)
+        written.save_to_disk(os.fspath(tmp))
+        count = len(written)
+        del written
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        progress.close()
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return count
+
+
+def write_cache_info(output_dir: str | os.PathLike, num_shards: int, **info) -> dict:
+    """Write ``cache_info.json`` once all ``num_shards`` shards are on disk; returns what was written.
+
+    Adds "num_shards", "count" (examples over all shards), "latent_channels", "grid_size",
+    "num_classes" and "id2label" (from the `ClassLabel` names, else the label ids) to ``info``,
+    which should name the VAE and its "scaling_factor" / "shift_factor", the dataset, split,
+    image size and whether "hflip" moments are stored.
+    """
+    import datasets
+
+    output_dir = Path(output_dir)
+    shards = [datasets.load_from_disk(os.fspath(output_dir / shard_name(rank))) for rank in range(num_shards)]
+    channels2, grid_size, _ = shards[0].features["moments"].shape
+    label_feature = shards[0].features["label"]
+    if isinstance(label_feature, datasets.ClassLabel):
+        names = label_feature.names
+    else:
+        names = [str(i) for i in range(1 + max(max(shard["label"], default=-1) for shard in shards))]
+    info = {
+        **info,
+        "num_shards": num_shards,
+        "count": sum(len(shard) for shard in shards),
+        "latent_channels": channels2 // 2,
+        "grid_size": grid_size,
+        "num_classes": len(names),
+        "id2label": dict(enumerate(names)),
+    }
+    tmp = output_dir / f"{INFO_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, output_dir / INFO_FILE)
+    return json.loads(json.dumps(info))
+
+
+def load_latent_cache(path: str | os.PathLike):
+    """Open a cache written by :func:`encode_to_cache` + :func:`write_cache_info`.
+
+    Returns:
+        ``(dataset, info)``: the shards concatenated in rank order, formatted as torch tensors
+        ("moments" `(2C, h, w)` float32, "label" int64, "moments_flip" when cached with hflip), and
+        the ``cache_info.json`` dict (its "id2label" keys are strings, as JSON stores them).
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"load_latent_cache: {os.fspath(path)!r} is not a folder; run cache_latents.py first.")
+    if not (path / INFO_FILE).is_file():
+        raise FileNotFoundError(
+            f"load_latent_cache: {os.fspath(path)!r} has no {INFO_FILE}, so the cache is incomplete (still being "
+            "written, or interrupted); run cache_latents.py again."
+        )
+    info = json.loads((path / INFO_FILE).read_text(encoding="utf-8"))
+    missing = [shard_name(r) for r in range(info.get("num_shards", 0)) if not (path / shard_name(r)).is_dir()]
+    if info.get("num_shards", 0) < 1 or missing:
+        raise FileNotFoundError(
+            f"load_latent_cache: {os.fspath(path)!r} lists {info.get('num_shards', 0)} shards in {INFO_FILE} but "
+            f"lacks {missing or 'all'}; run cache_latents.py again."
+        )
+    shards = [datasets.load_from_disk(os.fspath(path / shard_name(r))) for r in range(info["num_shards"])]
+    return datasets.concatenate_datasets(shards).with_format("torch"), info
+
+
+def sample_latents(
+    moments: torch.Tensor, scaling_factor: float, shift_factor: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A posterior sample, scaled for the generator: ``(mean + std * eps - shift_factor) * scaling_factor``.
+
+    Args:
+        moments: `(B, 2C, h, w)`, mean then log-variance along channels (as cached).
+        generator: for ``eps ~ N(0, I)``; on ``moments``' device.
+
+    Returns:
+        `(B, C, h, w)` latents.
+    """
+    mean, logvar = moments.chunk(2, dim=1)
+    # The clamp matches diffusers' DiagonalGaussianDistribution.
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps - shift_factor) * scaling_factor
+
+
+def load_vae(path: str | os.PathLike, subfolder: str | None = None) -> LiteVAE | AutoencoderKL:
+    """A `LiteVAE`, or a `diffusers.AutoencoderKL` when ``config.json`` names that class."""
+    config = LiteVAE.load_config(path, subfolder=subfolder)
+    cls = AutoencoderKL if config.get("_class_name") == "AutoencoderKL" else LiteVAE
+    return cls.from_pretrained(path, subfolder=subfolder)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of :func:`run`."""
+    parser.add_argument("--vae", required=True, help="folder (or Hub id) of a LiteVAE or AutoencoderKL")
+    parser.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' inside a pipeline folder")
+    add_dataset_arguments(parser, labels=True)
+    parser.add_argument("--output-dir", required=True, help="the cache folder")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the VAE's sample_size")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per encode call, per process")
+    parser.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also cache flipped images (ImageNet: yes; MNIST digits: no, they are not mirror-symmetric)",
+    )
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument("--cpu", action="store_true", help="encode on CPU even when a GPU is present")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Encode ``--dataset`` with ``--vae`` into ``--output-dir``; returns the cache info dict."""
+    # Without a GPU, accelerate joins a torchrun world (gloo) only when told cpu=True.
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
+    output_dir = Path(args.output_dir)
+    vae = load_vae(args.vae, args.vae_subfolder).to(accelerator.device).eval()
+    dataset = load_dataset_from_args(args, args.split)
+    image_size = args.image_size or vae.config.sample_size
+    if accelerator.is_main_process and (output_dir / INFO_FILE).exists():
+        # Mark the folder incomplete until the new shards are all written.
+        (output_dir / INFO_FILE).unlink()
+    accelerator.wait_for_everyone()
+    encode_to_cache(
+        vae,
+        dataset,
+        output_dir,
+        image_size=image_size,
+        channels=vae.config.in_channels,
+        batch_size=args.batch_size,
+        hflip=args.hflip,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        accelerator=accelerator,
+        num_workers=args.num_workers,
+    )
+    info = None
+    if accelerator.is_main_process:
+        info = write_cache_info(
+            output_dir,
+            accelerator.num_processes,
+            vae=os.fspath(args.vae) if args.vae_subfolder is None else f"{args.vae}/{args.vae_subfolder}",
+            vae_class=type(vae).__name__,
+            scaling_factor=vae.config.scaling_factor,
+            shift_factor=vae.config.shift_factor or 0.0,
+            dataset=os.fspath(args.dataset),
+            split=args.split,
+            image_size=image_size,
+            hflip=args.hflip,
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return info if info is not None else json.loads((output_dir / INFO_FILE).read_text(encoding="utf-8"))

@@ -1,0 +1,451 @@
+"""Train a LiteVAE with `accelerate`: L1 + KL + wavelet high-frequency loss, held-out PSNR, and the
+latent ``shift_factor`` / ``scaling_factor`` measured on training images at the end.
+
+    accelerate launch examples/train_vae.py --dataset data/mnist_demo --output-dir outputs/vae ...
+
+Losses are element means: L1 over pixels, KL over latent elements, the wavelet loss over the high
+bands, so the weights do not depend on the image or latent size. The KL weight is small (default
+1e-6 per latent element, about 50x SD's 1e-6 on sums at f8/c4): it keeps the latents' scale
+bounded at no cost in reconstruction, and, as in SD's VAE, the posterior becomes nearly
+deterministic (on the MNIST demo its std falls to ~1e-3 while the means have std ~1); raise it
+(e.g. 1e-4) for a noisier, smoother posterior at some cost in PSNR.
+
+Training is reproducible by step: the data order (:func:`~parscale_ear_hf.data.batch_indices`) and
+the posterior noise are functions of the seed and the step, never of a DataLoader's internal
+state, so a run resumed from a checkpoint ends with the same weights as one that was never
+interrupted. Each process takes its slice of every global batch and of its noise, so a run on
+several processes matches a one-process run up to the order of floating-point sums.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpointing import (
+    STATE_FILE,
+    JsonlLog,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from .data import (
+    StepBatchSampler,
+    add_dataset_arguments,
+    derived_seed,
+    image_loader,
+    load_dataset_from_args,
+    shard_for_process,
+)
+from .models.lite_vae import LiteVAE, haar_dwt
+from .results import write_results
+
+# Command-line flag -> LiteVAE config field, for the architecture fields people change most.
+CONFIG_FLAGS = {
+    "image_size": "sample_size",
+    "levels": "levels",
+    "latent_channels": "latent_channels",
+    "encoder_channels": "encoder_channels",
+    "encoder_layers_per_level": "encoder_layers_per_level",
+    "aggregation_channels": "aggregation_channels",
+    "aggregation_layers": "aggregation_layers",
+    "decoder_channels": "decoder_block_out_channels",
+    "decoder_layers_per_block": "decoder_layers_per_block",
+    "norm_num_groups": "norm_num_groups",
+}
+LOG_FILE = "train_vae_log.jsonl"
+
+
+def wavelet_highfreq_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 distance between the high-frequency Haar bands (LH, HL, HH) of two image batches.
+
+    Pixel L1 is dominated by smooth regions; this term weighs edges and texture on their own,
+    as LiteVAE's wavelet loss does. Zero for identical images, positive when detail is lost.
+
+    Args:
+        reconstruction, target: `(B, C, H, W)` with even `H` and `W`.
+
+    Returns:
+        Scalar, the mean over the `3 * C` high bands at `(H / 2, W / 2)`.
+    """
+    channels = target.shape[1]
+    return F.l1_loss(haar_dwt(reconstruction)[:, channels:], haar_dwt(target)[:, channels:])
+
+
+class VAETrainingModel(nn.Module):
+    """A LiteVAE and its training loss as one module, so `accelerate` / DDP wraps a plain ``forward``.
+
+    Args:
+        vae: the model being trained.
+        kl_weight: weight of the KL term (element mean over latent elements).
+        wavelet_weight: weight of :func:`wavelet_highfreq_loss`.
+    """
+
+    def __init__(self, vae: LiteVAE, kl_weight: float, wavelet_weight: float):
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = kl_weight
+        self.wavelet_weight = wavelet_weight
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Losses of one batch.
+
+        Args:
+            images: `(B, C, H, W)` in [-1, 1].
+            noise: `(B, latent_channels, H / 2**levels, W / 2**levels)` standard normal; the posterior
+                sample is ``mean + std * noise``. Passed in, so the caller decides the random stream.
+
+        Returns:
+            Dict of scalars: "loss" (the weighted sum that is optimised), "l1", "kl", "wavelet".
+        """
+        posterior = self.vae.encode(images).latent_dist
+        reconstruction = self.vae.decode(posterior.mean + posterior.std * noise).sample
+        l1 = F.l1_loss(reconstruction, images)
+        # KL(q(z|x) || N(0, I)), averaged over latent elements.
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+        wavelet = wavelet_highfreq_loss(reconstruction, images)
+        loss = l1 + self.kl_weight * kl + self.wavelet_weight * wavelet
+        return {"loss": loss, "l1": l1, "kl": kl, "wavelet": wavelet}
+
+
+def learning_rate(step: int, *, lr: float, max_steps: int, warmup_steps: int = 0, schedule: str = "constant") -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup_steps``, then
+    constant, or a cosine decay that reaches 0 at ``max_steps``. A pure function of the step, so a
+    resumed run needs no scheduler state."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"learning_rate: `schedule` must be 'constant' or 'cosine', got {schedule!r}.")
+
+
+def _rank_and_world(accelerator: Accelerator | None) -> tuple[int, int]:
+    return (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+
+
+@torch.no_grad()
+def heldout_psnr(
+    vae: LiteVAE, dataset, *, batch_size: int = 64, accelerator: Accelerator | None = None, num_workers: int = 0
+) -> float:
+    """Mean over images of ``10 * log10(1 / mse)`` between images and reconstructions in [0, 1].
+
+    Reconstructions decode the posterior mode and are clamped to the image range. With an
+    ``accelerator``, each process scores its shard and the sums are reduced.
+
+    Args:
+        vae: model to score, images resized to ``vae.config.sample_size``.
+        dataset: map-style or streamed dataset with an "image" column.
+
+    Returns:
+        The PSNR in dB, as a float.
+    """
+    rank, world_size = _rank_and_world(accelerator)
+    device = accelerator.device if accelerator is not None else vae.device
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    loader = image_loader(
+        shard_for_process(dataset, rank, world_size),
+        vae.config.sample_size,
+        vae.config.in_channels,
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+    for batch in loader:
+        images = batch["pixel_values"].to(device)
+        reconstruction = vae(images).sample.float().clamp(-1, 1)
+        mse = ((reconstruction - images) / 2).pow(2).flatten(1).mean(1).double()
+        totals += torch.stack([(10 * torch.log10(1 / mse.clamp_min(1e-10))).sum(), mse.new_tensor(len(mse))])
+    if accelerator is not None:
+        totals = accelerator.reduce(totals, reduction="sum")
+    return (totals[0] / totals[1]).item()
+
+
+@torch.no_grad()
+def measure_latent_scale(
+    vae: LiteVAE,
+    dataset,
+    *,
+    batch_size: int = 64,
+    max_images: int | None = 10_000,
+    accelerator: Accelerator | None = None,
+    num_workers: int = 0,
+) -> tuple[float, float]:
+    """``shift_factor`` (mean) and ``scaling_factor`` (1 / std) of posterior samples, over all latent
+    elements of the first ``max_images`` images of ``dataset`` (all when None).
+
+    Scaled latents ``(z - shift_factor) * scaling_factor`` then have mean 0 and std 1 on these images.
+    The moments are exact expectations over the posterior (``E[z] = mean``, ``E[z^2] = mean^2 + var``),
+    so no sampling noise enters and the result does not depend on the number of processes.
+
+    Returns:
+        ``(shift_factor, scaling_factor)`` as floats.
+    """
+    rank, world_size = _rank_and_world(accelerator)
+    device = accelerator.device if accelerator is not None else vae.device
+    if max_images is not None and max_images < len(dataset):
+        dataset = dataset.select(range(max_images))
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    loader = image_loader(
+        shard_for_process(dataset, rank, world_size),
+        vae.config.sample_size,
+        vae.config.in_channels,
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+    for batch in loader:
+        posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
+        mean, var = posterior.mean.double(), posterior.var.double()
+        sums += torch.stack([mean.sum(), (mean.pow(2) + var).sum(), mean.new_tensor(mean.numel())])
+    if accelerator is not None:
+        sums = accelerator.reduce(sums, reduction="sum")
+    mean = sums[0] / sums[2]
+    std = (sums[1] / sums[2] - mean**2).clamp_min(1e-12).sqrt()
+    return mean.item(), (1 / std).item()
+
+
+def vae_config_from_args(args: argparse.Namespace) -> dict:
+    """LiteVAE kwargs: ``--vae-config`` JSON (if given), then the architecture flags that were set."""
+    config = {}
+    if args.vae_config is not None:
+        with open(args.vae_config, encoding="utf-8") as f:
+            config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    for flag, field in CONFIG_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            config[field] = tuple(value) if isinstance(value, list) else value
+    if args.channels is not None:
+        config["in_channels"] = config["out_channels"] = args.channels
+    in_channels, out_channels = config.get("in_channels", 3), config.get("out_channels", 3)
+    if in_channels != out_channels:
+        raise ValueError(
+            f"train_vae: the reconstruction loss needs `in_channels` == `out_channels`, got {in_channels} and "
+            f"{out_channels}; use --channels to set both."
+        )
+    return config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of :func:`run`."""
+    add_dataset_arguments(parser, labels=False)
+    parser.add_argument("--eval-split", default=None, help="held-out split for PSNR (e.g. 'heldout'); none: no eval")
+    parser.add_argument("--output-dir", required=True, help="checkpoints/, vae/ and the loss log go here")
+    parser.add_argument("--results-file", default=None, help="write the final held-out PSNR here (results JSON)")
+
+    model = parser.add_argument_group("model (LiteVAE config; flags override --vae-config)")
+    model.add_argument("--vae-config", default=None, help="JSON file of LiteVAE kwargs")
+    model.add_argument("--image-size", type=int, default=None, help="training image size (config sample_size)")
+    model.add_argument("--channels", type=int, default=None, choices=(1, 3), help="image channels (in and out)")
+    model.add_argument("--levels", type=int, default=None, help="Haar levels: downsampling factor 2**levels")
+    model.add_argument("--latent-channels", type=int, default=None)
+    model.add_argument("--encoder-channels", type=int, nargs="+", default=None, help="one width per level")
+    model.add_argument("--encoder-layers-per-level", type=int, default=None)
+    model.add_argument("--aggregation-channels", type=int, default=None)
+    model.add_argument("--aggregation-layers", type=int, default=None)
+    model.add_argument("--decoder-channels", type=int, nargs="+", default=None, help="levels + 1 block widths")
+    model.add_argument("--decoder-layers-per-block", type=int, default=None)
+    model.add_argument("--norm-num-groups", type=int, default=None)
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    train.add_argument("--batch-size", type=int, default=64, help="global batch per micro-step, all processes")
+    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    train.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"), help="after warmup")
+    train.add_argument("--lr-warmup-steps", type=int, default=0)
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    train.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight, per latent element")
+    train.add_argument("--wavelet-weight", type=float, default=0.1, help="weight of the wavelet high-band L1")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="bf16 on GPU")
+    train.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    train.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    train.add_argument("--log-every", type=int, default=10, help="steps between loss-log lines")
+    train.add_argument("--eval-every", type=int, default=500, help="steps between held-out PSNRs (0: end only)")
+    train.add_argument("--eval-batch-size", type=int, default=128)
+    train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
+    train.add_argument("--keep-checkpoints", type=int, default=2)
+    train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    train.add_argument("--scaling-images", type=int, default=10_000, help="images for the latent scale (max)")
+    return parser
+
+
+def _check_arguments(args: argparse.Namespace, checkpoint_dir: Path, world_size: int) -> tuple[dict, Path | None]:
+    """Everything about the flags that can be wrong, checked before any data is read; returns the
+    LiteVAE config and the checkpoint to resume from (or None)."""
+    for flag in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_batch_size", "keep_checkpoints"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"train_vae: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
+    if args.streaming:
+        raise ValueError(
+            "train_vae: --streaming is not supported for VAE training, which reads batches by index from a "
+            "map-style dataset; drop --streaming (cache the images locally, e.g. with save_to_disk)."
+        )
+    if args.results_file is not None and args.eval_split is None:
+        raise ValueError("train_vae: --results-file records the held-out PSNR, so it needs --eval-split.")
+    if args.batch_size % world_size:
+        raise ValueError(
+            f"train_vae: --batch-size {args.batch_size} must be divisible by the number of processes {world_size}."
+        )
+    config = vae_config_from_args(args)
+    resume_path = resolve_resume(args.resume, checkpoint_dir)
+    if resume_path is not None:
+        trained = json.loads((resume_path / STATE_FILE).read_text(encoding="utf-8"))["vae_config"]
+        if trained != json.loads(json.dumps(config)):
+            raise ValueError(
+                f"train_vae: --resume {str(resume_path)!r} was trained with the LiteVAE config {trained}, not "
+                f"{config}; pass the same model flags."
+            )
+    elif list_checkpoints(checkpoint_dir):
+        raise FileExistsError(
+            f"train_vae: {str(checkpoint_dir)!r} already holds checkpoints; pass --resume latest to continue that "
+            "run, or choose another --output-dir."
+        )
+    return config, resume_path
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train, evaluate, measure the latent scale and save ``output_dir/vae``; returns a summary dict
+    ("heldout_psnr" (None without ``--eval-split``), "shift_factor", "scaling_factor", "vae_path")."""
+    # Without a GPU, accelerate joins a torchrun world (gloo) only when told cpu=True.
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu or not torch.cuda.is_available())
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    output_dir = Path(args.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+
+    config, resume_path = _check_arguments(args, checkpoint_dir, world_size)
+    train_set = load_dataset_from_args(args, args.split)
+    if len(train_set) < args.batch_size:
+        raise ValueError(
+            f"train_vae: --batch-size {args.batch_size} is larger than split {args.split!r} ({len(train_set)} images)."
+        )
+    eval_set = load_dataset_from_args(args, args.eval_split) if args.eval_split else None
+
+    torch.manual_seed(args.seed)
+    vae = LiteVAE(**config)
+    model = VAETrainingModel(vae, kl_weight=args.kl_weight, wavelet_weight=args.wavelet_weight)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step = 0
+    if resume_path is not None:
+        start_step = load_checkpoint(accelerator, resume_path)["step"]
+    log = JsonlLog(output_dir / LOG_FILE, enabled=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        if resume_path is not None:
+            log.truncate_after(start_step)
+        else:
+            log.path.unlink(missing_ok=True)
+
+    accumulation = args.gradient_accumulation_steps
+    sampler = StepBatchSampler(
+        len(train_set), args.batch_size, args.seed, start_step * accumulation, args.max_steps * accumulation,
+        rank=rank, world_size=world_size,
+    )  # fmt: skip
+    batches = iter(
+        image_loader(
+            train_set, vae.config.sample_size, vae.config.in_channels,
+            batch_sampler=sampler, num_workers=args.num_workers,
+        )
+    )  # fmt: skip
+    unwrapped = accelerator.unwrap_model(model).vae
+    latent_size = unwrapped.config.sample_size // unwrapped.spatial_compression
+    latent_shape = (unwrapped.config.latent_channels, latent_size, latent_size)
+
+    def evaluate(step: int) -> float:
+        unwrapped.eval()
+        psnr = heldout_psnr(
+            unwrapped, eval_set, batch_size=args.eval_batch_size, accelerator=accelerator, num_workers=args.num_workers
+        )
+        log.write({"step": step, "heldout_psnr": psnr})
+        return psnr
+
+    psnr, psnr_step = None, None
+    progress = tqdm(
+        total=args.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train_vae"
+    )
+    for step in range(start_step, args.max_steps):
+        model.train()
+        lr = learning_rate(
+            step, lr=args.lr, max_steps=args.max_steps, warmup_steps=args.lr_warmup_steps, schedule=args.lr_schedule
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        totals = torch.zeros(4, device=accelerator.device)
+        for micro_step in range(accumulation):
+            images = next(batches)["pixel_values"].to(accelerator.device)
+            # Noise for the whole global batch, of which this process takes its slice: the run is the
+            # same for any number of processes.
+            generator = torch.Generator().manual_seed(derived_seed(args.seed, step * accumulation + micro_step))
+            noise = torch.randn((args.batch_size, *latent_shape), generator=generator)
+            noise = noise[rank * len(images) : (rank + 1) * len(images)].to(accelerator.device)
+            with accelerator.no_sync(model) if micro_step < accumulation - 1 else nullcontext():
+                losses = model(images, noise)
+                accelerator.backward(losses["loss"] / accumulation)
+            totals += torch.stack([losses[k].detach().float() for k in ("loss", "l1", "kl", "wavelet")]) / accumulation
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        totals = accelerator.reduce(totals, reduction="mean").tolist()
+        progress.update(1)
+        progress.set_postfix(loss=f"{totals[0]:.4f}")
+        if done % args.log_every == 0 or done == args.max_steps:
+            log.write({"step": done, **dict(zip(("loss", "l1", "kl", "wavelet"), totals)), "lr": lr})
+        if eval_set is not None and args.eval_every > 0 and done % args.eval_every == 0:
+            psnr, psnr_step = evaluate(done), done
+            progress.write(f"step {done}: held-out PSNR {psnr:.2f} dB")
+        if args.checkpoint_every > 0 and done % args.checkpoint_every == 0:
+            save_checkpoint(accelerator, checkpoint_dir, done, {"vae_config": config}, keep=args.keep_checkpoints)
+    progress.close()
+
+    if eval_set is not None and psnr_step != args.max_steps:
+        psnr = evaluate(args.max_steps)
+    unwrapped.eval()
+    shift, scale = measure_latent_scale(
+        unwrapped,
+        train_set,
+        batch_size=args.eval_batch_size,
+        max_images=args.scaling_images,
+        accelerator=accelerator,
+        num_workers=args.num_workers,
+    )
+    vae_path = output_dir / "vae"
+    if accelerator.is_main_process:
+        unwrapped.register_to_config(shift_factor=shift, scaling_factor=scale)
+        unwrapped.save_pretrained(vae_path)
+        log.write({"step": args.max_steps, "shift_factor": shift, "scaling_factor": scale})
+        if args.results_file is not None and psnr is not None:
+            write_results(
+                args.results_file,
+                {
+                    "metric": "vae_heldout_psnr",
+                    "value": psnr,
+                    "unit": "dB",
+                    "definition": "mean over images of 10*log10(1/mse), images in [0, 1], posterior mode",
+                    "dataset": str(args.dataset),
+                    "split": args.eval_split,
+                    "train_split": args.split,
+                    "steps": args.max_steps,
+                    "global_batch_size": args.batch_size * accumulation,
+                    "model": str(vae_path),
+                    "vae_config": dict(unwrapped.config),
+                },
+            )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"heldout_psnr": psnr, "shift_factor": shift, "scaling_factor": scale, "vae_path": vae_path}
