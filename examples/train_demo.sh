@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The exact commands that produced the demo model in models/mnist_demo (CPU, fp32, seeds fixed).
+# Usage: bash examples/train_demo.sh [stage ...]   stages: data vae latents generator eval (default: all)
+# Each stage writes its outputs under runs/ (git-ignored) and its figures under results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+STAGES=${*:-data vae latents generator eval}
+
+for stage in $STAGES; do
+  case $stage in
+    data)
+      $PY examples/prepare_demo_data.py --output data/mnist_demo --seed 0 ;;
+    vae)
+      $PY examples/train_vae.py --dataset data/mnist_demo --eval-split heldout --output-dir runs/demo_vae \
+        --image-size 32 --channels 1 --levels 2 --latent-channels 4 --encoder-channels 32 32 \
+        --encoder-layers-per-level 1 --aggregation-channels 64 --aggregation-layers 2 \
+        --decoder-channels 16 32 64 --decoder-layers-per-block 1 --norm-num-groups 8 \
+        --batch-size 64 --lr 2e-3 --lr-schedule cosine --lr-warmup-steps 100 --max-steps 5000 --seed 0 \
+        --eval-every 1000 --checkpoint-every 1000 --results-file results/demo_vae_psnr.json ;;
+    latents)
+      $PY examples/cache_latents.py --vae runs/demo_vae/vae --dataset data/mnist_demo --split train \
+        --output-dir runs/demo_latents --image-size 32 --no-hflip ;;
+    generator)
+      $PY examples/train_ear.py --latents runs/demo_latents --model-config examples/configs/mnist_demo_generator.json \
+        --output-dir runs/demo_generator --max-steps 4000 --batch-size 64 --lr 1e-3 --warmup-steps 200 \
+        --ema-decay 0.999 --checkpoint-every 500 --sample-every 1000 --sample-steps 16 --seed 0 --cpu
+      rm -rf models/mnist_demo && cp -r runs/demo_generator/pipeline models/mnist_demo
+      mkdir -p models/mnist_demo/training
+      cp runs/demo_generator/train_log.jsonl runs/demo_generator/run_config.json runs/demo_vae/train_vae_log.jsonl \
+        models/mnist_demo/training/ ;;
+    eval)
+      $PY examples/eval_class_accuracy.py --model models/mnist_demo --classifier models/digit_classifier \
+        --images-per-class 50 --steps 16 --guidance 3.0 --temperature 0.7 --seed 0 \
+        --results-file results/demo_class_accuracy.json ;;
+    *) echo "unknown stage: $stage (data vae latents generator eval)" >&2; exit 2 ;;
+  esac
+done
