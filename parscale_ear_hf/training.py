@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
@@ -146,29 +145,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _step_seed(seed: int, *counters: int) -> int:
-    """A distinct, reproducible seed for each (seed, step, micro-step, rank)."""
-    value = seed
-    for c in counters:
-        value = (value * 1_000_003 + c + 1) % (2**63 - 1)
-    return value
-
-
-class _EpochOrder:
-    """The data order: an endless concatenation of per-epoch permutations, fixed by the seed."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed = size, seed
-        self._epoch, self._perm = -1, None
-
-    def __getitem__(self, position: int) -> int:
-        epoch, offset = divmod(position, self.size)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(_step_seed(self.seed, epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=g)
-        return int(self._perm[offset])
-
-
 def build_components(model_config: dict, info: dict, args) -> tuple[LiteHybrid, EARTransformer, EnergyHead]:
     """Components from the JSON model config, filled in and checked against the latent cache."""
     from_data = {
@@ -208,16 +184,6 @@ def build_components(model_config: dict, info: dict, args) -> tuple[LiteHybrid, 
     )
 
 
-def _load_vae(path: str):
-    from diffusers import AutoencoderKL
-
-    from .models.lite_vae import LiteVAE
-
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        class_name = json.load(f).get("_class_name")
-    return (AutoencoderKL if class_name == "AutoencoderKL" else LiteVAE).from_pretrained(path)
-
-
 def _validate(args) -> None:
     for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints"):
         check_int("train", f"--{name.replace('_', '-')}", getattr(args, name))
@@ -237,23 +203,31 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from .checkpointing import JsonlLog, load_checkpoint, resolve_resume, save_checkpoint
-    from .latent_cache import load_latent_cache, sample_latents
+    from .checkpointing import JsonlLog, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+    from .data import batch_indices, derived_seed
+    from .latent_cache import load_latent_cache, load_vae, sample_latents
 
     _validate(args)
     output_dir = Path(args.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     resume_from = resolve_resume(args.resume, checkpoint_dir)  # fails before any work when nothing to resume
+    if resume_from is None and list_checkpoints(checkpoint_dir):
+        raise FileExistsError(
+            f"{checkpoint_dir} already holds checkpoints; pass --resume latest to continue that run, or another "
+            "--output-dir (a fresh start would overwrite them)."
+        )
     with open(args.model_config, encoding="utf-8") as f:
         model_config = json.load(f)
     dataset, info = load_latent_cache(args.latents)
     vae_path = args.vae or info["vae"]
-    vae = _load_vae(vae_path)  # loaded up front: a wrong path fails now, not after training
+    vae = load_vae(vae_path)  # loaded up front: a wrong path fails now, not after training
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        cpu=args.cpu,
+        # Without CUDA, torchrun'd CPU processes must be told they are CPU ranks (gloo), or each
+        # would train alone as rank 0.
+        cpu=args.cpu or not torch.cuda.is_available(),
     )
     torch.manual_seed(args.seed)
     lite_hybrid, transformer, energy_head = build_components(model_config, info, args)
@@ -282,7 +256,6 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
         with open(output_dir / "run_config.json", "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "model_config": model_config, "latent_cache": info}, f, indent=2)
 
-    order = _EpochOrder(len(dataset), args.seed)
     per_rank, world, rank = args.batch_size, accelerator.num_processes, accelerator.process_index
     scale, shift = info["scaling_factor"], info["shift_factor"]
     hflip = bool(info.get("hflip"))
@@ -298,11 +271,14 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
         model.train()
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(args.gradient_accumulation_steps):
-            seed = _step_seed(args.seed, step, micro, rank)
+            seed = derived_seed(args.seed, step, micro, rank)
             torch.manual_seed(seed)  # dropout draws from the global generator
             generator = torch.Generator().manual_seed(seed)
-            first = ((step * args.gradient_accumulation_steps + micro) * world + rank) * per_rank
-            batch = dataset[[order[p] for p in range(first, first + per_rank)]]
+            # This rank's slice of the global batch; the order is a function of (seed, batch index).
+            global_batch = batch_indices(
+                len(dataset), per_rank * world, step * args.gradient_accumulation_steps + micro, args.seed
+            )
+            batch = dataset[global_batch[rank * per_rank : (rank + 1) * per_rank].tolist()]
             moments = batch["moments"]
             if hflip:  # each example: the flipped image's moments with probability 1/2
                 flip = torch.rand(per_rank, generator=generator) < 0.5

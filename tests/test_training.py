@@ -146,6 +146,16 @@ def test_resume_without_checkpoint_fails_before_training(workspace, tmp_path):
     assert not (tmp_path / "fresh" / "train_log.jsonl").exists()
 
 
+def test_fresh_start_never_overwrites_a_previous_run(workspace, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoints" / "checkpoint-00000003").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-00000003" / "trainer_state.json").write_text('{"step": 3}')
+    (out / "train_log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        run(parse(train_args(workspace, out, "--max-steps", "2")))
+    assert (out / "train_log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
 def test_model_config_that_does_not_fit_the_data_is_rejected(workspace, tmp_path):
     bad = {**TINY_MODEL_CONFIG, "transformer": {**TINY_MODEL_CONFIG["transformer"], "grid_size": 8}}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
