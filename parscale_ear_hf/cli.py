@@ -116,7 +116,7 @@ def info(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import training, vae_training
+    from . import training, vae_training  # need the `train` extra (datasets) only when run
 
     parser = argparse.ArgumentParser(
         prog="parscale-ear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
