@@ -21,7 +21,7 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(PY) examples/generate.py --output outputs/demo_grid.png
+	$(PY) examples/generate.py --model models/mnist_demo --steps 16 --guidance 3.0 --temperature 0.7 --seed 0 --output outputs/demo_grid.png
 
 test: install
 	$(PY) -m pytest -q

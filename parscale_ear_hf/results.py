@@ -90,3 +90,43 @@ def replace_section(text: str, name: str, body: str) -> str:
 def update_readme(readme: str | os.PathLike, name: str, body: str) -> None:
     path = Path(readme)
     path.write_text(replace_section(path.read_text(encoding="utf-8"), name, body), encoding="utf-8")
+
+
+def load_results(path: str | os.PathLike) -> dict | None:
+    """A results JSON, or None when the command that writes it has not been run."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _revision(record: dict) -> str:
+    return record["provenance"]["git_revision"][:12]
+
+
+def demo_results_table(results_dir: str | os.PathLike) -> str:
+    """Markdown table of the demo model's measured figures, each with the file it comes from."""
+    results_dir = Path(results_dir)
+    rows = ["| what | value | measured on | results file (revision) |", "|---|---:|---|---|"]
+    vae = load_results(results_dir / "demo_vae_psnr.json")
+    if vae:
+        rows.append(
+            f"| LiteVAE reconstruction PSNR | {vae['value']:.2f} dB | {vae.get('dataset', '')} "
+            f"{vae.get('split', '')} | `demo_vae_psnr.json` ({_revision(vae)}) |"
+        )
+    judge = load_results(results_dir / "digit_classifier.json")
+    if judge:
+        rows.append(
+            f"| digit classifier (the judge) accuracy | {100 * judge['value']:.1f}% | {judge['data']} "
+            f"| `digit_classifier.json` ({_revision(judge)}) |"
+        )
+    gen = load_results(results_dir / "demo_class_accuracy.json")
+    if gen:
+        opts = gen["sampling"]
+        rows.append(
+            f"| generated digits recognised as the requested class | {100 * gen['value']:.1f}% | "
+            f"{gen['num_images']} generated images ({opts['num_inference_steps']} steps, guidance "
+            f"{opts['guidance_scale']}, temperature {opts['temperature']}, seed {opts['seed']}) "
+            f"| `demo_class_accuracy.json` ({_revision(gen)}) |"
+        )
+    if len(rows) == 2:
+        return "_No demo figures yet: run `bash examples/train_demo.sh`._"
+    return "\n".join(rows)

@@ -6,8 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import PIL.Image
+import pytest
+
 from parscale_ear_hf.info import default_parameter_counts, parameter_table
-from parscale_ear_hf.results import replace_section
+from parscale_ear_hf.results import demo_results_table, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,35 +25,52 @@ def test_usage_snippet_runs(tmp_path, monkeypatch):
     assert (tmp_path / "my-pipeline" / "model_index.json").is_file()
 
 
-def test_parameter_table_is_generated_from_the_results_file():
+def test_readme_tables_are_generated_from_the_results_files(tmp_path):
     record = json.loads((ROOT / "results" / "param_counts.json").read_text())
-    assert record["components"] == default_parameter_counts()["components"]  # results file is current
-    assert record["provenance"]["git_revision"] and record["provenance"]["command"].endswith(
-        "param_counts.py --output results/param_counts.json --readme README.md"
-    )
+    assert record["components"] == default_parameter_counts()["components"]  # the results file is current
+    assert record["provenance"]["command"].endswith("examples/param_counts.py --output results/param_counts.json")
     readme = (ROOT / "README.md").read_text()
     assert parameter_table(record["components"]) in readme
+    # Regenerating the README from results/ changes nothing: no figure in it was typed by hand.
+    copy = tmp_path / "README.md"
+    copy.write_text(readme)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "update_readme.py"),
+            "--readme",
+            str(copy),
+            "--results-dir",
+            str(ROOT / "results"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert copy.read_text() == readme
+    assert demo_results_table(ROOT / "results") in readme
 
 
 def test_replace_section_requires_one_marker_pair():
     text = "a\n<!-- t:start -->\nold\n<!-- t:end -->\nb"
     assert replace_section(text, "t", "new") == "a\n<!-- t:start -->\nnew\n<!-- t:end -->\nb"
-    try:
+    with pytest.raises(ValueError, match="t:start"):
         replace_section("no markers", "t", "x")
-    except ValueError as err:
-        assert "t:start" in str(err)
-    else:
-        raise AssertionError("missing markers must raise")
 
 
-def test_demo_script_builds_saves_reloads_and_writes_a_grid(tmp_path):
+def test_demo_command_generates_a_labelled_grid_from_the_shipped_model(tmp_path):
+    """What `make demo` runs."""
+    makefile = (ROOT / "Makefile").read_text()
+    command = re.search(r"\$\(PY\) (examples/generate.py [^\n]*)", makefile).group(1).split()
     out = tmp_path / "grid.png"
+    command[command.index("--output") + 1] = str(out)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "generate.py"), "--output", str(out), "--steps", "8"],
+        [sys.executable, *[str(ROOT / command[0])] + command[1:]],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "RANDOM weights" in proc.stdout and out.is_file()
-    assert (tmp_path / "random_tiny_pipeline" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "models/mnist_demo" in command and "10 images of classes [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in proc.stdout
+    assert PIL.Image.open(out).size == (10 * 32, 32 + 12)

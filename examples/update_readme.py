@@ -1,0 +1,31 @@
+"""Regenerate the README's tables from the results JSON files (never typed by hand).
+
+python examples/update_readme.py
+"""
+
+import argparse
+
+from parscale_ear_hf.info import parameter_table
+from parscale_ear_hf.results import demo_results_table, load_results, update_readme
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--results-dir", default="results")
+    args = parser.parse_args()
+    counts = load_results(f"{args.results_dir}/param_counts.json")
+    if counts is None:
+        raise SystemExit(f"{args.results_dir}/param_counts.json is missing: run examples/param_counts.py first.")
+    update_readme(
+        args.readme,
+        "param-table",
+        f"{parameter_table(counts['components'])}\n\n_From `results/param_counts.json`, written by "
+        "`python examples/param_counts.py`._",
+    )
+    update_readme(args.readme, "demo-results", demo_results_table(args.results_dir))
+    print(f"updated {args.readme} from {args.results_dir}/")
+
+
+if __name__ == "__main__":
+    main()
