@@ -99,7 +99,9 @@ def load_results(path: str | os.PathLike) -> dict | None:
 
 
 def _revision(record: dict) -> str:
-    return record["provenance"]["git_revision"][:12]
+    """Short revision; "-dirty" when the command ran with uncommitted changes."""
+    revision = record["provenance"]["git_revision"]
+    return revision[:12] + ("-dirty" if revision.endswith("-dirty") else "")
 
 
 def demo_results_table(results_dir: str | os.PathLike) -> str:
