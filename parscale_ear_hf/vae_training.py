@@ -132,6 +132,18 @@ def learning_rate(step: int, *, lr: float, max_steps: int, warmup_steps: int = 0
     raise ValueError(f"learning_rate: `schedule` must be 'constant' or 'cosine', got {schedule!r}.")
 
 
+def _vae_loader(vae: LiteVAE, dataset, accelerator: Accelerator | None, batch_size: int, num_workers: int):
+    """This process's shard of ``dataset``, preprocessed to the VAE's size and channels."""
+    rank, world_size = _rank_and_world(accelerator)
+    return image_loader(
+        shard_for_process(dataset, rank, world_size),
+        vae.config.sample_size,
+        vae.config.in_channels,
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+
+
 def _rank_and_world(accelerator: Accelerator | None) -> tuple[int, int]:
     return (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
 
@@ -152,16 +164,9 @@ def heldout_psnr(
     Returns:
         The PSNR in dB, as a float.
     """
-    rank, world_size = _rank_and_world(accelerator)
     device = accelerator.device if accelerator is not None else vae.device
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    loader = image_loader(
-        shard_for_process(dataset, rank, world_size),
-        vae.config.sample_size,
-        vae.config.in_channels,
-        batch_size=batch_size,
-        num_workers=num_workers,
-    )
+    loader = _vae_loader(vae, dataset, accelerator, batch_size, num_workers)
     for batch in loader:
         images = batch["pixel_values"].to(device)
         reconstruction = vae(images).sample.float().clamp(-1, 1)
@@ -192,18 +197,11 @@ def measure_latent_scale(
     Returns:
         ``(shift_factor, scaling_factor)`` as floats.
     """
-    rank, world_size = _rank_and_world(accelerator)
     device = accelerator.device if accelerator is not None else vae.device
     if max_images is not None and max_images < len(dataset):
         dataset = dataset.select(range(max_images))
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    loader = image_loader(
-        shard_for_process(dataset, rank, world_size),
-        vae.config.sample_size,
-        vae.config.in_channels,
-        batch_size=batch_size,
-        num_workers=num_workers,
-    )
+    loader = _vae_loader(vae, dataset, accelerator, batch_size, num_workers)
     for batch in loader:
         posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
         mean, var = posterior.mean.double(), posterior.var.double()
