@@ -67,7 +67,7 @@ def generate(args: argparse.Namespace) -> list[PIL.Image.Image]:
         num_images_per_class=args.images_per_class,
     ).images
     seconds = time.perf_counter() - start
-    ids = [i for i in pipe._class_ids(labels) for _ in range(args.images_per_class)]
+    ids = [i for i in pipe.class_ids(labels) for _ in range(args.images_per_class)]
     names = [pipe.id2label[i].split(",")[0] if pipe.id2label else str(i) for i in ids]
     if args.no_grid:
         os.makedirs(args.output, exist_ok=True)

@@ -85,24 +85,27 @@ TOKEN_HELP = (
 )
 
 
-def _local_path(source: str) -> Path | None:
-    """``source`` as a local path, or None when it names a Hub dataset; raises for a missing local path.
+def looks_like_local_path(source: str) -> bool:
+    """Whether ``source``, which does not exist, was meant as a local path rather than a Hub id.
 
-    Hub ids are ``name`` or ``owner/name``. Anything else that does not exist (absolute or ``./``
-    paths, more than two parts, a data-file suffix, or ``folder/name`` where ``folder`` exists
-    here) is a local path that is missing.
+    Hub ids are ``name`` or ``owner/name``; absolute or ``./`` / ``~`` paths, more than two parts,
+    a data-file suffix, or ``folder/name`` where ``folder`` exists here are local paths.
     """
+    parts = Path(source).parts
+    return (
+        source.startswith(("/", ".", "~"))
+        or len(parts) > 2
+        or Path(source).suffix in {".parquet", ".tar", ".arrow"}
+        or (len(parts) == 2 and Path(parts[0]).is_dir())
+    )
+
+
+def _local_path(source: str) -> Path | None:
+    """``source`` as a local path, or None when it names a Hub dataset; raises for a missing local path."""
     path = Path(source).expanduser()
     if path.exists():
         return path
-    parts = Path(source).parts
-    looks_local = (
-        source.startswith(("/", ".", "~"))
-        or len(parts) > 2
-        or path.suffix in {".parquet", ".tar", ".arrow"}
-        or (len(parts) == 2 and Path(parts[0]).is_dir())
-    )
-    if looks_local:
+    if looks_like_local_path(source):
         raise FileNotFoundError(
             f"load_image_dataset: `source`={source!r} does not exist. Accepted: {ACCEPTED_SOURCES}."
         )

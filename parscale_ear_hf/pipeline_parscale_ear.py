@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from huggingface_hub import snapshot_download
 
+from .data import looks_like_local_path
 from .models._checks import check_float, check_int
 from .models.ear_transformer import EARTransformer, tokens_to_latents
 from .models.energy_head import EnergyHead
@@ -213,7 +214,8 @@ class ParScaleEARPipeline(DiffusionPipeline):
             raise ValueError(f"ParScaleEARPipeline: unknown class name(s) {unknown}; accepted names: {shown}{more}.")
         return [self.labels[n] for n in names]
 
-    def _class_ids(self, class_labels) -> list[int]:
+    def class_ids(self, class_labels) -> list[int]:
+        """Class ids of ``class_labels`` (ints, names, a mix, or a tensor); raises for unknown or out-of-range ones."""
         if isinstance(class_labels, torch.Tensor):
             class_labels = class_labels.flatten().tolist()
         if isinstance(class_labels, (int, str)):
@@ -322,7 +324,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
             output_type,
             callback_on_step_end_tensor_inputs,
         )
-        ids = [i for i in self._class_ids(class_labels) for _ in range(num_images_per_class)]
+        ids = [i for i in self.class_ids(class_labels) for _ in range(num_images_per_class)]
         batch = len(ids)
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(
@@ -442,10 +444,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
         """
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
-            looks_local = (
-                os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.path.exists(path)
-            )
-            if looks_local:
+            if os.path.exists(path) or looks_like_local_path(path):
                 raise FileNotFoundError(
                     f"ParScaleEARPipeline.from_pretrained: {path!r} is not an existing folder; pass a folder written "
                     "by `save_pretrained` or a Hub repo id ('name' or 'org/name')."

@@ -121,7 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--no-fine", action="store_true", help="LiteHybrid without its fine branch")
     optim = parser.add_argument_group("optimisation (EAR recipe defaults)")
     optim.add_argument("--max-steps", type=int, required=True, help="optimizer updates")
-    optim.add_argument("--batch-size", type=int, default=64, help="images per process per micro-step")
+    optim.add_argument(
+        "--batch-size", type=int, default=64, help="images per micro-step over all processes (as in train_vae.py)"
+    )
     optim.add_argument("--gradient-accumulation-steps", type=int, default=1)
     optim.add_argument("--lr", type=float, default=8e-4, help="backbone learning rate (EAR: 8e-4 at batch 2048)")
     optim.add_argument("--head-lr-scale", type=float, default=0.25, help="energy head lr = lr * this (EAR: 0.25)")
@@ -256,7 +258,10 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
         with open(output_dir / "run_config.json", "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "model_config": model_config, "latent_cache": info}, f, indent=2)
 
-    per_rank, world, rank = args.batch_size, accelerator.num_processes, accelerator.process_index
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.batch_size % world:
+        raise ValueError(f"train: --batch-size {args.batch_size} must be divisible by the {world} processes.")
+    per_rank = args.batch_size // world
     scale, shift = info["scaling_factor"], info["shift_factor"]
     hflip = bool(info.get("hflip"))
     progress = tqdm(
@@ -276,7 +281,7 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
             generator = torch.Generator().manual_seed(seed)
             # This rank's slice of the global batch; the order is a function of (seed, batch index).
             global_batch = batch_indices(
-                len(dataset), per_rank * world, step * args.gradient_accumulation_steps + micro, args.seed
+                len(dataset), args.batch_size, step * args.gradient_accumulation_steps + micro, args.seed
             )
             batch = dataset[global_batch[rank * per_rank : (rank + 1) * per_rank].tolist()]
             moments = batch["moments"]
