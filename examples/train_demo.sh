@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The exact commands that produced the demo model in models/mnist_demo (CPU, fp32, seeds fixed).
-# Usage: bash examples/train_demo.sh [stage ...]   stages: data vae latents generator eval (default: all)
+# Usage: bash examples/train_demo.sh [stage ...]
+#   stages: data vae latents generator eval (default), and ablation: the A1 baseline, the same
+#   generator and budget with both LiteHybrid branches off (plain EAR), shipped as models/mnist_demo_plain.
 # Each stage writes its outputs under runs/ (git-ignored) and its figures under results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,10 +31,18 @@ for stage in $STAGES; do
       mkdir -p models/mnist_demo/training
       cp runs/demo_generator/train_log.jsonl runs/demo_generator/run_config.json runs/demo_vae/train_vae_log.jsonl \
         models/mnist_demo/training/ ;;
+    ablation)
+      $PY examples/train_ear.py --latents runs/demo_latents --model-config examples/configs/mnist_demo_generator.json \
+        --output-dir runs/demo_generator_plain --no-coarse --no-fine --max-steps 4000 --batch-size 64 --lr 1e-3 \
+        --warmup-steps 200 --ema-decay 0.999 --checkpoint-every 500 --sample-every 1000 --sample-steps 16 --seed 0 --cpu
+      rm -rf models/mnist_demo_plain && cp -r runs/demo_generator_plain/pipeline models/mnist_demo_plain
+      mkdir -p models/mnist_demo_plain/training
+      cp runs/demo_generator_plain/train_log.jsonl runs/demo_generator_plain/run_config.json \
+        models/mnist_demo_plain/training/ ;;
     eval)
       $PY examples/eval_class_accuracy.py --model models/mnist_demo --classifier models/digit_classifier \
         --images-per-class 50 --steps 16 --guidance 3.0 --temperature 0.7 --seed 0 \
         --results-file results/demo_class_accuracy.json ;;
-    *) echo "unknown stage: $stage (data vae latents generator eval)" >&2; exit 2 ;;
+    *) echo "unknown stage: $stage (data vae latents generator eval ablation)" >&2; exit 2 ;;
   esac
 done
