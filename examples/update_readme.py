@@ -6,7 +6,7 @@ python examples/update_readme.py
 import argparse
 
 from parscale_ear_hf.info import parameter_table
-from parscale_ear_hf.results import demo_results_table, load_results, update_readme
+from parscale_ear_hf.results import demo_results_table, eval_results_table, load_results, update_readme
 
 
 def main():
@@ -24,6 +24,7 @@ def main():
         "`python examples/param_counts.py`._",
     )
     update_readme(args.readme, "demo-results", demo_results_table(args.results_dir))
+    update_readme(args.readme, "eval-results", eval_results_table(args.results_dir))
     print(f"updated {args.readme} from {args.results_dir}/")
 
 

@@ -1,9 +1,10 @@
-"""`parscale-ear`: generate, train-vae, train, info.
+"""`parscale-ear`: generate, train-vae, train, info, card.
 
 parscale-ear generate --model models/mnist_demo --labels 0 1 2 --output grid.png
 parscale-ear info --model models/mnist_demo
 parscale-ear train --latents data/latents --model-config cfg.json --output-dir runs/x --max-steps 1000
 parscale-ear train-vae --help
+parscale-ear card --model models/mnist_demo --results results/eval/mnist_demo.json
 """
 
 from __future__ import annotations
@@ -87,22 +88,11 @@ def generate(args: argparse.Namespace) -> list[PIL.Image.Image]:
 
 def info(args: argparse.Namespace) -> dict:
     """Components, parameter counts and configs of a saved pipeline."""
-    from .info import component_parameter_counts
+    from .info import pipeline_summary
     from .pipeline_parscale_ear import ParScaleEARPipeline
 
-    pipe = ParScaleEARPipeline.from_pretrained(args.model)
-    counts = component_parameter_counts(pipe.vae, pipe.lite_hybrid, pipe.transformer, pipe.energy_head)
-    summary = {
-        "model": args.model,
-        "image_size": pipe.grid_size * pipe.vae_scale_factor,
-        "token_grid": [pipe.grid_size, pipe.grid_size, pipe.transformer.config.in_channels],
-        "num_classes": pipe.transformer.config.num_classes,
-        "parameters": counts,
-        "configs": {
-            name: {k: v for k, v in dict(getattr(pipe, name).config).items() if not k.startswith("_")}
-            for name in ("vae", "lite_hybrid", "transformer", "energy_head")
-        },
-    }
+    summary = {"model": args.model, **pipeline_summary(ParScaleEARPipeline.from_pretrained(args.model))}
+    counts = summary["parameters"]
     if args.json:
         print(json.dumps(summary, indent=2, default=list))
     else:
@@ -116,7 +106,7 @@ def info(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import training, vae_training  # need the `train` extra (datasets) only when run
+    from . import model_card, training, vae_training  # the training ones need the `train` extra only when run
 
     parser = argparse.ArgumentParser(
         prog="parscale-ear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -142,6 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     info_parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     info_parser.add_argument("--json", action="store_true", help="print everything as JSON")
     info_parser.set_defaults(func=info)
+    model_card.add_arguments(
+        commands.add_parser(
+            "card",
+            help="write a pipeline's model card (README.md) from its evaluation results",
+            description=model_card.run.__doc__,
+        )
+    ).set_defaults(func=model_card.run)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -392,6 +392,7 @@ def load_reference(
             "(and 'arr_0' images or 'features' for precision / recall)."
         )
     meta = json.loads(str(data["meta"])) if "meta" in keys else {}
+    meta.setdefault("file", os.fspath(path))
     features = data["features"] if "features" in keys else None
     image_size = meta.get("image_size")
     if "arr_0" in keys:
@@ -419,13 +420,52 @@ def load_reference(
         mu=np.asarray(data["mu"], np.float64),
         sigma=np.asarray(data["sigma"], np.float64),
         features=features,
-        source=os.fspath(path),
+        source=meta.get("source", os.fspath(path)),
         # ADM's files carry no metadata; their statistics are Inception pool features by convention.
         extractor=meta.get("extractor"),
         image_size=image_size,
         count=meta.get("count"),
         meta={k: v for k, v in meta.items() if k not in ("source", "extractor", "image_size", "count")},
     )
+
+
+def dataset_features(
+    dataset,
+    *,
+    image_size: int,
+    channels: int,
+    extractor: FeatureExtractor,
+    max_images: int | None = None,
+    batch_size: int = 100,
+    transform=None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Features `(N, feature_dim)` of the images of a `datasets` split, read in order, centre-cropped
+    to `image_size` as ADM prepares ImageNet (:func:`~parscale_ear_hf.data.center_crop_arr`).
+
+    Args:
+        transform: applied to each uint8 batch `(B, C, H, W)` before the extractor (e.g. a VAE
+            round trip, for reconstruction FID); returns uint8 images of the same shape.
+    """
+    mode = {1: "L", 3: "RGB"}[channels]
+    features, batch, seen = [], [], 0
+
+    def flush():
+        array = np.stack([np.asarray(center_crop_arr(im.convert(mode), image_size)) for im in batch])
+        images = torch.from_numpy(array[..., None] if array.ndim == 3 else array).permute(0, 3, 1, 2)
+        features.append(extractor(images if transform is None else transform(images))[0].numpy())
+        batch.clear()
+
+    for example in tqdm(dataset, total=max_images, desc="dataset features", disable=not progress):
+        if max_images is not None and seen >= max_images:
+            break
+        batch.append(example["image"])
+        seen += 1
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return np.concatenate(features) if features else np.zeros((0, extractor.feature_dim), np.float32)
 
 
 def reference_cache_path(cache_dir: str | os.PathLike, dataset: str, split: str, image_size: int, extractor) -> Path:
@@ -470,27 +510,10 @@ def reference_from_dataset(
         return reference
     if callable(dataset):
         dataset = dataset()
-    mode = {1: "L", 3: "RGB"}[channels]
-    features, batch = [], []
-
-    def flush():
-        array = np.stack([np.asarray(center_crop_arr(im.convert(mode), image_size)) for im in batch])
-        array = array[..., None] if array.ndim == 3 else array
-        features.append(extractor(torch.from_numpy(array).permute(0, 3, 1, 2))[0].numpy())
-        batch.clear()
-
-    bar = tqdm(total=max_images, desc="reference features", disable=not progress)
-    for example in dataset:
-        batch.append(example["image"])
-        bar.update(1)
-        if len(batch) == batch_size:
-            flush()
-        if max_images is not None and sum(map(len, features)) + len(batch) >= max_images:
-            break
-    if batch:
-        flush()
-    bar.close()
-    features = np.concatenate(features) if features else np.zeros((0, extractor.feature_dim), np.float32)
+    features = dataset_features(
+        dataset, image_size=image_size, channels=channels, extractor=extractor, max_images=max_images,
+        batch_size=batch_size, progress=progress,
+    )  # fmt: skip
     if len(features) < 2:
         raise ValueError(f"reference_from_dataset: {dataset_name!r} split {split!r} gave {len(features)} images.")
     mu, sigma = feature_statistics(features)
@@ -506,6 +529,20 @@ def reference_from_dataset(
     )
     reference.save(path)
     return reference
+
+
+def vae_round_trip(vae, device: str | torch.device = "cpu", batch_size: int = 100):
+    """uint8 images `(B, C, H, W)` -> their reconstructions by `vae` (posterior mode, then decode),
+    uint8, for reconstruction FID (rFID): `transform` of :func:`dataset_features`."""
+
+    @torch.no_grad()
+    def transform(images: torch.Tensor) -> torch.Tensor:
+        x = images.to(device, torch.float32) / 127.5 - 1
+        latents = vae.encode(x).latent_dist.mode()
+        return to_uint8((vae.decode(latents).sample + 1) / 2).cpu()
+
+    vae.to(device).eval()
+    return transform
 
 
 # ------------------------------------------------------------------------------ sampling with features
@@ -650,13 +687,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("model and samples")
     run.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
-    run.add_argument("--images-per-class", type=int, default=50, help="ImageNet protocol: 50 (50,000 samples)")
+    count = run.add_mutually_exclusive_group()
+    count.add_argument("--images-per-class", type=int, default=None, help="ImageNet protocol: 50 (the default)")
+    count.add_argument("--num-samples", type=int, default=None, help="in all; a multiple of the number of classes")
     run.add_argument("--batch-size", type=int, default=50, help="samples per batch (per process)")
     run.add_argument("--output-dir", required=True, help="partial features (resume), eval_config.json, PNGs")
     run.add_argument("--results-file", default=None, help="results JSON (default: <output-dir>/results.json)")
     run.add_argument("--write-png", action="store_true", help="also write every sample as <output-dir>/png/*.png")
     run.add_argument("--adm-npz", default=None, help="with --write-png: also write ADM's sample .npz here")
     run.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="bf16 autocast on GPU")
+    run.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is available")
     sample = parser.add_argument_group("sampling (the pipeline's options)")
     sample.add_argument("--steps", type=int, default=64, help="autoregressive steps")
     sample.add_argument("--guidance", type=float, default=3.0)
@@ -680,8 +720,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _check_arguments(args, num_classes: int) -> None:
+    """Fill in `args.images_per_class` and check the arguments against the model."""
     from .models._checks import check_int
 
+    if args.num_samples is not None:
+        check_int("eval_fid", "--num-samples", args.num_samples)
+        if args.num_samples % num_classes:
+            raise ValueError(
+                f"eval_fid: --num-samples {args.num_samples} is not a multiple of the {num_classes} classes; the "
+                f"protocol draws the same number of each class (ImageNet: 50,000 = 50 x 1,000)."
+            )
+        args.images_per_class = args.num_samples // num_classes
+    elif args.images_per_class is None:
+        args.images_per_class = 50
     check_int("eval_fid", "--images-per-class", args.images_per_class)
     check_int("eval_fid", "--batch-size", args.batch_size)
     total = args.images_per_class * num_classes
@@ -706,7 +757,8 @@ def run(args: argparse.Namespace) -> dict | None:
     from .pipeline_parscale_ear import ParScaleEARPipeline
     from .results import write_results
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # On a machine without CUDA, cpu=True makes torchrun's processes a gloo group (else each runs alone).
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu or not torch.cuda.is_available())
     main = accelerator.is_main_process
     start = time.perf_counter()
     # Everything that can be wrong is checked before the first sample.
@@ -791,6 +843,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "samples": {"images_per_class": args.images_per_class, "num_classes": num_classes, "total": num_samples},
         "reference": {
             "source": reference.source,
+            "file": reference.meta.get("file"),
             "count": reference.count,
             "extractor": reference.extractor,
             "image_size": reference.image_size,
@@ -810,4 +863,87 @@ def run(args: argparse.Namespace) -> dict | None:
     results_file = args.results_file or Path(args.output_dir) / "results.json"
     record = write_results(results_file, payload)
     print(json.dumps({"results_file": os.fspath(results_file), **metrics}, indent=2))
+    return record
+
+
+# ------------------------------------------------------------------------------ reconstruction FID
+
+
+def add_reconstruction_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .data import add_dataset_arguments
+
+    parser.add_argument("--vae", required=True, help="VAE folder, or a pipeline folder with --vae-subfolder vae")
+    parser.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' inside a pipeline folder")
+    parser.add_argument("--max-images", type=int, default=None, help="use at most this many images of --split")
+    parser.add_argument(
+        "--baseline-split",
+        default=None,
+        help="also score as many real images of this split against --split: the FID that sampling noise alone gives",
+    )
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--results-file", required=True)
+    parser.add_argument("--reference-cache-dir", default="data/fid_refs", help="where dataset statistics are cached")
+    parser.add_argument("--extractor", choices=("inception", "digit"), default="inception")
+    parser.add_argument("--inception-weights", default=None, help=f"local {INCEPTION_WEIGHTS_FILE} (else downloaded)")
+    parser.add_argument("--classifier", default=None, help="DigitClassifier folder for --extractor digit")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_dataset_arguments(parser, labels=False)
+    parser.set_defaults(split="validation")
+    return parser
+
+
+def run_reconstruction(args: argparse.Namespace) -> dict:
+    """`examples/eval_vae_fid.py`: reconstruction FID of a VAE on a dataset split (the images against
+    their own reconstructions, as LiteVAE and SD-VAE report rFID), optionally beside the FID of real
+    images of another split, and a results JSON."""
+    import time
+
+    from .data import load_dataset_from_args
+    from .latent_cache import load_vae
+    from .results import write_results
+
+    start = time.perf_counter()
+    vae = load_vae(args.vae, subfolder=args.vae_subfolder)
+    image_size, channels = vae.config.sample_size, vae.config.out_channels
+    extractor = load_extractor(
+        args.extractor, inception_weights=args.inception_weights, classifier=args.classifier, device=args.device
+    )
+    common = dict(image_size=image_size, channels=channels, extractor=extractor, batch_size=args.batch_size)
+    reference = reference_from_dataset(
+        lambda: load_dataset_from_args(args, args.split),
+        dataset_name=args.dataset,
+        split=args.split,
+        cache_dir=args.reference_cache_dir,
+        max_images=args.max_images,
+        **common,
+    )
+    reconstructed = dataset_features(
+        load_dataset_from_args(args, args.split),
+        max_images=args.max_images,
+        transform=vae_round_trip(vae, args.device),
+        **common,
+    )
+    p = extractor.metric_prefix
+    metrics = {f"{p}rfid": frechet_distance(*feature_statistics(reconstructed), reference.mu, reference.sigma)}
+    if args.baseline_split is not None:
+        real = dataset_features(
+            load_dataset_from_args(args, args.baseline_split), max_images=reference.count, **common
+        )
+        metrics[f"{p}fid_real_{args.baseline_split}"] = frechet_distance(
+            *feature_statistics(real), reference.mu, reference.sigma
+        )
+    payload = {
+        "metric": f"{p}rfid",
+        "value": metrics[f"{p}rfid"],
+        "metrics": metrics,
+        "model": args.vae,
+        "component": args.vae_subfolder,
+        "samples": {"images_per_class": None, "total": len(reconstructed), "what": f"reconstructions of {args.split}"},
+        "reference": {"source": reference.source, "file": reference.meta.get("file"), "count": reference.count},
+        "extractor": extractor.describe(),
+        "sampling": None,
+        "seconds": time.perf_counter() - start,
+    }
+    record = write_results(args.results_file, payload)
+    print(json.dumps({"results_file": args.results_file, **metrics}, indent=2))
     return record

@@ -32,6 +32,29 @@ def component_parameter_counts(vae, lite_hybrid, transformer, energy_head) -> di
     return counts
 
 
+def pipeline_summary(pipe) -> dict:
+    """What a pipeline makes and how big it is.
+
+    Args:
+        pipe: a :class:`~parscale_ear_hf.ParScaleEARPipeline`.
+
+    Returns:
+        ``image_size``, ``image_channels``, ``token_grid`` ``[h, w, C]``, ``num_classes``,
+        ``parameters`` (:func:`component_parameter_counts`) and each component's public ``configs``.
+    """
+    return {
+        "image_size": pipe.grid_size * pipe.vae_scale_factor,
+        "image_channels": pipe.vae.config.out_channels,
+        "token_grid": [pipe.grid_size, pipe.grid_size, pipe.transformer.config.in_channels],
+        "num_classes": pipe.transformer.config.num_classes,
+        "parameters": component_parameter_counts(pipe.vae, pipe.lite_hybrid, pipe.transformer, pipe.energy_head),
+        "configs": {
+            name: {k: v for k, v in dict(getattr(pipe, name).config).items() if not k.startswith("_")}
+            for name in ("vae", "lite_hybrid", "transformer", "energy_head")
+        },
+    }
+
+
 def default_parameter_counts(parscale_ns: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
     """Counts of the ImageNet-256 default configs, built on the meta device (no memory, no compute).
 

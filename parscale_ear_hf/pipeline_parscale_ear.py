@@ -13,7 +13,7 @@ from importlib import resources
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
-from huggingface_hub import snapshot_download
+from huggingface_hub import create_repo, snapshot_download, upload_folder
 
 from .data import looks_like_local_path
 from .models._checks import check_float, check_int
@@ -392,9 +392,13 @@ class ParScaleEARPipeline(DiffusionPipeline):
         `model_index.json` names the class as ``["pipeline_parscale_ear", "ParScaleEARPipeline"]``
         so that ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` finds it;
         ``ParScaleEARPipeline.from_pretrained`` ignores the entry file and needs no remote code.
-        Local paths (`_name_or_path`) are not written, so a re-saved pipeline is identical. With
-        `push_to_hub`, the finished folder is uploaded (`repo_id`, `token`, `private`,
-        `commit_message`, `create_pr` as in diffusers).
+        Local paths (`_name_or_path`) are not written, so a re-saved pipeline is identical.
+
+        With `push_to_hub`, the finished folder itself is uploaded (`repo_id`, default the folder's
+        name; `token`, `private`, `commit_message`, `create_pr` as in diffusers), with whatever
+        else it holds: its `README.md` (the card of :func:`parscale_ear_hf.model_card.write_model_card`)
+        goes up as the repo's model card. diffusers' own `push_to_hub` would save again into a
+        temporary folder and write a generic card there.
         """
         if not kwargs.pop("safe_serialization", True):
             raise ValueError("ParScaleEARPipeline: only safetensors are supported; `safe_serialization` must be True.")
@@ -418,9 +422,20 @@ class ParScaleEARPipeline(DiffusionPipeline):
         for name in ("vae", "lite_hybrid", "transformer", "energy_head"):
             _rewrite_json(os.path.join(save_directory, name, "config.json"), without_local_path)
         if push_to_hub:
-            # Upload only the finished folder (diffusers' own push would run before the entry file exists).
-            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-            self.push_to_hub(repo_id, safe_serialization=True, variant=kwargs.get("variant"), **hub_kwargs)
+            token = hub_kwargs.get("token")
+            repo_id = create_repo(
+                hub_kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory))),
+                private=hub_kwargs.get("private"),
+                token=token,
+                exist_ok=True,
+            ).repo_id
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=save_directory,
+                token=token,
+                commit_message=hub_kwargs.get("commit_message") or f"Upload {type(self).__name__}",
+                create_pr=hub_kwargs.get("create_pr", False),
+            )
 
     @classmethod
     def load_config(cls, *args, **kwargs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -98,8 +99,8 @@ def load_results(path: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _revision(record: dict) -> str:
-    """Short revision; "-dirty" when the command ran with uncommitted changes."""
+def short_revision(record: dict) -> str:
+    """A results record's git revision, short; "-dirty" when the command ran with uncommitted changes."""
     revision = record["provenance"]["git_revision"]
     return revision[:12] + ("-dirty" if revision.endswith("-dirty") else "")
 
@@ -112,13 +113,13 @@ def demo_results_table(results_dir: str | os.PathLike) -> str:
     if vae:
         rows.append(
             f"| LiteVAE reconstruction PSNR | {vae['value']:.2f} dB | {vae.get('dataset', '')} "
-            f"{vae.get('split', '')} | `demo_vae_psnr.json` ({_revision(vae)}) |"
+            f"{vae.get('split', '')} | `demo_vae_psnr.json` ({short_revision(vae)}) |"
         )
     judge = load_results(results_dir / "digit_classifier.json")
     if judge:
         rows.append(
             f"| digit classifier (the judge) accuracy | {100 * judge['value']:.1f}% | {judge['data']} "
-            f"| `digit_classifier.json` ({_revision(judge)}) |"
+            f"| `digit_classifier.json` ({short_revision(judge)}) |"
         )
     gen = load_results(results_dir / "demo_class_accuracy.json")
     if gen:
@@ -127,8 +128,148 @@ def demo_results_table(results_dir: str | os.PathLike) -> str:
             f"| generated digits recognised as the requested class | {100 * gen['value']:.1f}% | "
             f"{gen['num_images']} generated images ({opts['num_inference_steps']} steps, guidance "
             f"{opts['guidance_scale']}, temperature {opts['temperature']}, seed {opts['seed']}) "
-            f"| `demo_class_accuracy.json` ({_revision(gen)}) |"
+            f"| `demo_class_accuracy.json` ({short_revision(gen)}) |"
         )
     if len(rows) == 2:
         return "_No demo figures yet: run `bash examples/train_demo.sh`._"
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------ evaluation results
+
+# What `evaluation.run` (examples/eval_fid.py) writes, and what a table or model card row needs of it.
+EVAL_RESULT_FIELDS = {
+    "metric": (),
+    "value": (),
+    "metrics": (),
+    "model": (),
+    "samples": ("images_per_class", "total"),
+    "reference": ("source", "count"),
+    "extractor": ("name",),
+    "sampling": ("num_inference_steps", "guidance_scale", "guidance_schedule", "temperature", "seed"),
+    "provenance": ("command", "git_revision", "machine", "time_utc"),
+}
+EVAL_RESULTS_ACCEPTED = "a results JSON written by examples/eval_fid.py (`--results-file`)"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_eval_results(record: dict, source: str) -> dict:
+    """Raise a ValueError naming `source` and the field when `record` is not an evaluation result.
+
+    Args:
+        record: a parsed results JSON.
+        source: where it came from (a file name), for the error message.
+
+    Returns:
+        `record`, unchanged.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"{source}: holds a {type(record).__name__}, not an object; expected {EVAL_RESULTS_ACCEPTED}."
+        )
+    missing = [key for key in EVAL_RESULT_FIELDS if key not in record]
+    if missing:
+        raise ValueError(f"{source}: has no {', '.join(map(repr, missing))}; expected {EVAL_RESULTS_ACCEPTED}.")
+    for key, fields in EVAL_RESULT_FIELDS.items():
+        if key == "sampling" and record[key] is None:  # a VAE reconstruction result samples nothing
+            continue
+        if fields and not (isinstance(record[key], dict) and all(f in record[key] for f in fields)):
+            raise ValueError(
+                f"{source}: {key!r} must be an object with {', '.join(map(repr, fields))}; got {record[key]!r}."
+            )
+    if not _is_number(record["value"]):
+        raise ValueError(f"{source}: 'value' is {record['value']!r}; expected a finite number.")
+    metrics = record["metrics"]
+    if not isinstance(metrics, dict) or not metrics or not all(_is_number(v) for v in metrics.values()):
+        raise ValueError(f"{source}: 'metrics' is {metrics!r}; expected an object of metric name -> finite number.")
+    return record
+
+
+def read_eval_results(path: str | os.PathLike) -> dict:
+    """An evaluation results JSON, checked by :func:`check_eval_results`.
+
+    Args:
+        path: the file written by examples/eval_fid.py.
+
+    Returns:
+        The parsed record.
+
+    Raises:
+        FileNotFoundError: `path` is not a file.
+        ValueError: it is not valid JSON or not an evaluation result.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{os.fspath(path)!r} is not a file; pass {EVAL_RESULTS_ACCEPTED}.")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{os.fspath(path)!r} is not valid JSON ({error}).") from error
+    return check_eval_results(record, os.fspath(path))
+
+
+def format_number(value: float) -> str:
+    """A figure as tables show it: 4 significant digits."""
+    return f"{value:.4g}"
+
+
+def samples_summary(samples: dict) -> str:
+    """A result's `samples`: how many images were scored."""
+    if samples["images_per_class"] is None:
+        return f"{samples['total']:,} ({samples.get('what', 'images')})"
+    return f"{samples['total']:,} ({samples['images_per_class']:,} per class)"
+
+
+def reference_summary(reference: dict) -> str:
+    """A result's `reference`: what the samples were compared with."""
+    count = f" ({reference['count']:,} images)" if reference["count"] is not None else ""
+    return f"`{reference['source']}`{count}"
+
+
+def sampling_summary(sampling: dict | None) -> str:
+    """A result's `sampling`: the pipeline options the samples were made with ("-" for none)."""
+    if sampling is None:
+        return "-"
+    return (
+        f"{sampling['num_inference_steps']} steps, guidance {sampling['guidance_scale']} "
+        f"({sampling['guidance_schedule']}), temperature {sampling['temperature']}, seed {sampling['seed']}"
+    )
+
+
+def machine_summary(machine: dict) -> str:
+    """A provenance `machine` (:func:`machine_description`) in one line: accelerator or CPU, torch version."""
+    device = machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('cpu_count')} cores)"
+    return f"{device}, torch {machine.get('torch')}"
+
+
+def eval_results_table(results_dir: str | os.PathLike) -> str:
+    """Markdown table of every ``<results_dir>/eval/*.json`` (sorted by file name), one row per file.
+
+    Args:
+        results_dir: the folder holding ``eval/`` (the repository's ``results/``).
+
+    Returns:
+        The table, or a one-line note when there is no evaluation result yet.
+    """
+    files = sorted((Path(results_dir) / "eval").glob("*.json"))
+    if not files:
+        return (
+            "_No evaluation results yet: run `examples/eval_fid.py ... --results-file results/eval/NAME.json`, "
+            "then `python examples/update_readme.py`._"
+        )
+    rows = [
+        "| model | metrics | samples | reference | extractor | sampling | results file (revision) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in files:
+        record = read_eval_results(path)
+        metrics = ", ".join(f"`{key}` {format_number(value)}" for key, value in record["metrics"].items())
+        rows.append(
+            f"| `{record['model']}` | {metrics} | {samples_summary(record['samples'])} | "
+            f"{reference_summary(record['reference'])} | {record['extractor']['name']} | "
+            f"{sampling_summary(record['sampling'])} | `eval/{path.name}` ({short_revision(record)}) |"
+        )
     return "\n".join(rows)

@@ -24,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+import parscale_ear_hf.pipeline_parscale_ear as pipeline_module
 from parscale_ear_hf import EARTransformer, EnergyHead, LiteHybrid, LiteVAE, ParScaleEARPipeline
 
 from conftest import ID2LABEL, TINY_VAE_CONFIG, tiny_components, tiny_pipeline
@@ -198,26 +199,37 @@ def modules_cache(monkeypatch, tmp_path):
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """Record what would be uploaded: the folder's files at the moment of the upload."""
-    uploads = []
+    """Record each upload: the folder's files at the moment of the upload, and the repo and commit options.
+
+    `pipe.push_to_hub` is diffusers' (a temporary folder, its generic card, `_upload_folder`);
+    `pipe.save_pretrained(..., push_to_hub=True)` is ours (`create_repo` + `upload_folder` of the folder).
+    """
+    uploads, repos = [], {}
 
     class Card:
         def save(self, path):
             Path(path).write_text("# model card\n")
 
     def create_repo(repo_id, **kwargs):
+        repos[repo_id] = kwargs
         return SimpleNamespace(repo_id=repo_id)
 
-    def upload_folder(self, working_dir, repo_id, **kwargs):
-        root = Path(working_dir)
+    def record(folder, repo_id, **kwargs):
+        root = Path(folder)
         files = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-        uploads.append(SimpleNamespace(repo_id=repo_id, files=files))
+        uploads.append(SimpleNamespace(repo_id=repo_id, files=files, options={**repos[repo_id], **kwargs}))
 
     for module in (pipeline_utils, hub_utils):
         monkeypatch.setattr(module, "create_repo", create_repo)
         monkeypatch.setattr(module, "load_or_create_model_card", lambda *a, **k: Card())
         monkeypatch.setattr(module, "populate_model_card", lambda card, *a, **k: card)
-    monkeypatch.setattr(ParScaleEARPipeline, "_upload_folder", upload_folder)
+    monkeypatch.setattr(
+        ParScaleEARPipeline, "_upload_folder", lambda self, folder, repo_id, **k: record(folder, repo_id, **k)
+    )
+    monkeypatch.setattr(pipeline_module, "create_repo", create_repo)
+    monkeypatch.setattr(
+        pipeline_module, "upload_folder", lambda *, folder_path, repo_id, **k: record(folder_path, repo_id, **k)
+    )
     _refuse_network(monkeypatch)
     return uploads
 
@@ -655,7 +667,6 @@ def test_push_to_hub_uploads_entry_file_and_safetensors(fake_hub):
 
 
 def test_save_pretrained_push_to_hub_uploads_entry_file(fake_hub, tmp_path):
-    # A str: diffusers' own push_to_hub branch calls save_directory.split(...).
     tiny_pipeline().save_pretrained(str(tmp_path / "p"), push_to_hub=True, repo_id=REPO_ID)
     [upload] = fake_hub
     assert ENTRY_NAME in upload.files
@@ -663,6 +674,24 @@ def test_save_pretrained_push_to_hub_uploads_entry_file(fake_hub, tmp_path):
         "pipeline_parscale_ear",
         "ParScaleEARPipeline",
     ]
+    assert "README.md" not in upload.files  # no generic card of diffusers' own push
+
+
+def test_save_pretrained_push_to_hub_uploads_the_folders_model_card(fake_hub, tmp_path):
+    """A card written into the folder (`write_model_card`) is the README that reaches the Hub."""
+    folder = tmp_path / "tiny-ear"
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(folder)
+    card = "---\nlibrary_name: diffusers\ntags:\n- parscale-ear\n---\n\n# tiny-ear, its own card\n"
+    (folder / "README.md").write_text(card)
+    options = {"token": "hf_test", "private": True, "commit_message": "card and weights", "create_pr": True}
+    pipe.save_pretrained(folder, push_to_hub=True, **options)
+    [upload] = fake_hub
+    assert upload.repo_id == "tiny-ear"  # the folder's name when no repo_id is given
+    assert upload.files["README.md"] == card.encode()
+    assert sorted(upload.files) == sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert {k: upload.options[k] for k in options} == options
+    assert upload.options["exist_ok"] is True
 
 
 def test_repo_id_loads_offline_in_a_fresh_process(saved, tmp_path):

@@ -1,0 +1,338 @@
+"""Model cards: a pipeline's Hub README, filled from its evaluation results files, never typed.
+
+:func:`build_model_card` renders ``model_cards/parscale_ear_card_template.md`` (Jinja, through
+``huggingface_hub.ModelCard.from_template``) with the pipeline's configuration and parameter counts
+and the results JSONs that ``examples/eval_fid.py`` writes; the YAML metadata carries the same
+figures as ``model-index`` eval results. :func:`write_model_card` writes it to
+``<pipeline_dir>/README.md``, which ``ParScaleEARPipeline.save_pretrained(..., push_to_hub=True)``
+uploads with the folder.
+
+python examples/make_model_card.py --model models/mnist_demo --results results/eval/mnist_demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .evaluation import DigitFeatureExtractor
+from .info import pipeline_summary
+from .results import (
+    check_eval_results,
+    format_number,
+    machine_summary,
+    provenance,
+    read_eval_results,
+    reference_summary,
+    samples_summary,
+    sampling_summary,
+    short_revision,
+)
+
+TEMPLATE_NAME = "parscale_ear_card_template.md"
+TAGS = ["parscale-ear", "class-conditional", "image-generation", "energy-autoregressive"]
+# The Hub has no task id for class-conditional generation ("unconditional-image-generation" would
+# say the model takes no condition), so the eval results name the task plainly.
+TASK_TYPE = "class-conditional-image-generation"
+TASK_NAME = "Class-conditional image generation"
+METRIC_LABELS = {
+    "fid": "FID",
+    "is": "Inception Score",
+    "is_std": "Inception Score std over 10 splits",
+    "precision": "Precision",
+    "recall": "Recall",
+    "rfid": "reconstruction FID (VAE)",
+}
+DEMO_PREFIX = DigitFeatureExtractor.metric_prefix
+
+
+def default_template_path() -> Path:
+    """Where the card template is: package data when installed, else the source checkout.
+
+    ``setup.cfg`` installs the top-level ``model_cards/`` folder as the package
+    ``parscale_ear_hf.model_cards`` (as it installs ``pipelines/`` as ``parscale_ear_hf.hub_entry``),
+    so a wheel carries the template. An editable install made before that mapping existed, or a
+    checkout put on ``sys.path``, has no such package: then the checkout's ``model_cards/`` is used.
+
+    Returns:
+        The path of ``parscale_ear_card_template.md``.
+    """
+    try:
+        path = Path(str(resources.files("parscale_ear_hf.model_cards").joinpath(TEMPLATE_NAME)))
+    except ModuleNotFoundError:
+        path = Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"default_template_path: the card template {os.fspath(path)!r} is missing; reinstall parscale-ear-hf or "
+            "pass `template_path` (`--template`)."
+        )
+    return path
+
+
+def metric_name(key: str) -> str:
+    """The display name of a stored metric key; a ``demo_`` key says it is a demo stand-in.
+
+    Args:
+        key: a key of a result's `metrics`, e.g. ``fid`` or ``demo_fid``.
+
+    Returns:
+        e.g. ``FID``, or ``demo-FID (stand-in extractor, not Inception-v3)``.
+    """
+    if key.startswith(DEMO_PREFIX):
+        base = key[len(DEMO_PREFIX) :]
+        return f"demo-{_label(base)} (stand-in extractor, not Inception-v3)"
+    return _label(key)
+
+
+def _label(key: str) -> str:
+    if key.startswith("fid_real_"):  # run_reconstruction's floor: real images of another split
+        return f"FID of real {key[len('fid_real_') :]} images (the sampling-noise floor)"
+    return METRIC_LABELS.get(key, key)
+
+
+def _refers_to(model: str, pipeline_dir: Path, model_id: str | None) -> bool:
+    if model_id is not None and model == model_id:
+        return True
+    path = Path(model)
+    if path.is_dir():  # a folder that exists here must be this one
+        return path.resolve() == pipeline_dir.resolve()
+    # Evaluated from another working directory or machine, or as a Hub repo id: the folder's name.
+    return path.name == pipeline_dir.resolve().name
+
+
+def check_result(record: dict, source: str, pipeline_dir: str | os.PathLike, model_id: str | None = None) -> dict:
+    """Raise a ValueError naming `source` when `record` is not an evaluation result of this pipeline.
+
+    Args:
+        record: a parsed results JSON (:func:`~parscale_ear_hf.results.check_eval_results` checks its fields).
+        source: where it came from, for the message.
+        pipeline_dir: the pipeline folder the card is for.
+        model_id: the Hub repo id the card is for, if any.
+
+    Returns:
+        `record`, unchanged.
+    """
+    check_eval_results(record, source)
+    pipeline_dir = Path(pipeline_dir)
+    if not _refers_to(str(record["model"]), pipeline_dir, model_id):
+        also = f" or the repo id {model_id!r}" if model_id else ""
+        raise ValueError(
+            f"{source}: evaluates the model {record['model']!r}, not this pipeline {os.fspath(pipeline_dir)!r}; "
+            f"accepted: this folder, a path whose last part is {pipeline_dir.resolve().name!r}{also}."
+        )
+    return record
+
+
+def eval_results(record: dict) -> list[EvalResult]:
+    """One ``huggingface_hub.EvalResult`` per metric of a results record, dataset from its reference.
+
+    Args:
+        record: a checked evaluation result.
+
+    Returns:
+        The eval results, in the order of `record["metrics"]`.
+    """
+    source = record["reference"]["source"]
+    named = re.fullmatch(r"(.+) \[(.+)\]", source)  # "dataset [split]", as reference_from_dataset names it
+    dataset, split = (named.group(1), named.group(2)) if named else (source, None)
+    return [
+        EvalResult(
+            task_type=TASK_TYPE,
+            task_name=TASK_NAME,
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=split,
+            metric_type=key,
+            metric_name=metric_name(key),
+            metric_value=value,
+        )
+        for key, value in record["metrics"].items()
+    ]
+
+
+def _training_summary(pipeline_dir: Path) -> dict | None:
+    """What ``<pipeline_dir>/training/run_config.json`` (copied there from examples/train_ear.py) says."""
+    path = pipeline_dir / "training" / "run_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        args, cache = config["args"], config["latent_cache"]
+        return {
+            "dataset": cache["dataset"],
+            "split": cache["split"],
+            "count": cache["count"],
+            "hflip": cache["hflip"],
+            "vae": cache["vae"],
+            "max_steps": args["max_steps"],
+            "batch_size": args["batch_size"],
+            "seed": args["seed"],
+        }
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a run_config.json written by examples/train_ear.py ({error!r}); fix or "
+            "remove it."
+        ) from error
+
+
+def build_model_card(
+    pipeline_dir: str | os.PathLike,
+    results: list[dict],
+    *,
+    model_id: str | None = None,
+    datasets: list[str] | None = None,
+    license: str = "apache-2.0",
+    template_path: str | os.PathLike | None = None,
+) -> ModelCard:
+    """The model card of a saved pipeline, with its evaluation results.
+
+    Args:
+        pipeline_dir: a folder written by ``ParScaleEARPipeline.save_pretrained``.
+        results: evaluation records as ``examples/eval_fid.py`` writes them; each must be of this
+            pipeline (see :func:`check_result`) with numeric values and provenance.
+        model_id: the Hub repo id; names the model and goes into the loading snippet (default:
+            the folder's name and path).
+        datasets: training data, as Hub dataset ids or names, for the metadata and the card.
+        license: the license id in the metadata.
+        template_path: a Jinja card template (default: :func:`default_template_path`).
+
+    Returns:
+        The card (``card.data`` holds the metadata, ``str(card)`` the README).
+    """
+    from .pipeline_parscale_ear import ParScaleEARPipeline
+
+    pipeline_dir = Path(pipeline_dir)
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"build_model_card: {os.fspath(pipeline_dir)!r} has no model_index.json; pass a folder written by "
+            "`ParScaleEARPipeline.save_pretrained`."
+        )
+    results = [check_result(r, f"results[{i}]", pipeline_dir, model_id) for i, r in enumerate(results)]
+    pipe = ParScaleEARPipeline.from_pretrained(pipeline_dir)
+    summary = pipeline_summary(pipe)
+    model_name = model_id or pipeline_dir.resolve().name
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license=license,
+        tags=TAGS,
+        datasets=datasets,
+        model_name=model_name,
+        eval_results=[e for record in results for e in eval_results(record)] or None,
+    )
+    hybrid = summary["configs"]["lite_hybrid"]
+    branches = [name for name, on in (("coarse", hybrid["use_coarse"]), ("fine", hybrid["use_fine"])) if on]
+    names = [pipe.id2label[i].split(",")[0] for i in sorted(pipe.id2label)] if pipe.id2label else []
+    num_tokens = pipe.grid_size**2
+    sampled = [r["sampling"] for r in results if r["sampling"] is not None]
+    if sampled:
+        snippet_sampling = {k: sampled[0][k] for k in ("num_inference_steps", "guidance_scale", "temperature")}
+    else:
+        snippet_sampling = {"num_inference_steps": min(64, num_tokens)}
+    card_provenance = provenance()
+    return ModelCard.from_template(
+        card_data,
+        template_path=os.fspath(template_path or default_template_path()),
+        card_command=card_provenance["command"],
+        card_revision=card_provenance["git_revision"],
+        model_name=model_name,
+        repo_id=model_id or os.fspath(pipeline_dir),
+        image_size=summary["image_size"],
+        image_channels=summary["image_channels"],
+        num_classes=summary["num_classes"],
+        token_grid="x".join(map(str, summary["token_grid"])) + f" ({num_tokens} tokens)",
+        vae_class=type(pipe.vae).__name__,
+        parscale_n=summary["configs"]["transformer"]["parscale_n"],
+        hybrid_branches=" + ".join(branches) or "none (identity: plain EAR)",
+        parameters=[(name, f"{count:,}") for name, count in summary["parameters"].items()],
+        label_preview=", ".join(names[:5]) + (", ..." if len(names) > 5 else ""),
+        has_label_names=bool(names),
+        example_labels=list(range(min(4, summary["num_classes"]))),
+        snippet_sampling=snippet_sampling,
+        demo_extractors=sorted(
+            {r["extractor"]["name"] for r in results if any(k.startswith(DEMO_PREFIX) for k in r["metrics"])}
+        ),
+        results=[
+            {
+                "headline": f"`{r['metric']}` = {format_number(r['value'])}",
+                "rows": [
+                    {"key": key, "name": metric_name(key), "value": format_number(value)}
+                    for key, value in r["metrics"].items()
+                ],
+                "samples": samples_summary(r["samples"]),
+                "reference": reference_summary(r["reference"]),
+                "extractor": r["extractor"]["name"],
+                "sampling": sampling_summary(r["sampling"]),
+                "revision": short_revision(r),
+                "git_revision": r["provenance"]["git_revision"],
+                "time_utc": r["provenance"]["time_utc"],
+                "machine": machine_summary(r["provenance"]["machine"]),
+                "command": r["provenance"]["command"],
+            }
+            for r in results
+        ],
+        datasets=datasets or [],
+        training=_training_summary(pipeline_dir),
+    )
+
+
+def write_model_card(
+    pipeline_dir: str | os.PathLike,
+    results_files: list[str | os.PathLike],
+    *,
+    model_id: str | None = None,
+    datasets: list[str] | None = None,
+    license: str = "apache-2.0",
+    template_path: str | os.PathLike | None = None,
+) -> ModelCard:
+    """Load results JSONs, build the card (:func:`build_model_card`) and write ``<pipeline_dir>/README.md``.
+
+    Args:
+        pipeline_dir: a folder written by ``ParScaleEARPipeline.save_pretrained``.
+        results_files: results JSONs written by ``examples/eval_fid.py`` for this pipeline; a
+            missing, unreadable or foreign file is an error naming it.
+        model_id, datasets, license, template_path: as in :func:`build_model_card`.
+
+    Returns:
+        The card that was written.
+    """
+    results = [check_result(read_eval_results(p), os.fspath(p), pipeline_dir, model_id) for p in results_files]
+    card = build_model_card(
+        pipeline_dir, results, model_id=model_id, datasets=datasets, license=license, template_path=template_path
+    )
+    card.save(Path(pipeline_dir) / "README.md")
+    return card
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, help="pipeline folder; the card is written to <model>/README.md")
+    parser.add_argument(
+        "--results", nargs="*", default=[], help="results JSONs written by examples/eval_fid.py for this pipeline"
+    )
+    parser.add_argument("--model-id", default=None, help="Hub repo id the card is for (names the model)")
+    parser.add_argument("--dataset", nargs="*", default=None, help="training data: Hub dataset ids or names")
+    parser.add_argument("--license", default="apache-2.0", help="license id for the metadata")
+    parser.add_argument("--template", default=None, help=f"Jinja card template (default: model_cards/{TEMPLATE_NAME})")
+    return parser
+
+
+def run(args: argparse.Namespace) -> ModelCard:
+    """Write a pipeline's model card (README.md) from its evaluation results files."""
+    card = write_model_card(
+        args.model,
+        args.results,
+        model_id=args.model_id,
+        datasets=args.dataset,
+        license=args.license,
+        template_path=args.template,
+    )
+    print(f"wrote {os.path.join(args.model, 'README.md')}: {len(card.data.eval_results or [])} eval results")
+    return card
