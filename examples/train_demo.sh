@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The exact commands that produced the demo model in models/mnist_demo (CPU, fp32, seeds fixed).
 # Usage: bash examples/train_demo.sh [stage ...]
-#   stages: data vae latents generator eval (default), and ablation: the A1 baseline, the same
-#   generator and budget with both LiteHybrid branches off (plain EAR), shipped as models/mnist_demo_plain.
+#   stages: data vae latents generator eval (default); ablation: the A1 baseline, the same generator
+#   and budget with both LiteHybrid branches off (plain EAR), shipped as models/mnist_demo_plain;
+#   fid: demo-FID / IS / precision / recall of both generators and the VAE's reconstruction demo-FID
+#   against the held-out split (digit-classifier features, not Inception), the memory benchmark,
+#   the model cards and the README tables.
 # Each stage writes its outputs under runs/ (git-ignored) and its figures under results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,10 +42,29 @@ for stage in $STAGES; do
       mkdir -p models/mnist_demo_plain/training
       cp runs/demo_generator_plain/train_log.jsonl runs/demo_generator_plain/run_config.json \
         models/mnist_demo_plain/training/ ;;
+    fid)
+      for model in mnist_demo mnist_demo_plain; do
+        rm -rf runs/eval_$model
+        $PY examples/eval_fid.py --model models/$model --extractor digit --classifier models/digit_classifier \
+          --dataset data/mnist_demo --split heldout --reference-cache-dir runs/fid_refs --images-per-class 100 \
+          --batch-size 100 --steps 16 --guidance 3.0 --temperature 0.7 --seed 0 --output-dir runs/eval_$model \
+          --results-file results/eval/${model}_demo_fid.json
+      done
+      $PY examples/eval_vae_fid.py --vae models/mnist_demo --vae-subfolder vae --dataset data/mnist_demo \
+        --split heldout --baseline-split train --extractor digit --classifier models/digit_classifier \
+        --reference-cache-dir runs/fid_refs --results-file results/eval/mnist_demo_vae_demo_rfid.json
+      $PY examples/bench_eval_memory.py --images-per-class 20 --factor 4 --results-file results/eval_memory_scaling.json \
+        -- --model models/mnist_demo --extractor digit --classifier models/digit_classifier --dataset data/mnist_demo \
+        --split heldout --reference-cache-dir runs/fid_refs --batch-size 50 --steps 16
+      $PY examples/make_model_card.py --model models/mnist_demo --dataset mnist \
+        --results results/eval/mnist_demo_demo_fid.json results/eval/mnist_demo_vae_demo_rfid.json
+      $PY examples/make_model_card.py --model models/mnist_demo_plain --dataset mnist \
+        --results results/eval/mnist_demo_plain_demo_fid.json
+      $PY examples/update_readme.py ;;
     eval)
       $PY examples/eval_class_accuracy.py --model models/mnist_demo --classifier models/digit_classifier \
         --images-per-class 50 --steps 16 --guidance 3.0 --temperature 0.7 --seed 0 \
         --results-file results/demo_class_accuracy.json ;;
-    *) echo "unknown stage: $stage (data vae latents generator eval ablation)" >&2; exit 2 ;;
+    *) echo "unknown stage: $stage (data vae latents generator eval ablation fid)" >&2; exit 2 ;;
   esac
 done

@@ -106,7 +106,7 @@ def info(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import model_card, training, vae_training  # the training ones need the `train` extra only when run
+    from . import evaluation, model_card, training, vae_training  # extras are needed only when run
 
     parser = argparse.ArgumentParser(
         prog="parscale-ear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,6 +132,20 @@ def main(argv: list[str] | None = None) -> None:
     info_parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     info_parser.add_argument("--json", action="store_true", help="print everything as JSON")
     info_parser.set_defaults(func=info)
+    evaluation.add_arguments(
+        commands.add_parser(
+            "eval",
+            help="FID / IS / precision / recall of a pipeline (ADM protocol); torchrun / accelerate launch for many",
+            description=evaluation.run.__doc__,
+        )
+    ).set_defaults(func=evaluation.run)
+    evaluation.add_reconstruction_arguments(
+        commands.add_parser(
+            "eval-vae",
+            help="reconstruction FID of a VAE on a dataset split",
+            description=evaluation.run_reconstruction.__doc__,
+        )
+    ).set_defaults(func=evaluation.run_reconstruction)
     model_card.add_arguments(
         commands.add_parser(
             "card",

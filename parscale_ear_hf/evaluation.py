@@ -21,6 +21,7 @@ so 50,000), features from a fixed network, statistics compared with a reference 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import zipfile
@@ -557,6 +558,16 @@ def part_path(output_dir: str | os.PathLike, batch_index: int) -> Path:
     return Path(output_dir) / "parts" / f"batch-{batch_index:06d}.npz"
 
 
+def weights_fingerprint(*modules: torch.nn.Module) -> str:
+    """sha256 of the modules' parameters and buffers: partial features are reused only for the same weights."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def check_run_config(output_dir: str | os.PathLike, config: dict) -> None:
     """Write the evaluation's defining settings to `eval_config.json`, or check that the partial
     features already in `output_dir` were made with the same ones (then the run resumes)."""
@@ -806,6 +817,9 @@ def run(args: argparse.Namespace) -> dict | None:
         "sampling": sampling,
         "extractor": extractor.name,
         "mixed_precision": args.mixed_precision,
+        "weights_sha256": weights_fingerprint(
+            pipe.vae, pipe.lite_hybrid, pipe.transformer, pipe.energy_head, extractor.model
+        ),
     }
     if main:
         check_run_config(args.output_dir, config)

@@ -273,3 +273,47 @@ def eval_results_table(results_dir: str | os.PathLike) -> str:
             f"{sampling_summary(record['sampling'])} | `eval/{path.name}` ({short_revision(record)}) |"
         )
     return "\n".join(rows)
+
+
+def a1_ablation_table(results_dir: str | os.PathLike) -> str:
+    """The A1 ablation at demo scale: demo-FID of the generator with and without LiteHybrid (same
+    budget), against the target the design set (with LiteHybrid at most 2 above plain), beside the
+    VAE's reconstruction demo-FID and the real-vs-real floor."""
+    eval_dir = Path(results_dir) / "eval"
+    with_hybrid = load_results(eval_dir / "mnist_demo_demo_fid.json")
+    plain = load_results(eval_dir / "mnist_demo_plain_demo_fid.json")
+    vae = load_results(eval_dir / "mnist_demo_vae_demo_rfid.json")
+    if not (with_hybrid and plain):
+        return "_Not measured yet: run `bash examples/train_demo.sh ablation fid`._"
+    rows = [
+        "| generator | LiteHybrid | demo-FID | demo-IS | demo-precision | demo-recall | results file (revision) |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for record, hybrid in ((with_hybrid, "coarse + fine"), (plain, "off (plain EAR)")):
+        m = record["metrics"]
+        rows.append(
+            f"| `{record['model']}` | {hybrid} | {format_number(m['demo_fid'])} | {format_number(m['demo_is'])} | "
+            f"{format_number(m['demo_precision'])} | {format_number(m['demo_recall'])} | "
+            f"`eval/{Path(record['model']).name}_demo_fid.json` ({short_revision(record)}) |"
+        )
+    gap = with_hybrid["value"] - plain["value"]
+    verdict = "met" if gap <= 2 else "missed"
+    lines = [
+        "\n".join(rows),
+        "",
+        f"With LiteHybrid minus without: {gap:+.3g} demo-FID; the target (at most +2) is **{verdict}**. "
+        f"{with_hybrid['samples']['total']:,} samples each ({sampling_summary(with_hybrid['sampling'])}) against "
+        f"{reference_summary(with_hybrid['reference'])}, features of the digit classifier (not Inception).",
+    ]
+    if vae:
+        floor = {k: v for k, v in vae["metrics"].items() if k.startswith("demo_fid_real_")}
+        lines.append(
+            f"The VAE's reconstruction demo-FID on the same split is {format_number(vae['value'])}"
+            + "".join(
+                f"; {vae['reference']['count']:,} real `{k[len('demo_fid_real_') :]}` images score "
+                f"{format_number(v)}, the floor that sample noise alone gives"
+                for k, v in floor.items()
+            )
+            + f" (`eval/mnist_demo_vae_demo_rfid.json`, {short_revision(vae)})."
+        )
+    return "\n".join(lines)

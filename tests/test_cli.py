@@ -32,6 +32,12 @@ def saved(tmp_path_factory):
         ("train-vae", ["--dataset", "--output-dir", "--resume", "--kl-weight"]),
         ("train", ["--latents", "--model-config", "--resume", "--head-lr-scale", "--parscale-n"]),
         ("info", ["--model", "--json"]),
+        (
+            "eval",
+            ["--model", "--images-per-class", "--num-samples", "--extractor", "--reference", "--inception-weights"],
+        ),
+        ("eval-vae", ["--vae", "--baseline-split", "--extractor", "--results-file"]),
+        ("card", ["--model", "--results", "--model-id"]),
     ],
 )
 def test_each_subcommand_has_useful_help(command, flags, capsys):

@@ -139,19 +139,27 @@ def _args(setup, output_dir, **overrides):
         if flag in argv:
             i = argv.index(flag)
             del argv[i : i + 2]
-        if value is not None:
+        if value == "":  # a switch
+            argv.append(flag)
+        elif value is not None:
             argv += [flag, str(value)]
     return parser.parse_args(argv)
 
 
 def test_demo_metrics_are_named_as_demo_and_recorded(setup, tmp_path):
-    record = ev.run(_args(setup, tmp_path / "a"))
+    record = ev.run(_args(setup, tmp_path / "a", write_png="", adm_npz=tmp_path / "samples.npz"))
     assert set(record["metrics"]) == {"demo_fid", "demo_is", "demo_is_std", "demo_precision", "demo_recall"}
     assert record["metric"] == "demo_fid" and record["value"] == record["metrics"]["demo_fid"] > 0
     assert record["extractor"]["name"].startswith("demo digit classifier")
     assert record["samples"]["total"] == 20 and record["reference"]["count"] == 40
     assert record["sampling"]["num_inference_steps"] == 4 and record["provenance"]["git_revision"]
     assert json.loads((tmp_path / "a" / "results.json").read_text())["value"] == record["value"]
+    # The optional ADM sample file holds the scored samples, in sample order.
+    samples = np.load(tmp_path / "samples.npz")["arr_0"]
+    assert samples.shape == (20, 16, 16, 3)
+    extractor = ev.load_extractor("digit", classifier=setup / "clf")
+    features, _, _ = ev.collect_features(tmp_path / "a", 20)
+    np.testing.assert_allclose(extractor(torch.from_numpy(samples).permute(0, 3, 1, 2))[0], features, rtol=1e-5)
 
 
 def test_same_seed_same_score_other_seed_other_score(setup, tmp_path):
@@ -180,13 +188,15 @@ def test_features_do_not_depend_on_the_number_of_processes(setup, tmp_path):
         ev.collect_features(tmp_path / "two", 20)
 
 
-def _cli_argv(setup, output_dir, images_per_class=2, batch_size=3):
-    return [
-        "--model", str(setup / "pipe"), "--output-dir", str(output_dir), "--extractor", "digit",
-        "--classifier", str(setup / "clf"), "--dataset", str(setup / "data"), "--split", "train",
-        "--reference-cache-dir", str(setup / "refs"), "--images-per-class", str(images_per_class),
+def _cli_argv(setup, output_dir=None, images_per_class=2, batch_size=3):
+    argv = [
+        "--model", str(setup / "pipe"), "--extractor", "digit", "--classifier", str(setup / "clf"),
+        "--dataset", str(setup / "data"), "--split", "train", "--reference-cache-dir", str(setup / "refs"),
         "--batch-size", str(batch_size), "--steps", "4",
     ]  # fmt: skip
+    if output_dir is not None:
+        argv += ["--output-dir", str(output_dir), "--images-per-class", str(images_per_class)]
+    return argv
 
 
 def _env():
@@ -235,10 +245,31 @@ def test_killed_run_resumes_to_the_same_score(setup, tmp_path):
     assert result["metrics"] == fresh["metrics"]
 
 
-def test_resume_with_other_settings_is_refused(setup, tmp_path):
+def test_memory_benchmark_measures_both_sizes_in_one_run(setup, tmp_path):
+    script = str(REPO / "examples" / "bench_eval_memory.py")
+    command = [sys.executable, script, "--images-per-class", "1", "--factor", "2", "--results-file",
+               str(tmp_path / "memory.json"), "--", *_cli_argv(setup)]  # fmt: skip
+    subprocess.run(command, env=_env(), check=True, capture_output=True)
+    record = json.loads((tmp_path / "memory.json").read_text())
+    small, large = record["runs"]
+    assert (small["samples"], large["samples"]) == (10, 20)
+    assert record["value"] == pytest.approx(large["peak_rss_mib"] / small["peak_rss_mib"])
+    assert small["peak_rss_mib"] > 50  # a real measurement of a process that loaded torch, in MiB
+
+
+def test_resume_with_other_settings_or_weights_is_refused(setup, tmp_path):
     ev.run(_args(setup, tmp_path / "a"))
     with pytest.raises(ValueError, match="partial features of another evaluation.*seed"):
         ev.run(_args(setup, tmp_path / "a", seed=5))
+    # The same folder name with retrained weights must not reuse the old features.
+    from parscale_ear_hf import ParScaleEARPipeline
+
+    retrained = ParScaleEARPipeline.from_pretrained(setup / "pipe")
+    with torch.no_grad():
+        retrained.energy_head.out.weight.add_(0.1)
+    retrained.save_pretrained(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="weights_sha256"):
+        ev.run(_args(setup, tmp_path / "a", model=tmp_path / "pipe"))
 
 
 # ------------------------------------------------------------------------------ references
