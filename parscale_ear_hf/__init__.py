@@ -1,7 +1,7 @@
 """parscale-ear-hf: class-conditional image generation with EAR's energy head, ParScale streams,
 a wavelet LiteVAE and a Lite-Hybrid token module, as a Hugging Face diffusers pipeline."""
 
-from .models import EARTransformer, EnergyHead, LiteHybrid, LiteVAE, energy_score_loss
+from .models import DiffusionHead, EARTransformer, EnergyHead, LiteHybrid, LiteVAE, energy_score_loss
 from .pipeline_parscale_ear import ParScaleEARPipeline
 from .training import EARTrainingModel
 
@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EARTrainingModel",
+    "DiffusionHead",
     "EARTransformer",
     "EnergyHead",
     "LiteHybrid",

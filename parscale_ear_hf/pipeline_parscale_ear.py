@@ -17,6 +17,7 @@ from huggingface_hub import create_repo, snapshot_download, upload_folder
 
 from .data import looks_like_local_path
 from .models._checks import check_float, check_int
+from .models.diffusion_head import DiffusionHead
 from .models.ear_transformer import EARTransformer, tokens_to_latents
 from .models.energy_head import EnergyHead
 from .models.lite_hybrid import LiteHybrid
@@ -86,7 +87,8 @@ def check_components(vae, lite_hybrid, transformer, energy_head) -> None:
         "vae": (LiteVAE, AutoencoderKL),
         "lite_hybrid": (LiteHybrid,),
         "transformer": (EARTransformer,),
-        "energy_head": (EnergyHead,),
+        # MAR's diffusion head fits the same slot: the baseline of the benchmarks and ablations.
+        "energy_head": (EnergyHead, DiffusionHead),
     }
     given = {"vae": vae, "lite_hybrid": lite_hybrid, "transformer": transformer, "energy_head": energy_head}
     for name, classes in expected.items():
@@ -139,7 +141,8 @@ class ParScaleEARPipeline(DiffusionPipeline):
         vae: a :class:`LiteVAE` or a ``diffusers.AutoencoderKL``; decodes tokens to images.
         lite_hybrid: :class:`LiteHybrid`, enhances the visible tokens before each backbone pass.
         transformer: :class:`EARTransformer`, the masked autoregressive backbone.
-        energy_head: :class:`EnergyHead`, samples one token per position in one forward.
+        energy_head: :class:`EnergyHead`, samples one token per position in one forward; or MAR's
+            :class:`DiffusionHead` (`num_sampling_steps` forwards per token), the speed baseline.
         id2label: optional ``{class id: "name, synonym, ..."}``; saved in `model_index.json`.
     """
 
@@ -151,7 +154,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
         vae: LiteVAE | AutoencoderKL,
         lite_hybrid: LiteHybrid,
         transformer: EARTransformer,
-        energy_head: EnergyHead,
+        energy_head: EnergyHead | DiffusionHead,
         id2label: dict | None = None,
     ):
         super().__init__()
@@ -344,7 +347,8 @@ class ParScaleEARPipeline(DiffusionPipeline):
             # All randomness of image i is drawn up front from its own generator: its order, then
             # one noise vector per token (each token is sampled exactly once).
             orders = torch.argsort(_uniform(batch, (n,), generator, device), dim=1)
-            noise = (_uniform(batch, (n, self.energy_head.config.noise_dim), generator, device) - 0.5).to(dtype)
+            head = self.energy_head
+            noise = head.noise_from_uniform(_uniform(batch, (n, *head.noise_shape), generator, device)).to(dtype)
             tokens = torch.zeros(batch, n, channels, device=device, dtype=dtype)
             mask = torch.ones(batch, n, dtype=torch.bool, device=device)
             num_masked = n
@@ -364,7 +368,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
                     z = cfg * h_cond[to_predict] + (1 - cfg) * h_uncond[to_predict]
                 else:
                     z = self.transformer(x, labels, mask)[to_predict]
-                tokens[to_predict] = self.energy_head(z, noise[to_predict], temperature).to(dtype)
+                tokens[to_predict] = head.sample(z, temperature, noise=noise[to_predict]).to(dtype)
                 mask, num_masked = mask_next, num_masked_next
 
                 if callback_on_step_end is not None:

@@ -102,3 +102,21 @@ def test_bad_input_shape_is_a_clear_error():
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         _tiny(**{field: value})
+
+
+def test_plain_ear_pipeline_without_lite_hybrid_branches_samples_saves_and_loads(tmp_path):
+    """Both branches off (the A1 baseline) leaves LiteHybrid without parameters: the pipeline must
+    still find its device, sample, and round-trip through save / load."""
+    from parscale_ear_hf import ParScaleEARPipeline
+
+    from conftest import ID2LABEL, tiny_components
+
+    pipe = ParScaleEARPipeline(**tiny_components(use_coarse=False, use_fine=False), id2label=ID2LABEL)
+    pipe.set_progress_bar_config(disable=True)
+    assert sum(p.numel() for p in pipe.lite_hybrid.parameters()) == 0
+    images = pipe([1, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    pipe.save_pretrained(tmp_path / "plain")
+    loaded = ParScaleEARPipeline.from_pretrained(tmp_path / "plain")
+    loaded.set_progress_bar_config(disable=True)
+    again = loaded([1, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    torch.testing.assert_close(torch.from_numpy(again), torch.from_numpy(images), atol=1e-6, rtol=0)

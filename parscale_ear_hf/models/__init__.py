@@ -1,8 +1,9 @@
 """The four ParScale-EAR components, one file each."""
 
+from .diffusion_head import DiffusionHead
 from .ear_transformer import EARTransformer
 from .energy_head import EnergyHead, energy_score_loss
 from .lite_hybrid import LiteHybrid
 from .lite_vae import LiteVAE
 
-__all__ = ["EARTransformer", "EnergyHead", "LiteHybrid", "LiteVAE", "energy_score_loss"]
+__all__ = ["DiffusionHead", "EARTransformer", "EnergyHead", "LiteHybrid", "LiteVAE", "energy_score_loss"]

@@ -109,6 +109,16 @@ class EnergyHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, token_channels)
 
+    @property
+    def noise_shape(self) -> tuple[int]:
+        """Noise per token: one vector of `noise_dim` (the pipeline draws it per image, up front)."""
+        return (self.config.noise_dim,)
+
+    @staticmethod
+    def noise_from_uniform(u: torch.Tensor) -> torch.Tensor:
+        """``U[0, 1)`` -> the head's noise ``U[-0.5, 0.5)``."""
+        return u - 0.5
+
     def draw_noise(self, num: int, generator: torch.Generator | None = None, device=None, dtype=None) -> torch.Tensor:
         """Noise ``U[-0.5, 0.5]^noise_dim`` for ``num`` tokens, `(num, noise_dim)`."""
         device = device if device is not None else self.device
@@ -116,7 +126,7 @@ class EnergyHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
         noise = torch.rand(
             num, self.config.noise_dim, generator=generator, device=generator.device if generator else device
         )
-        return (noise - 0.5).to(device=device, dtype=dtype)
+        return self.noise_from_uniform(noise).to(device=device, dtype=dtype)
 
     def forward(self, z: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """One sample per row.

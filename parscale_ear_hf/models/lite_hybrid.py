@@ -49,6 +49,10 @@ class LiteHybrid(StrictLoadingMixin, ModelMixin, ConfigMixin):
         for name in ("in_channels", "grid_size", "coarse_grid_size", "hidden_dim", "num_heads"):
             check_int("LiteHybrid", name, locals()[name])
         check_divisible("LiteHybrid", "grid_size", grid_size, coarse_grid_size, "coarse_grid_size")
+        if not (use_coarse or use_fine):
+            # Plain EAR leaves no parameters, but diffusers reads a model's device and dtype from its
+            # tensors and writes no weights file for an empty model: keep one constant.
+            self.register_buffer("identity_marker", torch.zeros(()))
         check_divisible("LiteHybrid", "hidden_dim", hidden_dim, num_heads, "num_heads")
         for name in ("use_coarse", "use_fine"):
             if not isinstance(locals()[name], bool):
