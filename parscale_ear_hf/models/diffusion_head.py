@@ -68,7 +68,11 @@ class DiffusionHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
             beta_schedule="squaredcos_cap_v2",
             clip_sample=False,
             set_alpha_to_one=True,
-            timestep_spacing="trailing",
+            # "leading" with offset 1 starts at t = 981 (of 1000), where the cosine schedule keeps
+            # alpha_bar ~ 1e-3: from t = 999 (alpha_bar ~ 2e-9) the x0 estimate multiplies any epsilon
+            # error by ~600 and an imperfect head diverges.
+            timestep_spacing="leading",
+            steps_offset=1,
             prediction_type="epsilon",
         )
 
