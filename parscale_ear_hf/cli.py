@@ -106,7 +106,7 @@ def info(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import evaluation, model_card, training, vae_training  # extras are needed only when run
+    from . import benchmark, evaluation, model_card, training, vae_training  # extras are needed only when run
 
     parser = argparse.ArgumentParser(
         prog="parscale-ear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> None:
             description=evaluation.run_reconstruction.__doc__,
         )
     ).set_defaults(func=evaluation.run_reconstruction)
+    benchmark.add_arguments(
+        commands.add_parser(
+            "bench", help="speed and memory benchmarks, beside the baselines", description=benchmark.__doc__
+        )
+    ).set_defaults(func=benchmark.run)
     model_card.add_arguments(
         commands.add_parser(
             "card",
