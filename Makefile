@@ -14,7 +14,7 @@ $(PY):
 
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[train,eval,test]" "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[train,eval,bench,test]" "$(TORCH_PIN)"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -5,6 +5,7 @@ python examples/update_readme.py
 
 import argparse
 
+from parscale_ear_hf.benchmark import performance_section
 from parscale_ear_hf.info import parameter_table
 from parscale_ear_hf.results import (
     a1_ablation_table,
@@ -32,6 +33,7 @@ def main():
     update_readme(args.readme, "demo-results", demo_results_table(args.results_dir))
     update_readme(args.readme, "eval-results", eval_results_table(args.results_dir))
     update_readme(args.readme, "a1-ablation", a1_ablation_table(args.results_dir))
+    update_readme(args.readme, "performance", performance_section(args.results_dir))
     print(f"updated {args.readme} from {args.results_dir}/")
 
 

@@ -516,3 +516,55 @@ def plot_scaling(record: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def performance_section(results_dir: str | Path) -> str:
+    """The README's Performance section: per results/benchmark_<profile>.json, the machine and
+    revision, the targets, the headline ratios and the scaling plot; the full table is linked."""
+    from .results import load_results, machine_summary, short_revision
+
+    parts = []
+    for profile in ("gpu", "cpu"):
+        path = Path(results_dir) / f"benchmark_{profile}.json"
+        record = load_results(path)
+        if record is None:
+            if profile == "gpu":
+                parts.append("_GPU: not run yet; `bash examples/bench_gpu.sh` on an NVIDIA GPU writes it._")
+            continue
+        m = record["measurements"]
+        lines = [
+            f"**{profile.upper()} profile** ({record['dtype']}, {machine_summary(record['provenance']['machine'])}, "
+            f"revision `{short_revision(record)}`; sections: {', '.join(record['section_provenance'])}). "
+            f"Full table: [`results/{path.stem}.md`](results/{path.stem}.md).",
+            "",
+            "| target | measured | bound | met |",
+            "|---|---:|---:|---|",
+        ]
+        for t in record["targets"].values():
+            value = "not measured" if t["value"] is None else f"{t['value']:.3g}"
+            met = {None: "-", True: "yes", False: "**no**"}[t["met"]]
+            lines.append(f"| {t['what']} | {value} | {'<=' if t['at_most'] else '>='} {t['bound']:g} | {met} |")
+        facts = []
+        for key, row in m.items():
+            if key.startswith("heads/speedup_"):
+                facts.append(f"energy head vs 100-step diffusion head, {row['tokens']} tokens: {row['ratio']:.1f}x")
+            elif key.startswith("hybrid/share_"):
+                facts.append(f"LiteHybrid / transformer forward at batch {row['batch']}: {100 * row['ratio']:.2f}%")
+        if "dit/ratio" in m:
+            facts.append(
+                f"DiTPipeline (50 DDIM steps) / ours (64 steps), one image: {m['dit/ratio']['dit_over_ours']:.2f}x"
+            )
+        if "flops/matmul_peak" in m:
+            peak = m["flops/matmul_peak"]["flop_per_s"]
+            facts.append(f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+            for key, row in m.items():
+                if key.startswith("flops/transformer_b"):
+                    facts.append(
+                        f"transformer forward at batch {row['batch']}: {row['flop_per_s'] / 1e9:.1f} GFLOP/s "
+                        f"({100 * row['flop_per_s'] / peak:.0f}% of peak)"
+                    )
+        lines += ["", *[f"- {fact}" for fact in facts]]
+        if path.with_suffix(".png").is_file():
+            lines += ["", f"![{profile} scaling](results/{path.stem}.png)"]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
