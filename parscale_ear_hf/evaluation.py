@@ -268,8 +268,14 @@ def inception_score(logits: np.ndarray, splits: int = IS_SPLITS) -> tuple[float,
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _knn_radii(features: torch.Tensor, k: int, block: int) -> torch.Tensor:
+def _block_rows(other: int, budget: int = 2**26) -> int:
+    """Rows per distance block so that a `(rows, other)` float64 block stays within `budget` elements (512 MiB)."""
+    return max(1, budget // max(other, 1))
+
+
+def _knn_radii(features: torch.Tensor, k: int) -> torch.Tensor:
     """Distance of each row to its k-th nearest other row `(N,)`."""
+    block = _block_rows(len(features))
     radii = []
     for start in range(0, len(features), block):
         d = torch.cdist(features[start : start + block], features)
@@ -278,9 +284,9 @@ def _knn_radii(features: torch.Tensor, k: int, block: int) -> torch.Tensor:
     return torch.cat(radii)
 
 
-def _fraction_inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, block: int) -> float:
+def _fraction_inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
     """Fraction of `points` within radius of at least one centre (the k-NN manifold of `centres`)."""
-    inside = 0
+    block, inside = _block_rows(len(centres)), 0
     for start in range(0, len(points), block):
         d = torch.cdist(points[start : start + block], centres)
         inside += (d <= radii[None]).any(dim=1).sum().item()
@@ -288,12 +294,12 @@ def _fraction_inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.T
 
 
 def precision_recall(
-    real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURHOOD, block: int = 4096
+    real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURHOOD, device: str | torch.device = "cpu"
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkaenniemi et al. 2019, ADM's evaluator): precision is the
     fraction of `fake` features inside the k-NN manifold of `real`, recall the fraction of `real`
-    inside the manifold of `fake`. Distances in float64, `block` rows at a time."""
-    real_t, fake_t = (torch.as_tensor(np.asarray(x), dtype=torch.float64) for x in (real, fake))
+    inside the manifold of `fake`. Distances in float64 on `device`, in blocks of at most 512 MiB."""
+    real_t, fake_t = (torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device) for x in (real, fake))
     if (
         real_t.ndim != 2
         or fake_t.ndim != 2
@@ -304,8 +310,8 @@ def precision_recall(
             f"precision_recall: need two feature sets (N > {k}, D) with the same D, got {tuple(real_t.shape)} "
             f"and {tuple(fake_t.shape)}."
         )
-    precision = _fraction_inside(fake_t, real_t, _knn_radii(real_t, k, block), block)
-    recall = _fraction_inside(real_t, fake_t, _knn_radii(fake_t, k, block), block)
+    precision = _fraction_inside(fake_t, real_t, _knn_radii(real_t, k))
+    recall = _fraction_inside(real_t, fake_t, _knn_radii(fake_t, k))
     return precision, recall
 
 
@@ -657,7 +663,11 @@ def collect_features(output_dir: str | os.PathLike, num_samples: int) -> tuple[n
 
 
 def compute_metrics(
-    features: np.ndarray, logits: np.ndarray, reference: Reference, extractor: FeatureExtractor
+    features: np.ndarray,
+    logits: np.ndarray,
+    reference: Reference,
+    extractor: FeatureExtractor,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """FID against `reference`, Inception Score of `logits`, and precision / recall when the reference
     has features; keys carry the extractor's prefix (``demo_fid`` for the stand-in)."""
@@ -667,7 +677,7 @@ def compute_metrics(
     metrics = {f"{p}fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), f"{p}is": is_mean}
     metrics[f"{p}is_std"] = is_std
     if reference.features is not None:
-        metrics[f"{p}precision"], metrics[f"{p}recall"] = precision_recall(reference.features, features)
+        metrics[f"{p}precision"], metrics[f"{p}recall"] = precision_recall(reference.features, features, device=device)
     return metrics
 
 
@@ -844,7 +854,7 @@ def run(args: argparse.Namespace) -> dict | None:
         return None
     num_samples = args.images_per_class * num_classes
     features, logits, _ = collect_features(args.output_dir, num_samples)
-    metrics = compute_metrics(features, logits, reference, extractor)
+    metrics = compute_metrics(features, logits, reference, extractor, device=accelerator.device)
     if args.adm_npz:
         write_adm_npz(png_dir, args.adm_npz, num_samples)
     import resource

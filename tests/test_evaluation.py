@@ -91,17 +91,19 @@ def test_inception_score_matches_torchmetrics_and_its_bounds():
     assert ev.inception_score(np.tile(confident[:1], (100, 1)))[0] == pytest.approx(1, rel=1e-6)
 
 
-def test_precision_recall_match_brute_force():
+def test_precision_recall_match_brute_force(monkeypatch):
     real, fake = _gaussian_features(150, 6, 0), _gaussian_features(120, 6, 1, shift=0.5)
 
     def brute(manifold, points, k=3):
         radii = np.sort(cdist(manifold, manifold), axis=1)[:, k]
         return (cdist(points, manifold) <= radii[None]).any(axis=1).mean()
 
-    precision, recall = ev.precision_recall(real, fake, block=32)
+    precision, recall = ev.precision_recall(real, fake)
     assert precision == pytest.approx(brute(real, fake))
     assert recall == pytest.approx(brute(fake, real))
     assert 0 < recall < 1 and 0 < precision < 1
+    monkeypatch.setattr(ev, "_block_rows", lambda other: 7)  # many blocks, a ragged last one
+    assert ev.precision_recall(real, fake) == (precision, recall)
     assert ev.precision_recall(real, real) == (1.0, 1.0)
     assert ev.precision_recall(real, real + 100) == (0.0, 0.0)
 
