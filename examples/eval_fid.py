@@ -2,7 +2,7 @@
 
 ImageNet-256, the standard (50 samples per class, torch-fidelity's Inception-v3, ADM's reference):
     accelerate launch examples/eval_fid.py --model PIPELINE --output-dir runs/eval \
-        --reference VIRTUAL_imagenet256_labeled.npz --inception-weights pt_inception-2015-12-05-6726825d.pth \
+        --reference VIRTUAL_imagenet256_labeled.npz --inception-weights weights-inception-2015-12-05-6726825d.pth \
         --images-per-class 50 --steps 64 --guidance 3.0 --temperature 0.7 --mixed-precision bf16
 Reference statistics from a dataset instead (computed once, cached under --reference-cache-dir):
     ... --dataset ILSVRC/imagenet-1k --split validation --streaming

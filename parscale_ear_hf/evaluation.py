@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from .data import center_crop_arr, derived_seed
 
-INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+# torch-fidelity's release asset (the TF 2015-12-05 Inception graph ported to PyTorch).
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 # Kynkaenniemi et al. (2019) and ADM's evaluator: radius of the 3rd nearest neighbour.
 PR_NEIGHBOURHOOD = 3
 # ADM's evaluator and torch-fidelity: the Inception Score is averaged over 10 splits.
@@ -115,7 +116,7 @@ class InceptionExtractor(FeatureExtractor):
     Images of any size are resized to 299 inside, with TensorFlow-1 bilinear (no antialiasing).
 
     Args:
-        weights_path: the PyTorch weights file (`pt_inception-2015-12-05-6726825d.pth`); None
+        weights_path: the PyTorch weights file (`weights-inception-2015-12-05-6726825d.pth`); None
             downloads it (torch hub cache) and fails with a clear error when it cannot.
     """
 

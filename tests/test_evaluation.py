@@ -382,9 +382,29 @@ def test_bad_input_fails_before_any_sampling(setup, tmp_path, case, match):
 
 
 def test_inception_extractor_errors_name_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
+    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05"):
         ev.load_extractor("inception", inception_weights=tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="accepted: 'inception', 'digit'"):
         ev.load_extractor("clip")
     with pytest.raises(ValueError, match="needs --classifier"):
         ev.load_extractor("digit")
+
+
+def test_inception_extractor_with_torch_fidelity(tmp_path):
+    """Only where the `inception` extra imports (torch-fidelity needs a torchvision that matches
+    torch; the CPU test environment has none): the real network, with random weights saved in
+    its format, makes 2048-d features and 1008 logits, and grayscale equals repeated RGB."""
+    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    from unittest import mock
+
+    network = fidelity.FeatureExtractorInceptionV3
+    with (
+        mock.patch.object(network, "load_state_dict"),
+        mock.patch.object(fidelity, "load_state_dict_from_url", return_value={}),
+    ):
+        torch.save(network("inception-v3-compat", ["2048"]).state_dict(), tmp_path / "weights.pth")
+    extractor = ev.load_extractor("inception", inception_weights=tmp_path / "weights.pth")
+    gray = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    features, logits = extractor(gray)
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
+    torch.testing.assert_close(extractor(gray.expand(-1, 3, -1, -1).contiguous())[0], features)

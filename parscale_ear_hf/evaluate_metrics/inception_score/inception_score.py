@@ -42,7 +42,7 @@ Args:
         `parscale_ear_hf.evaluation.FeatureExtractor`.
     classifier: with extractor "digit": a DigitClassifier folder (the demo's: models/digit_classifier).
     inception_weights: with extractor "inception": torch-fidelity's
-        pt_inception-2015-12-05-6726825d.pth; None downloads it.
+        weights-inception-2015-12-05-6726825d.pth; None downloads it.
     device: where the feature network runs. Default "cpu".
     batch_size: images per forward pass. Default 50.
 Returns:
