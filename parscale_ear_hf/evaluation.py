@@ -476,6 +476,12 @@ def dataset_features(
     return np.concatenate(features) if features else np.zeros((0, extractor.feature_dim), np.float32)
 
 
+def subset_order(dataset):
+    """The order in which a limited number of images is read: a seeded shuffle, since splits are
+    often stored class by class (image folders, the MNIST demo) and a prefix would be unbalanced."""
+    return dataset.shuffle(seed=0)
+
+
 def reference_cache_path(cache_dir: str | os.PathLike, dataset: str, split: str, image_size: int, extractor) -> Path:
     """Where :func:`reference_from_dataset` caches its statistics: keyed by dataset, split, image size
     and extractor."""
@@ -518,6 +524,8 @@ def reference_from_dataset(
         return reference
     if callable(dataset):
         dataset = dataset()
+    if max_images is not None:
+        dataset = subset_order(dataset)
     features = dataset_features(
         dataset, image_size=image_size, channels=channels, extractor=extractor, max_images=max_images,
         batch_size=batch_size, progress=progress,
@@ -533,7 +541,12 @@ def reference_from_dataset(
         extractor=extractor.name,
         image_size=image_size,
         count=len(features),
-        meta={"dataset": dataset_name, "split": split, "preprocessing": "center_crop_arr (ADM)"},
+        meta={
+            "dataset": dataset_name,
+            "split": split,
+            "preprocessing": "center_crop_arr (ADM)",
+            "subset": None if max_images is None else "the first max_images after shuffle(seed=0)",
+        },
     )
     reference.save(path)
     return reference
@@ -903,7 +916,8 @@ def add_reconstruction_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
     parser.add_argument(
         "--baseline-split",
         default=None,
-        help="also score as many real images of this split against --split: the FID that sampling noise alone gives",
+        help="also score as many real images of this split (a seeded random subset) against --split: the FID "
+        "that sampling noise alone gives",
     )
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--results-file", required=True)
@@ -942,8 +956,9 @@ def run_reconstruction(args: argparse.Namespace) -> dict:
         max_images=args.max_images,
         **common,
     )
+    images = load_dataset_from_args(args, args.split)
     reconstructed = dataset_features(
-        load_dataset_from_args(args, args.split),
+        images if args.max_images is None else subset_order(images),  # the reference's images
         max_images=args.max_images,
         transform=vae_round_trip(vae, args.device),
         **common,
@@ -951,9 +966,8 @@ def run_reconstruction(args: argparse.Namespace) -> dict:
     p = extractor.metric_prefix
     metrics = {f"{p}rfid": frechet_distance(*feature_statistics(reconstructed), reference.mu, reference.sigma)}
     if args.baseline_split is not None:
-        real = dataset_features(
-            load_dataset_from_args(args, args.baseline_split), max_images=reference.count, **common
-        )
+        baseline = subset_order(load_dataset_from_args(args, args.baseline_split))
+        real = dataset_features(baseline, max_images=reference.count, **common)
         metrics[f"{p}fid_real_{args.baseline_split}"] = frechet_distance(
             *feature_statistics(real), reference.mu, reference.sigma
         )

@@ -408,3 +408,37 @@ def test_inception_extractor_with_torch_fidelity(tmp_path):
     features, logits = extractor(gray)
     assert features.shape == (2, 2048) and logits.shape == (2, 1008)
     torch.testing.assert_close(extractor(gray.expand(-1, 3, -1, -1).contiguous())[0], features)
+
+
+def test_reconstruction_fid_and_its_real_data_floor(setup, tmp_path):
+    """rFID compares a split with its own reconstructions; with --max-images both read the same
+    seeded subset, so the 'floor' of the split against itself is 0 while the untrained VAE's
+    reconstructions are far off."""
+    parser = ev.add_reconstruction_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        ["--vae", str(setup / "pipe"), "--vae-subfolder", "vae", "--dataset", str(setup / "data"), "--split", "train",
+         "--baseline-split", "train", "--max-images", "24", "--extractor", "digit", "--classifier", str(setup / "clf"),
+         "--reference-cache-dir", str(tmp_path / "refs"), "--results-file", str(tmp_path / "rfid.json"),
+         "--device", "cpu"]
+    )  # fmt: skip
+    record = ev.run_reconstruction(args)
+    metrics = record["metrics"]
+    assert metrics["demo_fid_real_train"] == pytest.approx(0, abs=1e-6)
+    assert metrics["demo_rfid"] > 1e-3 and record["value"] == metrics["demo_rfid"]
+    assert record["samples"]["total"] == 24 and record["model"] == str(setup / "pipe")
+    assert record["reference"]["count"] == 24
+
+
+def test_limited_reference_is_a_shuffled_subset_not_a_prefix(setup, tmp_path):
+    extractor = ev.load_extractor("digit", classifier=setup / "clf")
+    data = datasets.load_from_disk(str(setup / "data"))
+    reference = ev.reference_from_dataset(
+        data, dataset_name="d", split="train", image_size=16, channels=3, extractor=extractor, cache_dir=tmp_path,
+        max_images=10, progress=False,
+    )  # fmt: skip
+    first = ev.dataset_features(data, image_size=16, channels=3, extractor=extractor, max_images=10, progress=False)
+    shuffled = ev.dataset_features(
+        data.shuffle(seed=0), image_size=16, channels=3, extractor=extractor, max_images=10, progress=False
+    )
+    np.testing.assert_allclose(reference.features, shuffled, rtol=1e-6)
+    assert not np.allclose(reference.features, first)
