@@ -20,14 +20,25 @@ import torch
 
 
 def git_revision(repo_dir: str | os.PathLike | None = None) -> str:
-    """``HEAD``'s commit hash, with ``-dirty`` when tracked files differ from it; "unknown" outside git."""
+    """``HEAD``'s commit hash, with ``-dirty`` when tracked files other than generated ones (``results/``,
+    README tables and model cards) differ from it; "unknown" outside git."""
     cwd = repo_dir or Path(__file__).resolve().parent
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # Figures and READMEs written by earlier commands of the same run do not make it dirty.
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":(exclude)results",
+                ":(exclude)*README.md",
+            ],
             cwd=cwd,
             capture_output=True,
             text=True,
