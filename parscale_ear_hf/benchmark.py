@@ -8,6 +8,7 @@ peak resident size cannot be reset between measurements). fp32 on CPU, bf16 weig
 Profiles: "gpu" times everything at the ImageNet-256 default configs. "cpu" keeps the defaults
 wherever one CPU can afford it (components, heads, VAE encoders, LiteHybrid share, FLOP/s) and
 uses the named smaller configs for the generation-scale sweeps; every row records its config.
+Minute-long CPU measurements (a 64-step ImageNet image, the DiT comparison) run once, unwarmed.
 """
 
 from __future__ import annotations
@@ -152,10 +153,17 @@ def bench_components(b: Bench, batch: int) -> None:
     b.add("component/energy_head_sample", b.measure(lambda: head.sample(z, 0.7)), tokens=z.shape[0], **info)
 
 
+def _slow_runs(b: Bench) -> dict:
+    """Minute-long measurements on a CPU run once, without warm-up (the row records it); GPU: 1 + 3."""
+    return dict(warmup=1, repeats=3) if b.cuda else dict(warmup=0, repeats=1)
+
+
 def bench_full_image(b: Bench, steps: int = 64, guidance: float = 3.0) -> None:
     """One image from class label to pixels, default configs, with guidance."""
     pipe = _default_pipeline(b)
-    row = b.measure(lambda: pipe([1], num_inference_steps=steps, guidance_scale=guidance, output_type="pt"), repeats=3)
+    row = b.measure(
+        lambda: pipe([1], num_inference_steps=steps, guidance_scale=guidance, output_type="pt"), **_slow_runs(b)
+    )
     b.add("pipeline/full_image", row, config="ImageNet-256 defaults", batch=1, steps=steps, guidance=guidance)
 
 
@@ -307,7 +315,7 @@ def bench_dit(b: Bench, steps_ear: int = 64, steps_dit: int = 50, guidance: floa
         scheduler=DDIMScheduler(),
     ).to(b.device, b.dtype)
     dit.set_progress_bar_config(disable=True)
-    one = dict(warmup=1, repeats=2)
+    one = _slow_runs(b)
     e = b.add(
         "dit/ours",
         b.measure(lambda: pipe([1], num_inference_steps=steps_ear, guidance_scale=guidance, output_type="pt"), **one),
@@ -390,9 +398,7 @@ def run(args: argparse.Namespace) -> dict:
         ),
         "dit": lambda: bench_dit(bench),
     }
-    # One CPU cannot afford a 64-step ImageNet image many times over (minutes each): GPU only.
-    cpu_skips = {"full_image", "dit"}
-    sections = args.sections or [s for s in SECTIONS if gpu or s not in cpu_skips]
+    sections = args.sections or list(SECTIONS)
     output = Path(args.output or f"results/benchmark_{profile}.json")
     previous = load_results(output) or {}
     measured = dict(previous.get("measurements", {}))
