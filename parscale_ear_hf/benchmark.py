@@ -305,7 +305,8 @@ def bench_dit(b: Bench, steps_ear: int = 64, steps_dit: int = 50, guidance: floa
 
     pipe = _default_pipeline(b)
     ours = sum(count_parameters(m) for m in (pipe.lite_hybrid, pipe.transformer, pipe.energy_head))
-    dit_config = dict(num_attention_heads=12, attention_head_dim=64)
+    # DiT's released configs: 4 latent channels in, 8 out (noise and learned variance), patch 2.
+    dit_config = dict(num_attention_heads=12, attention_head_dim=64, in_channels=4, out_channels=8)
     with torch.device("meta"):
         sizes = {n: count_parameters(DiTTransformer2DModel(**dit_config, num_layers=n)) for n in range(8, 33)}
     layers = min(sizes, key=lambda k: abs(sizes[k] - ours))
@@ -403,6 +404,7 @@ def run(args: argparse.Namespace) -> dict:
     previous = load_results(output) or {}
     measured = dict(previous.get("measurements", {}))
     section_provenance = dict(previous.get("section_provenance", {}))
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
     for section in sections:
         print(f"[{section}]", flush=True)
         start = len(bench.results)
@@ -410,17 +412,18 @@ def run(args: argparse.Namespace) -> dict:
         for key in list(bench.results)[start:]:
             measured[key] = bench.results[key]
         section_provenance[section] = provenance()
-    payload = {
-        "metric": "benchmark",
-        "profile": profile,
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
-        "dtype": str(dtype),
-        "measurements": measured,
-        "targets": check_targets(measured),
-        "section_provenance": section_provenance,
-    }
-    record = write_results(output, payload)
+        payload = {
+            "metric": "benchmark",
+            "profile": profile,
+            "device": args.device,
+            "device_name": device_name,
+            "dtype": str(dtype),
+            "measurements": measured,
+            "targets": check_targets(measured),
+            "section_provenance": section_provenance,
+        }
+        # Written after every section, so a failure later keeps what was measured.
+        record = write_results(output, payload)
     markdown = benchmark_markdown(record)
     output.with_suffix(".md").write_text(markdown + "\n", encoding="utf-8")
     plot_scaling(record, output.with_suffix(".png"))
