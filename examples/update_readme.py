@@ -4,8 +4,9 @@ python examples/update_readme.py
 """
 
 import argparse
+from pathlib import Path
 
-from parscale_ear_hf.benchmark import performance_section
+from parscale_ear_hf.benchmark import performance_section, write_reports
 from parscale_ear_hf.info import parameter_table
 from parscale_ear_hf.results import (
     a1_ablation_table,
@@ -33,6 +34,9 @@ def main():
     update_readme(args.readme, "demo-results", demo_results_table(args.results_dir))
     update_readme(args.readme, "eval-results", eval_results_table(args.results_dir))
     update_readme(args.readme, "a1-ablation", a1_ablation_table(args.results_dir))
+    for profile in ("cpu", "gpu"):  # tables and plots are derived from the JSON files only
+        if Path(args.results_dir, f"benchmark_{profile}.json").is_file():
+            write_reports(Path(args.results_dir, f"benchmark_{profile}.json"))
     update_readme(args.readme, "performance", performance_section(args.results_dir))
     print(f"updated {args.readme} from {args.results_dir}/")
 

@@ -424,10 +424,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         # Written after every section, so a failure later keeps what was measured.
         record = write_results(output, payload)
-    markdown = benchmark_markdown(record)
-    output.with_suffix(".md").write_text(markdown + "\n", encoding="utf-8")
-    plot_scaling(record, output.with_suffix(".png"))
-    print(markdown)
+    print(write_reports(output))
     return record
 
 
@@ -444,6 +441,19 @@ def _batch_section(b: Bench, args, gpu: bool) -> None:
 
 
 # ------------------------------------------------------------------------------ reporting
+
+
+def write_reports(path: str | Path) -> str:
+    """From a benchmark results JSON, its Markdown table (``.md``) and scaling plot (``.png``) beside
+    it; returns the Markdown."""
+    from .results import load_results
+
+    path = Path(path)
+    record = load_results(path)
+    markdown = benchmark_markdown(record)
+    path.with_suffix(".md").write_text(markdown + "\n", encoding="utf-8")
+    plot_scaling(record, path.with_suffix(".png"))
+    return markdown
 
 
 def _ms(row: dict) -> str:
@@ -494,13 +504,13 @@ def plot_scaling(record: dict, path: Path) -> None:
 
     m = record["measurements"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    batch = sorted((v["batch"], v["seconds_per_image"]) for k, v in m.items() if k.startswith("batch/"))
-    if batch:
-        left.plot(*zip(*batch), marker="o")
+    rows = [v for k, v in m.items() if k.startswith("batch/")]
+    if rows:
+        left.plot(*zip(*sorted((v["batch"], v["seconds_per_image"]) for v in rows)), marker="o")
         left.set_xscale("log", base=2)
         left.set_xlabel("batch")
         left.set_ylabel("seconds per image")
-        left.set_title("full generation")
+        left.set_title(f"full generation, {rows[0]['steps']} steps\n{rows[0]['config']}", fontsize=9)
     for kind in ("parscale", "deeper", "wider"):
         for b in (1, 32):
             points = sorted(
@@ -518,7 +528,8 @@ def plot_scaling(record: dict, path: Path) -> None:
     right.set_yscale("log")
     right.set_xlabel("P (streams) or FLOP multiple")
     right.set_ylabel("transformer forward, ms")
-    right.set_title("ParScale vs deeper / wider")
+    sizes = {v["config"]["hidden_size"] for k, v in m.items() if k.startswith("parscale/parscale_p1")}
+    right.set_title(f"ParScale vs deeper / wider (P=1 width {', '.join(map(str, sizes))})", fontsize=9)
     if right.lines:
         right.legend(fontsize=7)
     fig.suptitle(f"{record['profile']} profile, {record['device_name'] or record['device']}, {record['dtype']}")

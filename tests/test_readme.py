@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,8 @@ def test_readme_tables_are_generated_from_the_results_files(tmp_path):
     # Regenerating the README from results/ changes nothing: no figure in it was typed by hand.
     copy = tmp_path / "README.md"
     copy.write_text(readme)
+    # A copy of results/: the command also rewrites the benchmark tables and plots beside the JSON.
+    shutil.copytree(ROOT / "results", tmp_path / "results")
     subprocess.run(
         [
             sys.executable,
@@ -41,13 +44,15 @@ def test_readme_tables_are_generated_from_the_results_files(tmp_path):
             "--readme",
             str(copy),
             "--results-dir",
-            str(ROOT / "results"),
+            str(tmp_path / "results"),
         ],
         check=True,
         capture_output=True,
         timeout=120,
     )
     assert copy.read_text() == readme
+    for table in (tmp_path / "results").glob("benchmark_*.md"):  # derived from the JSON alone
+        assert table.read_text() == (ROOT / "results" / table.name).read_text()
     assert demo_results_table(ROOT / "results") in readme
 
 
