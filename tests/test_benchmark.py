@@ -65,9 +65,9 @@ def test_targets_markdown_and_plot(tmp_path):
         "flops/transformer_b32": {"flop_per_s": 6e10},
         "flops/matmul_peak": {"flop_per_s": 1e11},
         "batch/b1": {"median_s": 1.0, "min_s": 1.0, "max_s": 1.0, "repeats": 2, "warmup": 1,
-                     "peak_memory_mib": None, "seconds_per_image": 1.0, "batch": 1},
+                     "peak_memory_mib": None, "seconds_per_image": 1.0, "batch": 1, "steps": 2, "config": "tiny"},
         "batch/b4": {"median_s": 2.0, "min_s": 2.0, "max_s": 2.0, "repeats": 2, "warmup": 1,
-                     "peak_memory_mib": None, "seconds_per_image": 0.5, "batch": 4},
+                     "peak_memory_mib": None, "seconds_per_image": 0.5, "batch": 4, "steps": 2, "config": "tiny"},
     }  # fmt: skip
     targets = bm.check_targets(measurements)
     assert targets["energy_vs_diffusion_speedup"]["value"] == 40.0  # the worst token group counts
