@@ -977,7 +977,12 @@ def run_reconstruction(args: argparse.Namespace) -> dict:
         "metrics": metrics,
         "model": args.vae,
         "component": args.vae_subfolder,
-        "samples": {"images_per_class": None, "total": len(reconstructed), "what": f"reconstructions of {args.split}"},
+        "samples": {
+            "images_per_class": None,
+            "total": len(reconstructed),
+            "what": f"reconstructions of {args.split} for {p}rfid"
+            + ("" if args.baseline_split is None else f", real {args.baseline_split} images for the floor"),
+        },
         "reference": {"source": reference.source, "file": reference.meta.get("file"), "count": reference.count},
         "extractor": extractor.describe(),
         "sampling": None,
