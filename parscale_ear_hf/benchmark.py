@@ -2,8 +2,9 @@
 measured in one run (`examples/benchmark.py`, `parscale-ear bench`).
 
 Every measurement warms up, then repeats (median, min, max), with CUDA-event timing and peak
-allocated memory on a GPU, wall-clock on a CPU (where peak memory is not measured: a process's
-peak resident size cannot be reset between measurements). fp32 on CPU, bf16 weights on GPU.
+allocated memory on a GPU, wall-clock on a CPU. On a CPU, the batch and ParScale sweeps measure
+peak memory in a fresh process per configuration (a process's peak resident size cannot be
+reset). fp32 on CPU, bf16 weights on GPU.
 
 Profiles: "gpu" times everything at the ImageNet-256 default configs. "cpu" keeps the defaults
 wherever one CPU can afford it (components, heads, VAE encoders, LiteHybrid share, FLOP/s) and
@@ -14,7 +15,11 @@ Minute-long CPU measurements (a 64-step ImageNet image, the DiT comparison) run 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +56,7 @@ class Bench:
         self.cuda = self.device.type == "cuda"
         self.progress = progress
         self.compile = False
+        self.probe_memory = False  # CPU peak memory, each in a fresh process (seconds per probe)
         self.results: dict[str, dict] = {}
 
     def sync(self):
@@ -98,6 +104,12 @@ class Bench:
             print(f"  {name}: {row['median_s'] * 1e3:.2f} ms (median of {row['repeats']})", flush=True)
         return self.results[name]
 
+    def cpu_memory(self, spec: dict) -> dict:
+        """On a CPU with `probe_memory`: :func:`cpu_peak_memory` of `spec`; else nothing."""
+        if self.cuda or not self.probe_memory:
+            return {}
+        return {"peak_memory_mib": cpu_peak_memory(spec), "memory": "CPU: peak RSS of a fresh process"}
+
     def module(self, module: torch.nn.Module) -> torch.nn.Module:
         module = module.to(self.device, self.dtype).eval()
         return torch.compile(module) if self.compile and isinstance(module, EARTransformer) else module
@@ -119,6 +131,59 @@ def transformer_flops(config: dict, batch: int) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(tokens, labels, mask)
     return counter.get_total_flops()
+
+
+def cpu_peak_memory(spec: dict) -> float:
+    """Peak memory of one call on the CPU, MiB, measured in a fresh process (a process's peak
+    resident size cannot be reset): peak RSS over building the model and calling it, minus the RSS
+    before, so it counts weights and activations as CUDA's max_memory_allocated does.
+
+    Args:
+        spec: ``{"kind": "transformer", "config": {...}, "batch": B}`` (one forward, mask half
+            full) or ``{"kind": "pipeline", "model": folder, "batch": B, "steps": S}`` (a generation).
+    """
+    code = "import json, sys; from parscale_ear_hf.benchmark import _memory_probe; print(_memory_probe(sys.argv[1]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    if done.returncode:
+        raise RuntimeError(f"cpu_peak_memory: the probe of {spec} failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def _peak_rss() -> int:
+    """This process's peak resident size (VmHWM), bytes."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _memory_probe(spec_json: str) -> float:
+    import psutil
+
+    spec = json.loads(spec_json)
+    # Imports may have peaked above what the process holds now: reset the high-water mark (Linux).
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+        f.write("5")
+    before = psutil.Process().memory_info().rss
+    torch.manual_seed(0)
+    batch = spec["batch"]
+    with torch.no_grad():
+        if spec["kind"] == "transformer":
+            model = EARTransformer(**spec["config"]).eval()
+            n = model.num_tokens
+            model(torch.randn(batch, n, model.config.in_channels), torch.zeros(batch, dtype=torch.long),
+                  _mask(batch, n, "cpu"))  # fmt: skip
+        else:
+            from .pipeline_parscale_ear import ParScaleEARPipeline
+
+            pipe = ParScaleEARPipeline.from_pretrained(spec["model"])
+            pipe.set_progress_bar_config(disable=True)
+            labels = [i % pipe.transformer.config.num_classes for i in range(batch)]
+            pipe(labels, num_inference_steps=spec["steps"], output_type="pt")
+    return (_peak_rss() - before) / 2**20
 
 
 def _mask(batch: int, n: int, device, fraction: float = 0.5) -> torch.Tensor:
@@ -255,11 +320,16 @@ def bench_matmul_peak(b: Bench) -> None:
     b.results["flops/matmul_peak"] = best
 
 
-def bench_batch_scaling(b: Bench, pipe, batches: tuple[int, ...], steps: int, config: str) -> None:
-    """Full generation (guidance on) at growing batch: time per image and peak memory."""
+def bench_batch_scaling(
+    b: Bench, pipe, batches: tuple[int, ...], steps: int, config: str, model_path: str | None = None
+) -> None:
+    """Full generation (guidance on) at growing batch: time per image and peak memory (on a CPU,
+    probed from `model_path`, the folder `pipe` was loaded from)."""
     for batch in batches:
         labels = [i % pipe.transformer.config.num_classes for i in range(batch)]
         row = b.measure(lambda: pipe(labels, num_inference_steps=steps, output_type="pt"), repeats=3)
+        if model_path is not None:
+            row.update(b.cpu_memory({"kind": "pipeline", "model": model_path, "batch": batch, "steps": steps}))
         b.add(
             f"batch/b{batch}",
             {**row, "seconds_per_image": row["median_s"] / batch},
@@ -286,6 +356,7 @@ def bench_parscale(b: Bench, base: dict, batches: tuple[int, ...], streams: tupl
                 tokens, mask = b.randn(batch, n, model.config.in_channels), _mask(batch, n, b.device)
                 labels = torch.zeros(batch, dtype=torch.long, device=b.device)
                 row = b.measure(lambda: model(tokens, labels, mask))
+                row.update(b.cpu_memory({"kind": "transformer", "config": config, "batch": batch}))
                 b.add(
                     f"parscale/{kind}_p{p}_b{batch}",
                     row,
@@ -370,6 +441,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=30.0, help="fewer repeats when one call is this slow")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (GPU)")
+    parser.add_argument(
+        "--no-memory-probe", action="store_true", help="CPU: skip the fresh-process peak-memory probes"
+    )
     parser.add_argument("--demo-model", default="models/mnist_demo", help="the cpu profile's batch-scaling model")
     parser.add_argument("--output", default=None, help="results JSON (default: results/benchmark_<profile>.json)")
     return parser
@@ -384,6 +458,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if profile == "gpu" else torch.float32
     bench = Bench(args.device, dtype, args.repeats, args.budget_s)
     bench.compile = args.compile
+    bench.probe_memory = not args.no_memory_probe
     torch.manual_seed(0)
     gpu = profile == "gpu"
     plans = {
@@ -437,7 +512,7 @@ def _batch_section(b: Bench, args, gpu: bool) -> None:
         pipe = ParScaleEARPipeline.from_pretrained(args.demo_model).to(b.device, b.dtype)
         pipe.set_progress_bar_config(disable=True)
         config, steps = f"{args.demo_model} (32x32, 8x8 tokens)", 16
-    bench_batch_scaling(b, pipe, (1, 4, 8, 16, 32, 64), steps, config)
+    bench_batch_scaling(b, pipe, (1, 4, 8, 16, 32, 64), steps, config, None if gpu else args.demo_model)
 
 
 # ------------------------------------------------------------------------------ reporting

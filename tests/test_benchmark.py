@@ -99,3 +99,12 @@ def test_cli_runs_a_section_and_merges_results(tmp_path, monkeypatch):
     assert set(record["section_provenance"]) == {"matmul", "heads"}
     with pytest.raises(SystemExit):
         main(["bench", "--sections", "nope"])
+
+
+def test_cpu_memory_probe_sees_activations_grow_with_batch():
+    """The fresh-process probe counts what one forward holds: 64 sequences of 272 x 256 floats
+    (an MLP hidden of 4x that is 70 MiB alone) must show, one sequence must not."""
+    config = dict(TINY, hidden_size=256, num_heads=4, grid_size=16, buffer_size=16)
+    small = bm.cpu_peak_memory({"kind": "transformer", "config": config, "batch": 1})
+    large = bm.cpu_peak_memory({"kind": "transformer", "config": config, "batch": 64})
+    assert 0 < small < large and large - small > 50, (small, large)
