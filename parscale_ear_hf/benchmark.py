@@ -613,6 +613,36 @@ def plot_scaling(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _mib(row: dict) -> str:
+    return "" if row.get("peak_memory_mib") is None else f", {row['peak_memory_mib']:.0f} MiB"
+
+
+def _scaling_facts(m: dict) -> list[str]:
+    """Headline lines of the batch and ParScale sweeps: time and, where measured, peak memory."""
+    facts = []
+    batch = sorted((v for k, v in m.items() if k.startswith("batch/")), key=lambda v: v["batch"])
+    if batch:
+        ends = " -> ".join(
+            f"batch {v['batch']}: {v['seconds_per_image'] * 1e3:.0f} ms/image{_mib(v)}" for v in (batch[0], batch[-1])
+        )
+        facts.append(f"generation ({batch[0]['config']}, {batch[0]['steps']} steps), {ends}")
+    rows = [v for k, v in m.items() if k.startswith("parscale/")]
+    top = max((v["streams"] for v in rows), default=1)
+    for b in sorted({v["batch"] for v in rows}):
+        same = {v["kind"]: v for v in rows if v["batch"] == b and v["streams"] == top}
+        if len(same) == 3:
+            facts.append(
+                f"P={top} at batch {b} (width {same['parscale']['config']['hidden_size']}): ParScale "
+                f"{same['parscale']['median_s'] * 1e3:.0f} ms{_mib(same['parscale'])}, "
+                f"{same['parscale']['parameters'] / 1e6:.1f}M parameters; {top}x deeper "
+                f"{same['deeper']['median_s'] * 1e3:.0f} ms{_mib(same['deeper'])}, "
+                f"{same['deeper']['parameters'] / 1e6:.1f}M; wider "
+                f"{same['wider']['median_s'] * 1e3:.0f} ms{_mib(same['wider'])}, "
+                f"{same['wider']['parameters'] / 1e6:.1f}M"
+            )
+    return facts
+
+
 def performance_section(results_dir: str | Path) -> str:
     """The README's Performance section: per results/benchmark_<profile>.json, the machine and
     revision, the targets, the headline ratios and the scaling plot; the full table is linked."""
@@ -645,6 +675,7 @@ def performance_section(results_dir: str | Path) -> str:
                 facts.append(f"energy head vs 100-step diffusion head, {row['tokens']} tokens: {row['ratio']:.1f}x")
             elif key.startswith("hybrid/share_"):
                 facts.append(f"LiteHybrid / transformer forward at batch {row['batch']}: {100 * row['ratio']:.2f}%")
+        facts += _scaling_facts(m)
         if "dit/ratio" in m:
             facts.append(
                 f"DiTPipeline (50 DDIM steps) / ours (64 steps), one image: {m['dit/ratio']['dit_over_ours']:.2f}x"
