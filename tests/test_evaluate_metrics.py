@@ -165,3 +165,18 @@ def test_bad_inputs_raise_errors_naming_them(load, digit_images):
         load("inception_score", "images").compute(predictions=samples[:20], extractor="digit")
     with pytest.raises(ValueError, match="`splits` must be an integer >= 1, got 0"):
         load("inception_score").compute(predictions=np.zeros((20, 10), np.float32), splits=0)
+
+
+def test_fid_against_a_reference_file_takes_any_number_of_samples(load, tmp_path):
+    """The ImageNet protocol compares 50k samples with ADM's stored statistics: no references column."""
+    a, b = random_features(4, n=300), random_features(5, n=120, shift=0.2)
+    mu, sigma = feature_statistics(b)
+    np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
+    fid = load("fid", "reference_file")
+    result = fid.compute(predictions=a, reference=str(tmp_path / "ref.npz"))
+    assert result["fid"] == pytest.approx(fid_by_hand(a, b), rel=1e-9)
+    with pytest.raises(ValueError, match="needs reference=PATH"):
+        load("fid", "reference_file").compute(predictions=a)
+    with pytest.raises(ValueError, match="16-d features but the reference .* 8-d"):
+        np.savez(tmp_path / "ref8.npz", mu=np.zeros(8), sigma=np.eye(8))
+        load("fid", "reference_file").compute(predictions=a, reference=str(tmp_path / "ref8.npz"))

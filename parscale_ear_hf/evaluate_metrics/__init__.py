@@ -6,6 +6,9 @@
     fid = evaluate.load(metric_path("fid"))  # config "features": feature vectors (N, D)
     fid.compute(predictions=sample_features, references=reference_features)  # {"fid": ...}
 
+    fid = evaluate.load(metric_path("fid"), "reference_file")  # any number of samples vs stored mu / sigma
+    fid.compute(predictions=sample_features, reference="VIRTUAL_imagenet256_labeled.npz")
+
     fid = evaluate.load(metric_path("fid"), "images")  # uint8 images (C, H, W), as `to_uint8` makes
     fid.compute(predictions=images, references=real_images, extractor="digit", classifier="models/digit_classifier")
     # {"demo_fid": ..., "extractor": "demo digit classifier (...)"}

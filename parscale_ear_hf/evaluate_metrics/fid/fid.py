@@ -9,9 +9,9 @@ import datasets
 import evaluate
 
 from parscale_ear_hf.evaluate_metrics import IMAGES, VECTORS, extract, get_extractor, select_config, stack_rows
-from parscale_ear_hf.evaluation import feature_statistics, frechet_distance
+from parscale_ear_hf.evaluation import feature_statistics, frechet_distance, load_reference
 
-CONFIGS = ("features", "images")
+CONFIGS = ("features", "images", "reference_file")
 
 _CITATION = """\
 @inproceedings{heusel2017gans,
@@ -37,6 +37,9 @@ Args:
         uint8 images `(N, C, H, W)` (C is 1 or 3; a list of `(C, H, W)` arrays works too).
     references: the same for the reference set. evaluate stores predictions and references as
         the columns of one table, so both hold N rows.
+    reference: config "reference_file" only (no references column): a .npz with the reference's
+        `mu` and `sigma` (ADM's VIRTUAL_imagenet256_labeled.npz, or a file cached by eval_fid.py);
+        any number of predictions.
     extractor: config "images" only: "inception", "digit", or a loaded
         `parscale_ear_hf.evaluation.FeatureExtractor`.
     classifier: with extractor "digit": a DigitClassifier folder (the demo's: models/digit_classifier).
@@ -61,12 +64,18 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class FID(evaluate.Metric):
     def _info(self):
-        column = IMAGES if select_config("fid", self.config_name, CONFIGS) == "images" else VECTORS
+        config = select_config("fid", self.config_name, CONFIGS)
+        column = IMAGES if config == "images" else VECTORS
+        # "reference_file": samples against stored statistics (ADM's .npz or eval_fid's cache), so the
+        # two sides need not be equally many, as in the 50k-vs-ADM protocol.
+        columns = (
+            {"predictions": column} if config == "reference_file" else {"predictions": column, "references": column}
+        )
         info = evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": column, "references": column}),
+            features=datasets.Features(columns),
             reference_urls=["https://arxiv.org/abs/1706.08500"],
         )
         # MetricInfo accepts a `format` only for flat Value columns; set after its check, the columns
@@ -77,13 +86,30 @@ class FID(evaluate.Metric):
     def _compute(
         self,
         predictions,
-        references,
+        references=None,
+        reference=None,
         extractor=None,
         classifier=None,
         inception_weights=None,
         device="cpu",
         batch_size=50,
     ):
+        if self.config_name == "reference_file":
+            if reference is None:
+                raise ValueError(
+                    "fid: the 'reference_file' config needs reference=PATH, a .npz with 'mu' and 'sigma' (ADM's "
+                    "reference batch or a file cached by examples/eval_fid.py)."
+                )
+            stats = load_reference(reference)
+            sample_features = stack_rows(predictions, 1, "fid", "predictions")
+            if stats.mu.shape != (sample_features.shape[1],):
+                raise ValueError(
+                    f"fid: predictions have {sample_features.shape[1]}-d features but the reference {reference!r} has "
+                    f"{stats.mu.shape[0]}-d statistics; both need features of one extractor (the same D)."
+                )
+            return {"fid": frechet_distance(*feature_statistics(sample_features), stats.mu, stats.sigma)}
+        if reference is not None:
+            raise ValueError("fid: reference=PATH applies to the 'reference_file' config only.")
         if self.config_name != "images":
             if any(arg is not None for arg in (extractor, classifier, inception_weights)):
                 raise ValueError(
