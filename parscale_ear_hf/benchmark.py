@@ -44,7 +44,7 @@ SD_VAE_CONFIG = dict(
     latent_channels=4,
     sample_size=256,
 )
-# The generation-scale sweeps of the "cpu" profile: the MNIST demo generator's shapes at 256 tokens.
+# The ParScale sweep of the "cpu" profile: a 192-wide, 6-layer backbone at the default 16x16 grid.
 SMALL_TRANSFORMER = dict(hidden_size=192, num_layers=6, num_heads=6, buffer_size=16)
 
 
@@ -58,10 +58,6 @@ class Bench:
         self.compile = False
         self.probe_memory = False  # CPU peak memory, each in a fresh process (seconds per probe)
         self.results: dict[str, dict] = {}
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
 
     def _once(self, fn) -> float:
         if self.cuda:
@@ -535,6 +531,16 @@ def _ms(row: dict) -> str:
     return f"{row['median_s'] * 1e3:.3g} ms ({row['min_s'] * 1e3:.3g}-{row['max_s'] * 1e3:.3g})"
 
 
+def targets_table(record: dict) -> list[str]:
+    """Markdown rows of :func:`check_targets`' verdicts."""
+    lines = ["| target | measured | bound | met |", "|---|---:|---:|---|"]
+    for t in record["targets"].values():
+        value = "not measured" if t["value"] is None else f"{t['value']:.3g}"
+        met = {None: "-", True: "yes", False: "**no**"}[t["met"]]
+        lines.append(f"| {t['what']} | {value} | {'<=' if t['at_most'] else '>='} {t['bound']:g} | {met} |")
+    return lines
+
+
 def benchmark_markdown(record: dict) -> str:
     """The results as Markdown: targets first, then every measurement with its conditions."""
     m = record["measurements"]
@@ -542,13 +548,8 @@ def benchmark_markdown(record: dict) -> str:
         f"Profile `{record['profile']}` on {record['device_name'] or record['device']} ({record['dtype']}); "
         "median (min-max) of the repeats.",
         "",
-        "| target | measured | bound | met |",
-        "|---|---:|---:|---|",
+        *targets_table(record),
     ]
-    for t in record["targets"].values():
-        value = "not measured" if t["value"] is None else f"{t['value']:.3g}"
-        met = {None: "-", True: "yes", False: "**no**"}[t["met"]]
-        lines.append(f"| {t['what']} | {value} | {'<=' if t['at_most'] else '>='} {t['bound']:g} | {met} |")
     lines += ["", "| measurement | time | conditions | peak memory |", "|---|---:|---|---:|"]
     for key, row in m.items():
         if "median_s" not in row:
@@ -643,10 +644,20 @@ def _scaling_facts(m: dict) -> list[str]:
     return facts
 
 
+def _section_revisions(record: dict) -> str:
+    """Which sections were measured at which revision (sections can be rerun one at a time)."""
+    from .results import short_revision
+
+    by_revision: dict[str, list[str]] = {}
+    for section, prov in record["section_provenance"].items():
+        by_revision.setdefault(short_revision({"provenance": prov}), []).append(section)
+    return "; ".join(f"{', '.join(sections)} at `{rev}`" for rev, sections in by_revision.items())
+
+
 def performance_section(results_dir: str | Path) -> str:
     """The README's Performance section: per results/benchmark_<profile>.json, the machine and
     revision, the targets, the headline ratios and the scaling plot; the full table is linked."""
-    from .results import load_results, machine_summary, short_revision
+    from .results import load_results, machine_summary
 
     parts = []
     for profile in ("gpu", "cpu"):
@@ -659,16 +670,11 @@ def performance_section(results_dir: str | Path) -> str:
         m = record["measurements"]
         lines = [
             f"**{profile.upper()} profile** ({record['dtype']}, {machine_summary(record['provenance']['machine'])}, "
-            f"revision `{short_revision(record)}`; sections: {', '.join(record['section_provenance'])}). "
+            f"{_section_revisions(record)}). "
             f"Full table: [`results/{path.stem}.md`](results/{path.stem}.md).",
             "",
-            "| target | measured | bound | met |",
-            "|---|---:|---:|---|",
+            *targets_table(record),
         ]
-        for t in record["targets"].values():
-            value = "not measured" if t["value"] is None else f"{t['value']:.3g}"
-            met = {None: "-", True: "yes", False: "**no**"}[t["met"]]
-            lines.append(f"| {t['what']} | {value} | {'<=' if t['at_most'] else '>='} {t['bound']:g} | {met} |")
         facts = []
         for key, row in m.items():
             if key.startswith("heads/speedup_"):
