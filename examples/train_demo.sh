@@ -17,10 +17,9 @@ for stage in $STAGES; do
     data)
       $PY examples/prepare_demo_data.py --output data/mnist_demo --seed 0 ;;
     vae)
+      # The config file holds the architecture that was given as flags when models/mnist_demo was trained.
       $PY examples/train_vae.py --dataset data/mnist_demo --eval-split heldout --output-dir runs/demo_vae \
-        --image-size 32 --channels 1 --levels 2 --latent-channels 4 --encoder-channels 32 32 \
-        --encoder-layers-per-level 1 --aggregation-channels 64 --aggregation-layers 2 \
-        --decoder-channels 16 32 64 --decoder-layers-per-block 1 --norm-num-groups 8 \
+        --vae-config examples/configs/mnist_demo_vae.json \
         --batch-size 64 --lr 2e-3 --lr-schedule cosine --lr-warmup-steps 100 --max-steps 5000 --seed 0 \
         --eval-every 1000 --checkpoint-every 1000 --results-file results/demo_vae_psnr.json ;;
     latents)

@@ -12,6 +12,7 @@ from parscale_ear_hf.results import (
     a1_ablation_table,
     demo_results_table,
     eval_results_table,
+    test_suite_summary,
     load_results,
     update_readme,
 )
@@ -34,6 +35,7 @@ def main():
     update_readme(args.readme, "demo-results", demo_results_table(args.results_dir))
     update_readme(args.readme, "eval-results", eval_results_table(args.results_dir))
     update_readme(args.readme, "a1-ablation", a1_ablation_table(args.results_dir))
+    update_readme(args.readme, "test-suite", test_suite_summary(args.results_dir))
     for profile in ("cpu", "gpu"):  # tables and plots are derived from the JSON files only
         if Path(args.results_dir, f"benchmark_{profile}.json").is_file():
             write_reports(Path(args.results_dir, f"benchmark_{profile}.json"))

@@ -146,6 +146,20 @@ def demo_results_table(results_dir: str | os.PathLike) -> str:
     return "\n".join(rows)
 
 
+
+def test_suite_summary(results_dir: str | os.PathLike) -> str:
+    """One line on how long `make test`'s suite took, from ``test_suite.json`` (examples/time_test_suite.py)."""
+    record = load_results(Path(results_dir) / "test_suite.json")
+    if record is None:
+        return "_Suite time not measured yet: run `python examples/time_test_suite.py`._"
+    minutes, seconds = divmod(round(record["value"]), 60)
+    counts = ", ".join(f"{n} {kind}" for kind, n in record["counts"].items())
+    return (
+        f"The suite ({counts}) took {minutes} min {seconds:02d} s on "
+        f"{machine_summary(record['provenance']['machine'])}, at `{short_revision(record)}` "
+        "(`results/test_suite.json`, written by `python examples/time_test_suite.py`)."
+    )
+
 # ------------------------------------------------------------------------------ evaluation results
 
 # What `evaluation.run` (examples/eval_fid.py) writes, and what a table or model card row needs of it.

@@ -1,6 +1,7 @@
 """The README's snippet runs, its component table comes from the results file, the demo script works."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -79,3 +80,79 @@ def test_demo_command_generates_a_labelled_grid_from_the_shipped_model(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "models/mnist_demo" in command and "10 images of classes [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in proc.stdout
     assert PIL.Image.open(out).size == (10 * 32, 32 + 12)
+
+
+# ------------------------------------------------------------------ the README's shell blocks run as written
+
+NOT_RUN = "# not run by tests/test_readme.py:"
+# The README shows real budgets; the test runs the same commands with these (flag -> tiny value).
+TINY_BUDGETS = {
+    "--max-steps": "2",
+    "--lr-warmup-steps": "1",
+    "--warmup-steps": "1",
+    "--eval-every": "2",
+    "--checkpoint-every": "1",
+    "--images-per-class": "2",
+}
+
+
+def readme_shell_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def with_tiny_budgets(block: str) -> str:
+    for flag, value in TINY_BUDGETS.items():
+        block = re.sub(rf"{flag} \d+", f"{flag} {value}", block)
+    return block
+
+
+def test_readme_shell_blocks_say_why_they_are_not_run_and_hide_no_flags():
+    blocks = readme_shell_blocks()
+    runnable = [b for b in blocks if not b.startswith(NOT_RUN)]
+    assert len(runnable) >= 4
+    for block in blocks:
+        assert "..." not in block, f"a README command hides its flags behind '...':\n{block}"
+    assert "source .venv/bin/activate" in runnable[0]
+
+
+def test_readme_shell_blocks_run_in_order_in_a_fresh_folder(tmp_path):
+    """Every runnable ```bash block of the README, in order, from a folder holding only what a clone holds
+    (examples/, models/) and the virtual environment, with tiny step counts: the README cannot drift."""
+    for name in ("examples", "models"):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))},
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    # One shell for all blocks, as a reader would type them: `source .venv/bin/activate` carries over.
+    blocks = [with_tiny_budgets(b) for b in readme_shell_blocks() if not b.startswith(NOT_RUN)]
+    script = "\n".join(f"echo '>>> README block {i}' >&2\n{block}" for i, block in enumerate(blocks))
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    index, _, output = proc.stderr.rsplit(">>> README block ", 1)[-1].partition("\n")
+    assert proc.returncode == 0, f"README block {index} failed:\n{blocks[int(index)]}\n{output[-3000:]}"
+    ran = proc.stderr.count(">>> README block ")
+    assert ran == len(blocks) >= 4
+    # What the commands promise exists: the demo data, a trained VAE and pipeline, images, scores.
+    assert (tmp_path / "data" / "mnist_demo").is_dir()
+    assert (tmp_path / "runs" / "vae" / "vae" / "config.json").is_file()
+    assert (tmp_path / "runs" / "gen" / "pipeline" / "model_index.json").is_file()
+    assert PIL.Image.open(tmp_path / "outputs" / "my_model.png").size[0] == 10 * 32
+    assert any((tmp_path / "runs" / "eval_demo").rglob("*.json"))
+
+
+def test_demo_vae_config_file_is_the_shipped_vae():
+    """The README trains the demo VAE from examples/configs/mnist_demo_vae.json: the shipped VAE's architecture."""
+    config = json.loads((ROOT / "examples" / "configs" / "mnist_demo_vae.json").read_text())
+    shipped = json.loads((ROOT / "models" / "mnist_demo" / "vae" / "config.json").read_text())
+    assert {k: shipped[k] for k in config} == config
+    assert set(shipped) - set(config) == {"_class_name", "_diffusers_version", "scaling_factor", "shift_factor"}
