@@ -18,22 +18,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from parscale_ear_hf.cli import run_script
 from parscale_ear_hf.results import write_results
 
 EVAL_FID = Path(__file__).resolve().parent / "eval_fid.py"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images-per-class", type=int, default=20, help="N / number of classes")
-    parser.add_argument("--factor", type=int, default=4)
-    parser.add_argument("--results-file", required=True)
-    parser.add_argument("eval_args", nargs=argparse.REMAINDER, help="-- then eval_fid.py arguments")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     eval_args = args.eval_args[1:] if args.eval_args[:1] == ["--"] else args.eval_args
     for flag in ("--images-per-class", "--num-samples", "--output-dir", "--results-file"):
         if flag in eval_args:
-            parser.error(f"{flag} is set by this benchmark; leave it out of the eval_fid.py arguments.")
+            raise ValueError(f"{flag} is set by this benchmark; leave it out of the eval_fid.py arguments.")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for per_class in (args.images_per_class, args.factor * args.images_per_class):
@@ -65,4 +60,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images-per-class", type=int, default=20, help="N / number of classes")
+    parser.add_argument("--factor", type=int, default=4)
+    parser.add_argument("--results-file", required=True)
+    parser.add_argument("eval_args", nargs=argparse.REMAINDER, help="-- then eval_fid.py arguments")
+    run_script(parser, main)

@@ -10,7 +10,8 @@ Then `python examples/update_readme.py` puts the tables in the README's Performa
 import argparse
 
 from parscale_ear_hf.benchmark import add_arguments, run
+from parscale_ear_hf.cli import run_script
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run(add_arguments(parser).parse_args())
+    run_script(add_arguments(parser), run)

@@ -15,25 +15,13 @@ import time
 import torch
 
 from parscale_ear_hf import ParScaleEARPipeline
+from parscale_ear_hf.cli import check_sampling_flags, run_script
 from parscale_ear_hf.digit_classifier import DigitClassifier, class_accuracy_of_pipeline
 from parscale_ear_hf.results import write_results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
-    parser.add_argument("--classifier", default="models/digit_classifier", help="DigitClassifier folder")
-    parser.add_argument("--images-per-class", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=64, help="autoregressive steps")
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--guidance-schedule", default="linear", choices=["linear", "constant"])
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--results-file", default="results/demo_class_accuracy.json")
-    args = parser.parse_args()
-
+def main(args: argparse.Namespace) -> None:
+    check_sampling_flags("eval_class_accuracy", args.steps, args.guidance, args.temperature)
     pipe = ParScaleEARPipeline.from_pretrained(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     classifier = DigitClassifier.from_pretrained(args.classifier).to(args.device).eval()
@@ -77,4 +65,16 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
+    parser.add_argument("--classifier", default="models/digit_classifier", help="DigitClassifier folder")
+    parser.add_argument("--images-per-class", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=64, help="autoregressive steps")
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--guidance-schedule", default="linear", choices=["linear", "constant"])
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--results-file", default="results/demo_class_accuracy.json")
+    run_script(parser, main)

@@ -15,8 +15,9 @@ A killed run resumes from <output-dir>/parts with the same command.
 
 import argparse
 
+from parscale_ear_hf.cli import run_script
 from parscale_ear_hf.evaluation import add_arguments, run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run(add_arguments(parser).parse_args())
+    run_script(add_arguments(parser), run)

@@ -10,8 +10,9 @@ sampling noise alone gives at this sample count, the floor any model's FID is re
 
 import argparse
 
+from parscale_ear_hf.cli import run_script
 from parscale_ear_hf.evaluation import add_reconstruction_arguments, run_reconstruction
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run_reconstruction(add_reconstruction_arguments(parser).parse_args())
+    run_script(add_reconstruction_arguments(parser), run_reconstruction)

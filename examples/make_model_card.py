@@ -8,8 +8,9 @@ Then `pipe.save_pretrained(folder, push_to_hub=True, repo_id=...)` uploads the f
 
 import argparse
 
+from parscale_ear_hf.cli import run_script
 from parscale_ear_hf.model_card import add_arguments, run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run(add_arguments(parser).parse_args())
+    run_script(add_arguments(parser), run)

@@ -6,19 +6,18 @@ python examples/update_readme.py    # then regenerate the README's tables
 
 import argparse
 
+from parscale_ear_hf.cli import run_script
 from parscale_ear_hf.info import default_parameter_counts, parameter_table
 from parscale_ear_hf.results import write_results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="results/param_counts.json", help="results JSON to write")
-    args = parser.parse_args()
-
+def main(args: argparse.Namespace) -> None:
     counts = default_parameter_counts()
     write_results(args.output, {"metric": "parameter_count", "configs": "ImageNet-256 defaults", **counts})
     print(parameter_table(counts["components"]))
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="results/param_counts.json", help="results JSON to write")
+    run_script(parser, main)

@@ -12,14 +12,11 @@ import subprocess
 import sys
 import time
 
+from parscale_ear_hf.cli import run_script
 from parscale_ear_hf.results import write_results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results-file", default="results/test_suite.json")
-    parser.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.pytest_args],
@@ -30,7 +27,9 @@ def main():
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
     if proc.returncode != 0:
-        raise SystemExit(f"time_test_suite: pytest failed (exit {proc.returncode}); nothing recorded: {summary}")
+        raise ChildProcessError(
+            f"time_test_suite: pytest failed (exit {proc.returncode}); nothing recorded: {summary}"
+        )
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|skipped|failed|xfailed|deselected)", summary)}
     record = write_results(
         args.results_file,
@@ -40,4 +39,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-file", default="results/test_suite.json")
+    parser.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
+    run_script(parser, main)

@@ -12,22 +12,12 @@ import argparse
 import datasets
 import torch
 
+from parscale_ear_hf.cli import run_script
 from parscale_ear_hf.digit_classifier import train_digit_classifier
 from parscale_ear_hf.results import write_results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="data/mnist_demo", help="DatasetDict saved by examples/prepare_demo_data.py")
-    parser.add_argument("--output", default="models/digit_classifier", help="folder for save_pretrained")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-augment", action="store_true", help="train without random shifts / rotations")
-    parser.add_argument("--results-file", default="results/digit_classifier.json")
-    args = parser.parse_args()
-
+def main(args: argparse.Namespace) -> None:
     data = datasets.load_from_disk(args.data)
     model, metrics = train_digit_classifier(
         data["train"],
@@ -70,4 +60,13 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/mnist_demo", help="DatasetDict saved by examples/prepare_demo_data.py")
+    parser.add_argument("--output", default="models/digit_classifier", help="folder for save_pretrained")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-augment", action="store_true", help="train without random shifts / rotations")
+    parser.add_argument("--results-file", default="results/digit_classifier.json")
+    run_script(parser, main)

@@ -16,12 +16,12 @@ import argparse
 
 from accelerate import PartialState
 
+from parscale_ear_hf.cli import run_script
 from parscale_ear_hf.vae_training import add_arguments, run
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    summary = run(add_arguments(parser).parse_args())
+def main(args: argparse.Namespace) -> None:
+    summary = run(args)
     if not PartialState().is_main_process:
         return
     if summary["heldout_psnr"] is not None:
@@ -31,4 +31,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_script(add_arguments(parser), main)

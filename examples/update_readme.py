@@ -7,25 +7,24 @@ import argparse
 from pathlib import Path
 
 from parscale_ear_hf.benchmark import performance_section, write_reports
+from parscale_ear_hf.cli import run_script
 from parscale_ear_hf.info import parameter_table
 from parscale_ear_hf.results import (
     a1_ablation_table,
     demo_results_table,
     eval_results_table,
-    test_suite_summary,
     load_results,
+    test_suite_summary,
     update_readme,
 )
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--readme", default="README.md")
-    parser.add_argument("--results-dir", default="results")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     counts = load_results(f"{args.results_dir}/param_counts.json")
     if counts is None:
-        raise SystemExit(f"{args.results_dir}/param_counts.json is missing: run examples/param_counts.py first.")
+        raise FileNotFoundError(
+            f"{args.results_dir}/param_counts.json is missing: run examples/param_counts.py first."
+        )
     update_readme(
         args.readme,
         "param-table",
@@ -44,4 +43,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--results-dir", default="results")
+    run_script(parser, main)

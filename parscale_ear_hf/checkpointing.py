@@ -1,10 +1,24 @@
-"""Atomic, resumable training checkpoints on top of ``accelerate``'s ``save_state`` / ``load_state``.
+"""Atomic, resumable training checkpoints in a pickle-free format: safetensors and JSON only.
 
-A checkpoint is written into a hidden temporary folder and renamed to ``checkpoint-<step>`` only
-once every process has finished writing and ``trainer_state.json`` is on disk; a kill during a
-save therefore leaves at worst a temporary folder, which is never loaded and is removed by the
-next save. Training is reproducible by step (the data order and every random draw are functions
-of the seed and the step), so a resumed run continues exactly where the checkpoint left off.
+``accelerate``'s ``save_state`` / ``load_state`` unpickle ``*.pkl`` / ``*.bin`` files, so a crafted
+checkpoint could run code on ``--resume``. This format holds tensors in safetensors and everything
+else in JSON, and loading refuses any folder that holds other files than the ones it writes:
+
+    trainer_state.json      {"format": FORMAT, "step": ..., "files": [...], ...}; written last
+    model.safetensors       the unwrapped model's state dict
+    optimizer.safetensors   the optimizer's per-parameter tensors, keys "<param index>.<name>"
+    optimizer.json          its per-parameter non-tensor values and its param_groups
+    scheduler.json          the LR scheduler's state dict (numbers; LambdaLR's functions are never saved)
+    ema.safetensors         the EMA's shadow parameters, keys "<index>"
+    ema.json                the EMA's scalars (decay, optimization_step, ...)
+
+No random state is saved: training is reproducible by step (the data order and every random draw
+are functions of the seed and the step), so a resumed run continues exactly where the checkpoint
+left off. A checkpoint is written into a hidden temporary folder and renamed to
+``checkpoint-<step>`` only once ``trainer_state.json`` is on disk; a kill during a save therefore
+leaves at worst a temporary folder, which is never loaded and is removed by the next save.
+DDP and single-process training only: FSDP / DeepSpeed shard the model and optimizer state, which
+this format does not gather.
 """
 
 from __future__ import annotations
@@ -14,19 +28,47 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from .saving import fsync_path
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+FORMAT = "parscale_ear_hf checkpoint v1"
+MODEL_FILES = ("model.safetensors",)
+OPTIMIZER_FILES = ("optimizer.safetensors", "optimizer.json")
+SCHEDULER_FILES = ("scheduler.json",)
+EMA_FILES = ("ema.safetensors", "ema.json")
+KNOWN_FILES = {*MODEL_FILES, *OPTIMIZER_FILES, *SCHEDULER_FILES, *EMA_FILES}
+UNSUPPORTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as JSON to a temporary file, then rename it: neither a kill nor an object that is not
+    JSON-serialisable (raised before any file is opened) leaves a truncated file."""
+    text = json.dumps(obj, indent=2, allow_nan=False)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_supported(accelerator: Accelerator) -> None:
+    """Raise for the distributed types whose model / optimizer state is sharded (not saved by this format)."""
+    if accelerator.distributed_type in UNSUPPORTED:
+        raise NotImplementedError(
+            f"checkpointing: distributed type {accelerator.distributed_type} shards the model and optimizer "
+            "state, which this checkpoint format does not gather; use DDP (`accelerate launch` / torchrun "
+            f"without {', '.join(str(t) for t in UNSUPPORTED)})."
+        )
 
 
 def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
@@ -47,38 +89,138 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def _refuse(path: Path, problem: str) -> NoReturn:
+    raise ValueError(
+        f"checkpoint {os.fspath(path)!r} was not written by parscale_ear_hf.checkpointing: {problem}. A checkpoint "
+        f'is a folder of safetensors and JSON files only ({STATE_FILE} with "format": {FORMAT!r} and the files '
+        "it lists). Checkpoints of accelerate's save_state hold pickle files, which are never loaded because "
+        "unpickling can run code; start a fresh run instead."
+    )
+
+
+def read_checkpoint_state(path: str | os.PathLike) -> dict:
+    """The ``trainer_state.json`` of a checkpoint that this module wrote; reads no other file.
+
+    Raises ``ValueError`` (naming the folder and what a checkpoint holds) for anything else: a
+    checkpoint of ``accelerate.save_state`` (pickle files), a missing file, or a file that this
+    format never writes (e.g. a planted ``custom_checkpoint_0.pkl``).
+    """
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        _refuse(path, f"{STATE_FILE} cannot be read as JSON ({e})")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        _refuse(path, f'{STATE_FILE} has no "format": {FORMAT!r}')
+    listed = state.get("files")
+    if not (isinstance(listed, list) and all(isinstance(f, str) and f in KNOWN_FILES for f in listed)):
+        _refuse(path, f"{STATE_FILE} lists the files {listed!r}, not a list of {sorted(KNOWN_FILES)}")
+    present, expected = {p.name for p in path.iterdir()}, {STATE_FILE, *listed}
+    if present - expected:
+        _refuse(path, f"it holds files that this format never writes: {sorted(present - expected)}")
+    if expected - present:
+        _refuse(path, f"it lacks {sorted(expected - present)}")
+    return state
+
+
 def resolve_resume(resume: str | None, checkpoint_dir: str | os.PathLike) -> Path | None:
     """``--resume`` -> the checkpoint to load: None (start fresh), "latest", or a checkpoint path.
 
-    Raises before any training starts when asked to resume and there is nothing to resume from.
+    Raises before any training starts when asked to resume and there is nothing to resume from, or
+    when the checkpoint is not in this module's format (:func:`read_checkpoint_state`).
     """
     if resume is None:
         return None
     if resume == "latest":
-        found = latest_checkpoint(checkpoint_dir)
-        if found is None:
+        path = latest_checkpoint(checkpoint_dir)
+        if path is None:
             raise FileNotFoundError(
                 f"--resume latest: no complete checkpoint (a `checkpoint-<step>` folder with {STATE_FILE}) in "
                 f"{os.fspath(checkpoint_dir)!r}; start without --resume, or pass a checkpoint folder."
             )
-        return found
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
-            f"--resume {resume!r}: not a complete checkpoint (no {STATE_FILE}); pass 'latest' or a "
-            f"`checkpoint-<step>` folder written by this script."
-        )
+    else:
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(
+                f"--resume {resume!r}: not a complete checkpoint (no {STATE_FILE}); pass 'latest' or a "
+                f"`checkpoint-<step>` folder written by this script."
+            )
+    read_checkpoint_state(path)
     return path
 
 
-def save_checkpoint(
-    accelerator: Accelerator, checkpoint_dir: str | os.PathLike, step: int, state: dict, keep: int = 2
-) -> Path:
-    """Save models, optimizers, schedulers, registered objects and RNG states for ``step``; atomically.
+def _files_for(scheduler, ema) -> list[str]:
+    return [
+        *MODEL_FILES,
+        *OPTIMIZER_FILES,
+        *(SCHEDULER_FILES if scheduler is not None else ()),
+        *(EMA_FILES if ema is not None else ()),
+    ]
 
-    Call on every process. ``state`` (JSON-serialisable, e.g. the step and the log position) is
-    written last, as the mark of a complete checkpoint. Keeps the newest ``keep`` checkpoints.
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        scalars[str(index)] = {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
+        tensors.update({f"{index}.{k}": v.contiguous() for k, v in values.items() if isinstance(v, torch.Tensor)})
+    save_file(tensors, folder / "optimizer.safetensors")
+    write_json_atomic(folder / "optimizer.json", {"state": scalars, "param_groups": state["param_groups"]})
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    saved = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
+    state = {int(index): dict(values) for index, values in saved["state"].items()}
+    for key, tensor in load_file(folder / "optimizer.safetensors").items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = tensor
+    # JSON has no tuples; torch's optimizers keep e.g. AdamW's betas as one.
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+        for group in saved["param_groups"]
+    ]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _save_ema(ema, folder: Path) -> None:
+    state = ema.state_dict()
+    save_file({str(i): p.contiguous() for i, p in enumerate(state.pop("shadow_params"))}, folder / "ema.safetensors")
+    write_json_atomic(folder / "ema.json", state)
+
+
+def _load_ema(ema, folder: Path) -> None:
+    loaded = load_file(folder / "ema.safetensors")
+    shadow = [loaded.get(str(i)) for i in range(len(ema.shadow_params))]
+    if len(loaded) != len(shadow) or any(t is None or t.shape != p.shape for t, p in zip(shadow, ema.shadow_params)):
+        raise ValueError(
+            f"checkpoint {os.fspath(folder)!r}: ema.safetensors holds {len(loaded)} tensors that do not match the "
+            f"{len(shadow)} EMA parameters of the model being trained; resume with the same model config."
+        )
+    scalars = json.loads((folder / "ema.json").read_text(encoding="utf-8"))
+    ema.load_state_dict(
+        {**scalars, "shadow_params": [t.to(device=p.device, dtype=p.dtype) for t, p in zip(shadow, ema.shadow_params)]}
+    )
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    checkpoint_dir: str | os.PathLike,
+    step: int,
+    state: dict,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    ema=None,
+    keep: int = 2,
+) -> Path:
+    """Save the model, optimizer and (if given) LR scheduler and ``diffusers`` EMAModel for ``step``; atomically.
+
+    Call on every process; the main process writes (under DDP every process holds the same state).
+    ``state`` (JSON-serialisable, e.g. the log position) goes into ``trainer_state.json``, written
+    last as the mark of a complete checkpoint. Keeps the newest ``keep`` checkpoints.
     """
+    check_supported(accelerator)
     root = Path(checkpoint_dir)
     final = root / f"checkpoint-{step:08d}"
     tmp = root / f".tmp-checkpoint-{step:08d}"
@@ -86,29 +228,68 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-checkpoint-*"):
             shutil.rmtree(stale)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(os.fspath(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
-            json.dump({**state, "step": step}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.mkdir()
+        save_model(accelerator.unwrap_model(model), os.fspath(tmp / "model.safetensors"))
+        _save_optimizer(optimizer, tmp)
+        if scheduler is not None:
+            write_json_atomic(tmp / "scheduler.json", scheduler.state_dict())
+        if ema is not None:
+            _save_ema(ema, tmp)
+        for file in tmp.iterdir():  # on disk before the completeness mark, even after a power loss
+            fsync_path(file)
+        files = _files_for(scheduler, ema)
+        write_json_atomic(tmp / STATE_FILE, {**state, "format": FORMAT, "step": step, "files": files})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict:
-    """Restore everything :func:`save_checkpoint` saved; returns its ``state`` dict."""
-    accelerator.load_state(os.fspath(path))
-    with open(Path(path) / STATE_FILE, encoding="utf-8") as f:
-        return json.load(f)
+def load_checkpoint(
+    accelerator: Accelerator,
+    path: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    ema=None,
+) -> dict:
+    """Restore on this process what :func:`save_checkpoint` saved; returns its ``state`` dict.
+
+    Reads only JSON and safetensors. The checkpoint must hold exactly the parts passed here.
+    """
+    check_supported(accelerator)
+    path = Path(path)
+    state = read_checkpoint_state(path)
+    expected = _files_for(scheduler, ema)
+    if sorted(state["files"]) != sorted(expected):
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} holds {sorted(state['files'])}, but this run restores {sorted(expected)} "
+            "(a checkpoint of another training script?)."
+        )
+    try:
+        load_model(accelerator.unwrap_model(model), path / "model.safetensors", strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r}: model.safetensors does not fit the model being trained; resume with "
+            f"the same model config ({e})."
+        ) from e
+    _load_optimizer(optimizer, path)
+    if scheduler is not None:
+        saved = json.loads((path / "scheduler.json").read_text(encoding="utf-8"))
+        if set(saved) != set(scheduler.state_dict()):
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r}: scheduler.json has the fields {sorted(saved)}, not the "
+                f"{sorted(scheduler.state_dict())} of {type(scheduler).__name__}."
+            )
+        scheduler.load_state_dict(saved)
+    if ema is not None:
+        _load_ema(ema, path)
+    return {k: v for k, v in state.items() if k not in ("format", "files")}
 
 
 class JsonlLog:

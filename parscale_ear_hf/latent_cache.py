@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from .data import add_dataset_arguments, image_loader, load_dataset_from_args, shard_for_process
+from .data import add_dataset_arguments, image_loader, load_dataset_from_args, local_path, shard_for_process
 from .models.lite_vae import LiteVAE
 
 INFO_FILE = "cache_info.json"
@@ -213,9 +213,44 @@ def sample_latents(
     return (mean + std * eps - shift_factor) * scaling_factor
 
 
+VAE_SOURCES = (
+    "a folder written by `save_pretrained` (LiteVAE or AutoencoderKL), a pipeline folder with --vae-subfolder vae, "
+    "or a Hub repo id ('org/name')"
+)
+
+
 def load_vae(path: str | os.PathLike, subfolder: str | None = None) -> LiteVAE | AutoencoderKL:
-    """A `LiteVAE`, or a `diffusers.AutoencoderKL` when ``config.json`` names that class."""
-    config = LiteVAE.load_config(path, subfolder=subfolder)
+    """A `LiteVAE`, or a `diffusers.AutoencoderKL` when ``config.json`` names that class.
+
+    Args:
+        path: a folder written by ``save_pretrained``, a pipeline folder (with ``subfolder`` "vae"),
+            or a Hub repo id (online, or offline from the Hugging Face cache).
+        subfolder: the VAE's folder inside ``path``.
+
+    Raises a FileNotFoundError for a local path or subfolder that does not exist or holds no
+    config.json, and an OSError naming the repo id when the Hub (or its cache) does not have it.
+    """
+    path = os.fspath(path)
+    local = local_path(path, owner="load_vae", name="--vae", accepted=VAE_SOURCES)
+    if local is not None:
+        folder = local / subfolder if subfolder else local
+        if not (folder / "config.json").is_file():
+            pipeline = not subfolder and (local / "model_index.json").is_file()
+            hint = " (a pipeline folder: add --vae-subfolder vae)" if pipeline else ""
+            raise FileNotFoundError(
+                f"load_vae: {os.fspath(folder)!r} has no config.json{hint}. Accepted: {VAE_SOURCES}."
+            )
+        config = LiteVAE.load_config(path, subfolder=subfolder)
+    else:
+        try:
+            config = LiteVAE.load_config(path, subfolder=subfolder)
+        except OSError as error:
+            where = f" (subfolder {subfolder!r})" if subfolder else ""
+            raise OSError(
+                f"load_vae: --vae={path!r} is not a local folder, and the Hub repo {path!r}{where} could not be read "
+                f"({error}); check the id and the network, or, offline (HF_HUB_OFFLINE=1), that the Hugging Face "
+                f"cache holds it. Accepted: {VAE_SOURCES}."
+            ) from error
     cls = AutoencoderKL if config.get("_class_name") == "AutoencoderKL" else LiteVAE
     return cls.from_pretrained(path, subfolder=subfolder)
 
@@ -240,7 +275,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Encode ``--dataset`` with ``--vae`` into ``--output-dir``; returns the cache info dict."""
+    """Encode ``--dataset`` with ``--vae`` into ``--output-dir`` (`examples/cache_latents.py`,
+    `parscale-ear cache-latents`); returns the cache info dict."""
     # Without a GPU, accelerate joins a torchrun world (gloo) only when told cpu=True.
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
     output_dir = Path(args.output_dir)
@@ -280,4 +316,8 @@ def run(args: argparse.Namespace) -> dict:
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return info if info is not None else json.loads((output_dir / INFO_FILE).read_text(encoding="utf-8"))
+    if info is None:
+        return json.loads((output_dir / INFO_FILE).read_text(encoding="utf-8"))
+    grid = info["grid_size"]
+    print(f"cached {info['count']} examples, latents {info['latent_channels']}x{grid}x{grid} -> {args.output_dir}")
+    return info

@@ -281,6 +281,23 @@ def build_model_card(
     )
 
 
+def _would_lose(path: Path, card: ModelCard) -> str | None:
+    """What replacing the card at ``path`` with ``card`` would lose, or None: a README this module
+    did not write (its metadata lacks our tags), or the eval results (by metric and dataset) that
+    only the old card holds."""
+    import yaml
+
+    try:
+        old = ModelCard.load(path).data
+    except (ValueError, yaml.YAMLError) as error:
+        return f"its metadata cannot be read ({' '.join(str(error).split())})"
+    if not set(TAGS) <= set(old.tags or []):
+        return f"it was not written by this command (its metadata lacks the tags {TAGS})"
+    kept = {(r.metric_type, r.dataset_name) for r in card.data.eval_results or []}
+    lost = sorted({r.metric_type for r in old.eval_results or [] if (r.metric_type, r.dataset_name) not in kept})
+    return f"the new card would drop its eval results {lost}" if lost else None
+
+
 def write_model_card(
     pipeline_dir: str | os.PathLike,
     results_files: list[str | os.PathLike],
@@ -289,14 +306,20 @@ def write_model_card(
     datasets: list[str] | None = None,
     license: str = "apache-2.0",
     template_path: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> ModelCard:
     """Load results JSONs, build the card (:func:`build_model_card`) and write ``<pipeline_dir>/README.md``.
+
+    The file is replaced atomically, and an existing card is never lost silently: unless
+    ``force``, a FileExistsError names it when it was not written by this module or when the new
+    card would drop eval results it holds (pass the results files that made them).
 
     Args:
         pipeline_dir: a folder written by ``ParScaleEARPipeline.save_pretrained``.
         results_files: results JSONs written by ``examples/eval_fid.py`` for this pipeline; a
             missing, unreadable or foreign file is an error naming it.
         model_id, datasets, license, template_path: as in :func:`build_model_card`.
+        force: replace an existing README.md whatever it holds.
 
     Returns:
         The card that was written.
@@ -305,7 +328,16 @@ def write_model_card(
     card = build_model_card(
         pipeline_dir, results, model_id=model_id, datasets=datasets, license=license, template_path=template_path
     )
-    card.save(Path(pipeline_dir) / "README.md")
+    path = Path(pipeline_dir) / "README.md"
+    loss = None if force or not path.is_file() else _would_lose(path, card)
+    if loss is not None:
+        raise FileExistsError(
+            f"write_model_card: {os.fspath(path)!r} exists and {loss}; pass the results files its figures come "
+            "from (--results FILE...), or --force to replace it."
+        )
+    tmp = path.with_name(f".{path.name}.tmp")
+    card.save(tmp)
+    os.replace(tmp, path)
     return card
 
 
@@ -321,6 +353,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dataset", nargs="*", default=None, help="training data: Hub dataset ids or names")
     parser.add_argument("--license", default="apache-2.0", help="license id for the metadata")
     parser.add_argument("--template", default=None, help=f"Jinja card template (default: model_cards/{TEMPLATE_NAME})")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing README.md even if the new card drops its results"
+    )
     return parser
 
 
@@ -333,6 +368,7 @@ def run(args: argparse.Namespace) -> ModelCard:
         datasets=args.dataset,
         license=args.license,
         template_path=args.template,
+        force=args.force,
     )
     print(f"wrote {os.path.join(args.model, 'README.md')}: {len(card.data.eval_results or [])} eval results")
     return card

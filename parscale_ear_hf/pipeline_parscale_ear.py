@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -13,7 +14,9 @@ from importlib import resources
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
-from huggingface_hub import create_repo, snapshot_download, upload_folder
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 from .data import looks_like_local_path
 from .models._checks import check_float, check_int
@@ -22,9 +25,11 @@ from .models.ear_transformer import EARTransformer, tokens_to_latents
 from .models.energy_head import EnergyHead
 from .models.lite_hybrid import LiteHybrid
 from .models.lite_vae import LiteVAE
+from .saving import HUB_KWARGS, MANIFEST_NAME, atomic_save, push_folder, restore_interrupted_save, verify_manifest
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 GUIDANCE_SCHEDULES = ("linear", "constant")
+COMPONENTS = ("vae", "lite_hybrid", "transformer", "energy_head")
 # The Hub entry file that lets `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`
 # find this class; written beside model_index.json by `save_pretrained`.
 HUB_ENTRY_MODULE = "pipeline_parscale_ear"
@@ -43,14 +48,12 @@ def mask_schedule(step: int, num_steps: int, num_tokens: int, num_masked: int) -
 
 
 def _rewrite_json(path: str, edit: Callable[[dict], dict]) -> None:
-    """Apply ``edit`` to a JSON file, atomically (a crash leaves the old or the new file, never half)."""
+    """Apply ``edit`` to a JSON file (in place: it is in the temporary folder of an atomic save)."""
     with open(path, encoding="utf-8") as f:
         data = edit(json.load(f))
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(tmp_path, path)
 
 
 def _vae_spatial_factor(vae) -> int:
@@ -221,7 +224,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
         """Class ids of ``class_labels`` (ints, names, a mix, or a tensor); raises for unknown or out-of-range ones."""
         if isinstance(class_labels, torch.Tensor):
             class_labels = class_labels.flatten().tolist()
-        if isinstance(class_labels, (int, str)):
+        if isinstance(class_labels, (numbers.Integral, str)):
             class_labels = [class_labels]
         if not isinstance(class_labels, Sequence) or len(class_labels) == 0:
             raise ValueError(
@@ -232,8 +235,8 @@ class ParScaleEARPipeline(DiffusionPipeline):
         for label in class_labels:
             if isinstance(label, str):
                 ids.extend(self.get_label_ids(label))
-            elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < num_classes:
-                ids.append(label)
+            elif isinstance(label, numbers.Integral) and not isinstance(label, bool) and 0 <= label < num_classes:
+                ids.append(int(label))
             else:
                 raise ValueError(
                     f"ParScaleEARPipeline: class label {label!r} is out of range; accepted: ints in "
@@ -327,6 +330,12 @@ class ParScaleEARPipeline(DiffusionPipeline):
             output_type,
             callback_on_step_end_tensor_inputs,
         )
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise TypeError(
+                f"ParScaleEARPipeline: `generator` must be a torch.Generator, a list of them (one per image) or "
+                f"None, got {generator!r}."
+            )
         ids = [i for i in self.class_ids(class_labels) for _ in range(num_images_per_class)]
         batch = len(ids)
         if isinstance(generator, list) and len(generator) != batch:
@@ -391,7 +400,13 @@ class ParScaleEARPipeline(DiffusionPipeline):
     # Saving and loading -------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
-        """``DiffusionPipeline.save_pretrained`` (safetensors only), plus the Hub entry file.
+        """``DiffusionPipeline.save_pretrained`` (safetensors only), atomic, plus the Hub entry file and a manifest.
+
+        The folder is written beside `save_directory` and swapped in only when complete (see
+        :mod:`parscale_ear_hf.saving`): a kill, a full disk or a concurrent save leaves the old
+        folder or the new one, never a mix. `checksums.sha256` lists the weights, checked by
+        :meth:`from_pretrained`. Top-level files of the old folder that this save does not write
+        (its `README.md` card, `training/` logs) are kept.
 
         `model_index.json` names the class as ``["pipeline_parscale_ear", "ParScaleEARPipeline"]``
         so that ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` finds it;
@@ -406,40 +421,27 @@ class ParScaleEARPipeline(DiffusionPipeline):
         """
         if not kwargs.pop("safe_serialization", True):
             raise ValueError("ParScaleEARPipeline: only safetensors are supported; `safe_serialization` must be True.")
-        hub_kwargs = {
-            k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr") if k in kwargs
-        }
-        save_directory = os.fspath(save_directory)
-        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        atomic_save(save_directory, lambda folder: self._write_folder(folder, **kwargs), type(self).__name__)
+        if push_to_hub:
+            push_folder(save_directory, type(self).__name__, **hub_kwargs)
+
+    def _write_folder(self, folder: str, **kwargs) -> None:
+        super().save_pretrained(folder, safe_serialization=True, **kwargs)
         entry = resources.files("parscale_ear_hf.hub_entry").joinpath(f"{HUB_ENTRY_MODULE}.py")
         with resources.as_file(entry) as entry_path:
-            shutil.copyfile(entry_path, os.path.join(save_directory, f"{HUB_ENTRY_MODULE}.py"))
+            shutil.copyfile(entry_path, os.path.join(folder, f"{HUB_ENTRY_MODULE}.py"))
 
         def without_local_path(config: dict) -> dict:
             config.pop("_name_or_path", None)
             return config
 
         _rewrite_json(
-            os.path.join(save_directory, self.config_name),
+            os.path.join(folder, self.config_name),
             lambda index: {**without_local_path(index), "_class_name": [HUB_ENTRY_MODULE, type(self).__name__]},
         )
-        for name in ("vae", "lite_hybrid", "transformer", "energy_head"):
-            _rewrite_json(os.path.join(save_directory, name, "config.json"), without_local_path)
-        if push_to_hub:
-            token = hub_kwargs.get("token")
-            repo_id = create_repo(
-                hub_kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory))),
-                private=hub_kwargs.get("private"),
-                token=token,
-                exist_ok=True,
-            ).repo_id
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=save_directory,
-                token=token,
-                commit_message=hub_kwargs.get("commit_message") or f"Upload {type(self).__name__}",
-                create_pr=hub_kwargs.get("create_pr", False),
-            )
+        for name in COMPONENTS:
+            _rewrite_json(os.path.join(folder, name, "config.json"), without_local_path)
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -452,29 +454,73 @@ class ParScaleEARPipeline(DiffusionPipeline):
         return out
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, verify_checksums: bool = True, **kwargs
+    ):
         """Load from a folder or a Hub repo id (online, or offline from the HF cache).
 
-        A repo id is fetched with ``huggingface_hub.snapshot_download`` (configs, safetensors and
-        the entry file only; never pickles), which also resolves it offline from the cache
-        (``HF_HUB_OFFLINE=1``), and then loaded as a folder. Online, diffusers' own repo-id path
-        rejects components whose `model_index.json` entry is a module path of an installed package
-        (it looks for ``<component>/<module path>.py`` in the repo), hence this detour.
+        A repo id is fetched with ``huggingface_hub.snapshot_download`` (configs, safetensors, the
+        manifest and the entry file only; never pickles), which also resolves it offline from the
+        cache (``HF_HUB_OFFLINE=1``), and then loaded as a folder. Online, diffusers' own repo-id
+        path rejects components whose `model_index.json` entry is a module path of an installed
+        package (it looks for ``<component>/<module path>.py`` in the repo), hence this detour.
+
+        The weights are checked against the folder's `checksums.sha256` when it has one; an
+        OSError names the file that differs. `verify_checksums=False` skips the check.
         """
         path = os.fspath(pretrained_model_name_or_path)
+        restore_interrupted_save(path)
         if not os.path.isdir(path):
             if os.path.exists(path) or looks_like_local_path(path):
                 raise FileNotFoundError(
                     f"ParScaleEARPipeline.from_pretrained: {path!r} is not an existing folder; pass a folder written "
                     "by `save_pretrained` or a Hub repo id ('name' or 'org/name')."
                 )
-            path = snapshot_download(
-                path,
-                revision=kwargs.pop("revision", None),
-                cache_dir=kwargs.get("cache_dir"),
-                token=kwargs.pop("token", None),
-                local_files_only=kwargs.pop("local_files_only", False),
-                allow_patterns=["*.json", "*.safetensors", "*.py", "*.md", "*.txt"],
-            )
+            path = cls._download(path, kwargs)
+        if verify_checksums:
+            verify_manifest(path, "ParScaleEARPipeline.from_pretrained")
+        cls._check_component_folders(path, kwargs)
         kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(path, **kwargs)
+
+    @staticmethod
+    def _download(repo_id: str, kwargs: dict) -> str:
+        """The snapshot folder of ``repo_id`` (downloaded, or from the cache); pops the Hub options from ``kwargs``."""
+        cache_dir = kwargs.get("cache_dir")
+        try:
+            return snapshot_download(
+                repo_id,
+                revision=kwargs.pop("revision", None),
+                cache_dir=cache_dir,
+                token=kwargs.pop("token", None),
+                local_files_only=kwargs.pop("local_files_only", False),
+                allow_patterns=["*.json", "*.safetensors", "*.py", "*.md", "*.txt", MANIFEST_NAME],
+            )
+        except LocalEntryNotFoundError as err:
+            cache = os.fspath(cache_dir) if cache_dir is not None else hf_constants.HF_HUB_CACHE
+            raise LocalEntryNotFoundError(
+                f"ParScaleEARPipeline.from_pretrained: the Hub repo {repo_id!r} is not in the Hugging Face cache "
+                f"{cache!r} and could not be downloaded (offline: HF_HUB_OFFLINE=1, local_files_only=True or no "
+                "connection). Download it once online, pass the `cache_dir` that holds it, or pass a local folder."
+            ) from err
+
+    @classmethod
+    def _check_component_folders(cls, folder: str, kwargs: dict) -> None:
+        """Raise naming the component and its folder when a saved component is missing (diffusers names a file)."""
+        index_path = os.path.join(folder, cls.config_name)
+        if not os.path.isfile(index_path):
+            return  # diffusers' own error names model_index.json
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        for name in COMPONENTS:
+            expected = os.path.join(folder, name)
+            entry = index.get(name)
+            # A component passed as a keyword argument is not read from the folder.
+            if name in kwargs or not isinstance(entry, list):
+                continue
+            if not os.path.isfile(os.path.join(expected, "config.json")):
+                raise FileNotFoundError(
+                    f"ParScaleEARPipeline.from_pretrained: component `{name}` ({entry[-1]}) is missing: expected the "
+                    f"folder {expected} with its config.json and weights, as save_pretrained writes it; restore it, "
+                    f"or pass `{name}=` a loaded {entry[-1]}."
+                )

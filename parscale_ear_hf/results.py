@@ -146,7 +146,6 @@ def demo_results_table(results_dir: str | os.PathLike) -> str:
     return "\n".join(rows)
 
 
-
 def test_suite_summary(results_dir: str | os.PathLike) -> str:
     """One line on how long `make test`'s suite took, from ``test_suite.json`` (examples/time_test_suite.py)."""
     record = load_results(Path(results_dir) / "test_suite.json")
@@ -159,6 +158,7 @@ def test_suite_summary(results_dir: str | os.PathLike) -> str:
         f"{machine_summary(record['provenance']['machine'])}, at `{short_revision(record)}` "
         "(`results/test_suite.json`, written by `python examples/time_test_suite.py`)."
     )
+
 
 # ------------------------------------------------------------------------------ evaluation results
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -126,13 +127,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     optim.add_argument("--gradient-accumulation-steps", type=int, default=1)
     optim.add_argument("--lr", type=float, default=8e-4, help="backbone learning rate (EAR: 8e-4 at batch 2048)")
-    optim.add_argument("--head-lr-scale", type=float, default=0.25, help="energy head lr = lr * this (EAR: 0.25)")
+    optim.add_argument(
+        "--head-lr-scale", type=float, default=0.25, help="energy head lr = lr * this (EAR: 0.25; 0 freezes the head)"
+    )
     optim.add_argument("--weight-decay", type=float, default=0.02)
     optim.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up, then constant (EAR)")
-    optim.add_argument("--grad-clip", type=float, default=3.0)
+    optim.add_argument("--grad-clip", type=float, default=3.0, help="max gradient norm (0 disables clipping)")
     optim.add_argument("--ema-decay", type=float, default=0.9999)
-    optim.add_argument("--energy-lambda", type=float, default=1.0, help="repulsion weight (EAR: 0.99 late)")
-    optim.add_argument("--num-head-samples", type=int, default=2, help="head samples per target token")
+    optim.add_argument("--energy-lambda", type=float, default=1.0, help="repulsion weight in [0, 1] (EAR: 0.99 late)")
+    optim.add_argument("--num-head-samples", type=int, default=2, help="head samples per target token (>= 2)")
     run_args = parser.add_argument_group("runtime")
     run_args.add_argument("--seed", type=int, default=0)
     run_args.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="bf16 on GPU")
@@ -142,8 +145,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run_args.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     run_args.add_argument("--log-every", type=int, default=10)
     run_args.add_argument("--sample-every", type=int, default=0, help="sample grid every N steps (0: only at the end)")
-    run_args.add_argument("--sample-steps", type=int, default=16, help="autoregressive steps of the sample grids")
-    run_args.add_argument("--sample-guidance", type=float, default=3.0)
+    run_args.add_argument(
+        "--sample-steps", type=int, default=16, help="autoregressive steps of the sample grids (at most the tokens)"
+    )
+    run_args.add_argument("--sample-guidance", type=float, default=3.0, help="CFG scale of the sample grids (>= 1)")
     return parser
 
 
@@ -187,12 +192,22 @@ def build_components(model_config: dict, info: dict, args) -> tuple[LiteHybrid, 
 
 
 def _validate(args) -> None:
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints"):
+    """The checks that need only the flags; the ones that need the latent cache follow its reading in :func:`run`."""
+    for name in (
+        "max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+        "sample_steps",
+    ):  # fmt: skip
         check_int("train", f"--{name.replace('_', '-')}", getattr(args, name))
-    for name in ("warmup_steps", "log_every", "sample_every"):
+    for name in ("warmup_steps", "sample_every", "seed"):
         check_int("train", f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
-    check_float("train", "--ema-decay", args.ema_decay, 0.0, 1.0)
+    # The energy score needs two head samples per target for its repulsive term.
+    check_int("train", "--num-head-samples", args.num_head_samples, minimum=2)
     check_float("train", "--lr", args.lr, 1e-12, 10.0)
+    check_float("train", "--ema-decay", args.ema_decay, 0.0, 1.0)
+    check_float("train", "--energy-lambda", args.energy_lambda, 0.0, 1.0)
+    for name in ("head_lr_scale", "weight_decay", "grad_clip"):
+        check_float("train", f"--{name.replace('_', '-')}", getattr(args, name), 0.0, math.inf)
+    check_float("train", "--sample-guidance", args.sample_guidance, 1.0, math.inf)
 
 
 def run(args: argparse.Namespace) -> EARTrainingModel:
@@ -205,7 +220,15 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from .checkpointing import JsonlLog, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+    from .checkpointing import (
+        JsonlLog,
+        check_supported,
+        list_checkpoints,
+        load_checkpoint,
+        resolve_resume,
+        save_checkpoint,
+        write_json_atomic,
+    )
     from .data import batch_indices, derived_seed
     from .latent_cache import load_latent_cache, load_vae, sample_latents
 
@@ -221,9 +244,17 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     with open(args.model_config, encoding="utf-8") as f:
         model_config = json.load(f)
     dataset, info = load_latent_cache(args.latents)
-    vae_path = args.vae or info["vae"]
-    vae = load_vae(vae_path)  # loaded up front: a wrong path fails now, not after training
-
+    tokens = info["grid_size"] ** 2
+    if args.sample_steps > tokens:
+        raise ValueError(
+            f"train: `--sample-steps` must be at most the {tokens} tokens of the latent cache {args.latents!r} "
+            f"(a {info['grid_size']}x{info['grid_size']} grid), got {args.sample_steps}."
+        )
+    if args.batch_size > len(dataset):
+        raise ValueError(
+            f"train: `--batch-size` must be at most the {len(dataset)} examples of the latent cache {args.latents!r}, "
+            f"got {args.batch_size}."
+        )
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -231,6 +262,11 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
         # would train alone as rank 0.
         cpu=args.cpu or not torch.cuda.is_available(),
     )
+    check_supported(accelerator)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.batch_size % world:
+        raise ValueError(f"train: `--batch-size` must be divisible by the {world} processes, got {args.batch_size}.")
+    vae = load_vae(args.vae or info["vae"])  # loaded up front: a wrong path fails now, not after training
     torch.manual_seed(args.seed)
     lite_hybrid, transformer, energy_head = build_components(model_config, info, args)
     model = EARTrainingModel(
@@ -243,24 +279,24 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
     ema = EMAModel(model.parameters(), decay=args.ema_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler, ema)
     unwrapped = accelerator.unwrap_model(model)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema}
 
     log = JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
     start_step = 0
     if resume_from is not None:
-        start_step = load_checkpoint(accelerator, resume_from)["step"]
+        start_step = load_checkpoint(accelerator, resume_from, **parts)["step"]
         log.truncate_after(start_step)
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
     elif accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         log.path.unlink(missing_ok=True)
-        with open(output_dir / "run_config.json", "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "model_config": model_config, "latent_cache": info}, f, indent=2)
+        # `parscale-ear train` puts its handler function in the namespace (`set_defaults(func=...)`).
+        run_args = {k: v for k, v in vars(args).items() if not callable(v)}
+        write_json_atomic(
+            output_dir / "run_config.json", {"args": run_args, "model_config": model_config, "latent_cache": info}
+        )
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if args.batch_size % world:
-        raise ValueError(f"train: --batch-size {args.batch_size} must be divisible by the {world} processes.")
     per_rank = args.batch_size // world
     scale, shift = info["scaling_factor"], info["shift_factor"]
     hflip = bool(info.get("hflip"))
@@ -293,7 +329,7 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
             with accelerator.accumulate(model):
                 loss = model(latents, labels, generator=generator)  # the prepared model autocasts (bf16)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and args.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -313,7 +349,9 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
                 }
             )
         if done % args.checkpoint_every == 0 or done == args.max_steps:
-            save_checkpoint(accelerator, checkpoint_dir, done, {"log": str(log.path)}, keep=args.keep_checkpoints)
+            save_checkpoint(
+                accelerator, checkpoint_dir, done, {"log": str(log.path)}, **parts, keep=args.keep_checkpoints
+            )
         if args.sample_every and done % args.sample_every == 0 and accelerator.is_main_process:
             _save_ema_pipeline(unwrapped, ema, vae, info, args, output_dir / "samples" / f"step-{done:08d}.png")
         accelerator.wait_for_everyone()
@@ -340,9 +378,10 @@ def _save_ema_pipeline(model: EARTrainingModel, ema, vae, info: dict, args, grid
     pipe = ParScaleEARPipeline(vae.to(parts[0].device), *parts, id2label=id2label)
     pipe.set_progress_bar_config(disable=True)
     labels = list(range(min(10, info["num_classes"])))
-    steps = min(args.sample_steps, info["grid_size"] ** 2)
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(labels))]
-    images = pipe(labels, num_inference_steps=steps, guidance_scale=args.sample_guidance, generator=generators).images
+    images = pipe(
+        labels, num_inference_steps=args.sample_steps, guidance_scale=args.sample_guidance, generator=generators
+    ).images
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     labelled_grid(images, [pipe.id2label[i] if pipe.id2label else str(i) for i in labels]).save(grid_path)
     return pipe

@@ -32,10 +32,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpointing import (
-    STATE_FILE,
     JsonlLog,
+    check_supported,
     list_checkpoints,
     load_checkpoint,
+    read_checkpoint_state,
     resolve_resume,
     save_checkpoint,
 )
@@ -47,6 +48,7 @@ from .data import (
     load_dataset_from_args,
     shard_for_process,
 )
+from .models._checks import check_float, check_int
 from .models.lite_vae import LiteVAE, haar_dwt
 from .results import write_results
 
@@ -283,9 +285,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _check_arguments(args: argparse.Namespace, checkpoint_dir: Path, world_size: int) -> tuple[dict, Path | None]:
     """Everything about the flags that can be wrong, checked before any data is read; returns the
     LiteVAE config and the checkpoint to resume from (or None)."""
-    for flag in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_batch_size", "keep_checkpoints"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"train_vae: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
+    for name in (
+        "max_steps", "batch_size", "gradient_accumulation_steps", "eval_batch_size", "keep_checkpoints", "log_every",
+        "scaling_images",
+    ):  # fmt: skip
+        check_int("train_vae", f"--{name.replace('_', '-')}", getattr(args, name))
+    for name in ("lr_warmup_steps", "eval_every", "checkpoint_every", "num_workers", "seed"):
+        check_int("train_vae", f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
+    check_float("train_vae", "--lr", args.lr, 1e-12, 10.0)
+    for name in ("weight_decay", "max_grad_norm", "kl_weight", "wavelet_weight"):
+        check_float("train_vae", f"--{name.replace('_', '-')}", getattr(args, name), 0.0, math.inf)
     if args.streaming:
         raise ValueError(
             "train_vae: --streaming is not supported for VAE training, which reads batches by index from a "
@@ -300,7 +309,7 @@ def _check_arguments(args: argparse.Namespace, checkpoint_dir: Path, world_size:
     config = vae_config_from_args(args)
     resume_path = resolve_resume(args.resume, checkpoint_dir)
     if resume_path is not None:
-        trained = json.loads((resume_path / STATE_FILE).read_text(encoding="utf-8"))["vae_config"]
+        trained = read_checkpoint_state(resume_path).get("vae_config")
         if trained != json.loads(json.dumps(config)):
             raise ValueError(
                 f"train_vae: --resume {str(resume_path)!r} was trained with the LiteVAE config {trained}, not "
@@ -319,6 +328,7 @@ def run(args: argparse.Namespace) -> dict:
     ("heldout_psnr" (None without ``--eval-split``), "shift_factor", "scaling_factor", "vae_path")."""
     # Without a GPU, accelerate joins a torchrun world (gloo) only when told cpu=True.
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu or not torch.cuda.is_available())
+    check_supported(accelerator)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     output_dir = Path(args.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
@@ -339,7 +349,7 @@ def run(args: argparse.Namespace) -> dict:
 
     start_step = 0
     if resume_path is not None:
-        start_step = load_checkpoint(accelerator, resume_path)["step"]
+        start_step = load_checkpoint(accelerator, resume_path, model=model, optimizer=optimizer)["step"]
     log = JsonlLog(output_dir / LOG_FILE, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         if resume_path is not None:
@@ -408,7 +418,10 @@ def run(args: argparse.Namespace) -> dict:
             psnr, psnr_step = evaluate(done), done
             progress.write(f"step {done}: held-out PSNR {psnr:.2f} dB")
         if args.checkpoint_every > 0 and done % args.checkpoint_every == 0:
-            save_checkpoint(accelerator, checkpoint_dir, done, {"vae_config": config}, keep=args.keep_checkpoints)
+            save_checkpoint(
+                accelerator, checkpoint_dir, done, {"vae_config": config}, model=model, optimizer=optimizer,
+                keep=args.keep_checkpoints,
+            )  # fmt: skip
     progress.close()
 
     if eval_set is not None and psnr_step != args.max_steps:

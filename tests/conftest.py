@@ -1,5 +1,8 @@
 """Tiny components shared by the tests: every test runs on 2 CPU cores in seconds."""
 
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,3 +67,41 @@ def pipe():
 @pytest.fixture
 def components():
     return tiny_components()
+
+
+def float32_rounding_bound(pipe: ParScaleEARPipeline, num_inference_steps: int) -> float:
+    """How far two runs of the same images may differ when float32 sums are taken in another order.
+
+    BLAS picks its blocking, hence the order of each dot product's sum, by matrix shape (batch
+    size) and CPU kind. Two orders of a sum of K terms differ by at most 2 K u = K eps times the
+    sum of |terms| (Higham's bound, unit roundoff u = eps / 2); the activations here are O(1). An
+    image value is the end of a chain of such sums: every Linear / Conv2d of the generator parts
+    once per sampling step, then each of the VAE (its encoder too: a slight over-count). To first
+    order those perturbations add, so we bound by (layers in the chain) x (largest fan-in K) x eps.
+    For the tiny pipeline that is about 2.5e-3 (~150 layers, K = 144 of a 3x3 conv over 16
+    channels): below one 8-bit level (1/255), and far below what a real bug does (another seed,
+    label or image changes values by ~0.6). With ``num_inference_steps=0``: decoding alone.
+    """
+    eps = torch.finfo(torch.float32).eps
+
+    def layers(module):
+        return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+    def fan_in(layer):
+        if isinstance(layer, torch.nn.Linear):
+            return layer.in_features
+        return layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+
+    per_step = layers(pipe.lite_hybrid) + layers(pipe.transformer) + layers(pipe.energy_head)
+    chain = num_inference_steps * len(per_step) + len(layers(pipe.vae))
+    return chain * max(map(fan_in, per_step + layers(pipe.vae))) * eps
+
+
+def tree_hashes(folder) -> dict:
+    """``{relative path: sha256}`` of every file (symlinks followed), so added or removed files show too."""
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

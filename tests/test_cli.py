@@ -1,5 +1,7 @@
-"""`parscale-ear`: every subcommand's --help, info, and generate (grid and single files)."""
+"""`parscale-ear`: every subcommand's --help, info, generate (grid and single files), flags
+refused before loading, and one-line errors (with --debug for the traceback), also in examples/."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -9,7 +11,8 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
-from parscale_ear_hf.cli import main
+from parscale_ear_hf import ParScaleEARPipeline, cli
+from parscale_ear_hf.cli import main, run_script
 from parscale_ear_hf.info import component_parameter_counts
 
 from conftest import tiny_pipeline
@@ -25,6 +28,8 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize(
     "command,flags",
     [
+        ("prepare-data", ["--output", "--image-size", "--seed"]),
+        ("cache-latents", ["--vae", "--vae-subfolder", "--dataset", "--output-dir", "--hflip", "--image-size"]),
         (
             "generate",
             ["--model", "--labels", "--seed", "--steps", "--guidance", "--temperature", "--output", "--no-grid"],
@@ -45,7 +50,7 @@ def test_each_subcommand_has_useful_help(command, flags, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert all(flag in text for flag in flags), text
+    assert all(flag in text for flag in [*flags, "--debug"]), text
 
 
 def test_console_script_is_installed():
@@ -93,6 +98,116 @@ def test_generate_single_files(saved, tmp_path):
     assert sorted(os.listdir(out)) == ["00000_class3.png", "00001_class4.png"]
 
 
-def test_generate_rejects_a_bad_label(saved, tmp_path):
-    with pytest.raises(ValueError, match="class label 12"):
-        main(["generate", "--model", str(saved), "--labels", "12", "--output", str(tmp_path / "g.png")])
+def test_an_error_is_one_line_and_debug_shows_it_whole(saved, tmp_path, capsys):
+    argv = ["generate", "--model", str(saved), "--labels", "12", "--steps", "4", "--output", str(tmp_path / "g.png")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1]  # after the loading progress bar
+    assert line.startswith("parscale-ear generate: error: ParScaleEARPipeline: class label 12 is out of range")
+    assert line.endswith("class names from `id2label`.") and "Traceback" not in err and "--debug" not in err
+    for debug in (["--debug", *argv], [*argv, "--debug"]):  # before or after the command
+        with pytest.raises(ValueError, match="class label 12"):
+            main(debug)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_usage_errors_keep_argparse_status_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--steps", "4"])  # --model is required
+    assert exit_info.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_says_how_to_get_the_traceback(saved, monkeypatch, capsys):
+    def broken(args):
+        return None.config  # a bug, not bad input
+
+    monkeypatch.setattr(cli, "info", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", "--model", str(saved)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("parscale-ear info: error: 'NoneType' object has no attribute 'config'")
+    assert "(AttributeError; rerun with --debug for the traceback)" in err and err.count("\n") == 1
+    with pytest.raises(AttributeError):
+        main(["--debug", "info", "--model", str(saved)])
+
+
+def test_ctrl_c_exits_130_quietly(saved, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "info", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", "--model", str(saved)])
+    assert exit_info.value.code == 130 and capsys.readouterr().err == ""
+
+
+def test_run_script_behaves_like_the_cli(monkeypatch, capsys):
+    def parser():
+        demo = argparse.ArgumentParser(prog="demo.py")
+        demo.add_argument("--value", type=int, default=0)
+        return demo
+
+    def func(args):
+        raise FileNotFoundError(f"demo: --value {args.value} names no file;\naccepted: an existing one.")
+
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--value", "3"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(parser(), func)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "demo.py: error: demo: --value 3 names no file; accepted: an existing one.\n"
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--value", "3", "--debug"])
+    with pytest.raises(FileNotFoundError, match="names no file"):
+        run_script(parser(), func)
+
+
+def test_example_script_prints_one_line(saved, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
+    command = [sys.executable, str(script), "--model", str(saved), "--steps", "0", "--output", str(tmp_path / "g.png")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == "generate.py: error: generate: `--steps` must be an integer >= 1, got 0."
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "`--steps` must be an integer >= 1, got 0"),
+        (["--steps", "-3"], "`--steps` must be an integer >= 1, got -3"),
+        (["--guidance", "0.5"], "`--guidance` must be a finite number >= 1.0, got 0.5"),
+        (["--guidance", "inf"], "`--guidance` must be a finite number >= 1.0, got inf"),
+        (["--temperature", "-1"], "`--temperature` must be a finite number >= 0.0, got -1.0"),
+        (["--temperature", "nan"], "`--temperature` must be a finite number >= 0.0, got nan"),
+        (["--images-per-class", "0"], "`--images-per-class` must be an integer >= 1, got 0"),
+    ],
+)
+def test_generate_refuses_bad_sampling_flags_before_loading(saved, tmp_path, monkeypatch, flags, message):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(ParScaleEARPipeline, "from_pretrained", must_not_load)
+    with pytest.raises(ValueError, match=f"^generate: {message}"):
+        main(["--debug", "generate", "--model", str(saved), *flags, "--output", str(tmp_path / "g.png")])
+
+
+def test_generate_refuses_more_steps_than_tokens(saved, tmp_path):
+    with pytest.raises(ValueError, match="`--steps` 17 is more than the model's 16 tokens; accepted: 1 to 16"):
+        main(["--debug", "generate", "--model", str(saved), "--steps", "17", "--output", str(tmp_path / "g.png")])
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_prepare_data_runs_the_examples_implementation(tmp_path, monkeypatch, capsys):
+    from parscale_ear_hf import data
+
+    calls = []
+
+    def fake_prepare(output_dir, image_size, seed):
+        calls.append((output_dir, image_size, seed))
+        return {"train": [0] * 4, "heldout": [0]}
+
+    monkeypatch.setattr(data, "prepare_mnist_demo", fake_prepare)
+    main(["prepare-data", "--output", str(tmp_path / "d"), "--image-size", "36", "--seed", "2"])
+    assert calls == [(str(tmp_path / "d"), 36, 2)]
+    assert capsys.readouterr().out.strip() == f"{{'train': 4, 'heldout': 1}} -> {tmp_path / 'd'}"

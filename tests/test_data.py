@@ -3,6 +3,7 @@
 import argparse
 import io
 import tarfile
+import warnings
 from unittest import mock
 
 import datasets
@@ -254,6 +255,62 @@ def test_image_loader_batches(tmp_path):
     batches = list(image_loader(dataset, 8, 1, batch_sampler=sampler))
     torch.testing.assert_close(batches[0]["pixel_values"][1], image_transform(8, 1)(dataset[0]["image"]))
     assert [b["label"].tolist() for b in batches] == [[0, 0], [0]]
+
+
+def truncated_png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()[:60]
+
+
+def test_a_broken_image_is_named_with_its_file(tmp_path):
+    for i, image in enumerate(random_images(4)):
+        folder = tmp_path / "images" / "train" / NAMES[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{i}.png")
+    broken = tmp_path / "images" / "train" / "cat" / "2.png"
+    broken.write_bytes(truncated_png(random_images(1)[0]))
+    dataset = load_image_dataset(tmp_path / "images")
+    index = next(i for i, p in enumerate(dataset.cast_column("image", datasets.Image(decode=False))["image"])
+                 if p["path"] == str(broken))  # fmt: skip
+    # A training-style batch sampler: the index is the dataset's.
+    with pytest.raises(ValueError) as info:
+        list(image_loader(dataset, 8, 3, batch_sampler=[[index ^ 1], [index, index ^ 1]]))
+    message = str(info.value)
+    assert f"example {index} of split 'train'" in message and repr(str(broken)) in message
+    assert "cannot be decoded" in message and "remove or fix that image" in message
+
+
+def test_a_broken_embedded_image_is_named_by_index_and_dataset(tmp_path):
+    images = [*random_images(3), {"bytes": truncated_png(random_images(1)[0]), "path": None}]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)})
+    data = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]}, features)
+    datasets.DatasetDict({"train": data}).save_to_disk(tmp_path / "dd")
+    dataset = load_image_dataset(tmp_path / "dd")
+    with pytest.raises(ValueError, match=rf"example 3 of '{tmp_path / 'dd' / 'train'}' cannot be decoded"):
+        list(image_loader(dataset, 8, 3, batch_size=2))  # the in-order loader
+    with pytest.raises(ValueError, match=r"an example of a stream cannot be decoded \(OSError"):
+        list(image_loader(dataset.to_iterable_dataset(), 8, 3, batch_size=2))
+
+
+def test_resizing_or_converting_warns_once_per_loader():
+    gray = [PIL.Image.fromarray(a, mode="L") for a in np.random.default_rng(0).integers(0, 256, (5, 28, 28), np.uint8)]
+    dataset = datasets.Dataset.from_dict({"image": gray}, datasets.Features({"image": datasets.Image()}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(image_loader(dataset, 32, 3, batch_size=2))
+    assert [b["pixel_values"].shape for b in batches] == [(2, 3, 32, 32), (2, 3, 32, 32), (1, 3, 32, 32)]
+    assert [str(w.message) for w in caught] == [
+        "image_loader: images are 28x28 'L'; resizing to 32x32 and converting to 'RGB' (first seen: example 0 of "
+        "an in-memory dataset; said once per loader, other images may differ too)."
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        list(image_loader(dataset, 28, 1, batch_size=2))  # nothing to change: nothing said
+        list(image_loader(dataset, 28, 3, batch_size=2))
+    assert [str(w.message).split(";")[1] for w in caught] == [
+        " converting to 'RGB' (first seen: example 0 of an in-memory dataset"
+    ]
 
 
 # ---------------------------------------------------------------- sharding and data order

@@ -442,3 +442,74 @@ def test_limited_reference_is_a_shuffled_subset_not_a_prefix(setup, tmp_path):
     )
     np.testing.assert_allclose(reference.features, shuffled, rtol=1e-6)
     assert not np.allclose(reference.features, first)
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (dict(steps=0), "`--steps` must be an integer >= 1, got 0"),
+        (dict(guidance=0.5), "`--guidance` must be a finite number >= 1.0, got 0.5"),
+        (dict(guidance="nan"), "`--guidance` must be a finite number >= 1.0, got nan"),
+        (dict(temperature=-1), "`--temperature` must be a finite number >= 0.0, got -1.0"),
+        (dict(temperature="inf"), "`--temperature` must be a finite number >= 0.0, got inf"),
+        (dict(batch_size=0), "`--batch-size` must be an integer >= 1, got 0"),
+        (dict(reference_max_images=1), "`--reference-max-images` must be an integer >= 2, got 1"),
+    ],
+)
+def test_bad_flags_fail_before_anything_loads(setup, tmp_path, monkeypatch, flags, match):
+    from parscale_ear_hf import ParScaleEARPipeline
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(ParScaleEARPipeline, "from_pretrained", must_not_load)
+    with pytest.raises(ValueError, match=match):
+        ev.run(_args(setup, tmp_path / "out", **flags))
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_many_steps_are_refused_before_eval_config_and_the_fix_reruns(setup, tmp_path):
+    with pytest.raises(ValueError, match="`--steps` 17 is more than the model's 16 tokens; accepted: 1 to 16"):
+        ev.run(_args(setup, tmp_path / "out", steps=17))
+    assert not (tmp_path / "out" / "eval_config.json").exists()
+    assert ev.run(_args(setup, tmp_path / "out", steps=4))["sampling"]["num_inference_steps"] == 4
+
+
+def test_eval_config_without_features_takes_new_settings(tmp_path):
+    ev.check_run_config(tmp_path, {"seed": 0, "steps": 64})
+    ev.check_run_config(tmp_path, {"seed": 0, "steps": 8})  # nothing computed yet: not a resume
+    assert json.loads((tmp_path / "eval_config.json").read_text()) == {"seed": 0, "steps": 8}
+    ev.part_path(tmp_path, 0).parent.mkdir()
+    ev.part_path(tmp_path, 0).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"partial features of another evaluation \(steps: 8 there, 4 now\)"):
+        ev.check_run_config(tmp_path, {"seed": 0, "steps": 4})
+
+
+def test_missing_torch_fidelity_names_the_inception_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
+    with pytest.raises(ImportError, match=r'`inception` extra: `pip install -e "\.\[inception\]"`') as info:
+        ev.load_extractor("inception")
+    assert "[eval]" not in str(info.value) and "torchvision" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--batch-size", "0"], "`--batch-size` must be an integer >= 1, got 0"),
+        (["--max-images", "1"], "`--max-images` must be an integer >= 2, got 1"),
+    ],
+)
+def test_reconstruction_flags_fail_before_the_vae_loads(setup, tmp_path, monkeypatch, flags, match):
+    from parscale_ear_hf import latent_cache
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the VAE was loaded before the flags were checked")
+
+    monkeypatch.setattr(latent_cache, "load_vae", must_not_load)
+    parser = ev.add_reconstruction_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        ["--vae", str(setup / "pipe"), "--vae-subfolder", "vae", "--dataset", str(setup / "data"),
+         "--results-file", str(tmp_path / "rfid.json"), *flags]
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        ev.run_reconstruction(args)

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from parscale_ear_hf.latent_cache import (
     add_arguments,
     encode_to_cache,
     load_latent_cache,
+    load_vae,
     run,
     sample_latents,
     write_cache_info,
@@ -155,3 +157,43 @@ def test_two_processes_write_two_shards_and_one_info(vae, dataset, tmp_path):
     assert info["num_shards"] == 2 and info["count"] == 7 and info["hflip"] is True
     assert cache[:]["label"].tolist() == list(dataset["label"])
     torch.testing.assert_close(cache[:]["moments"], reference_moments(vae, dataset), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_latents_subcommand_runs_the_examples_implementation(vae, dataset, tmp_path, capsys):
+    from parscale_ear_hf.cli import main
+
+    vae.save_pretrained(tmp_path / "vae")
+    datasets.DatasetDict({"train": dataset}).save_to_disk(tmp_path / "data")
+    main(["cache-latents", "--vae", str(tmp_path / "vae"), "--dataset", str(tmp_path / "data"),
+          "--output-dir", str(tmp_path / "cache"), "--hflip"])  # fmt: skip
+    cache, info = load_latent_cache(tmp_path / "cache")
+    assert info["count"] == 7 and info["hflip"] is True and "moments_flip" in cache.column_names
+    assert capsys.readouterr().out.strip().endswith(f"cached 7 examples, latents 4x4x4 -> {tmp_path / 'cache'}")
+
+
+def test_missing_vae_paths_say_so(vae, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for path in (str(tmp_path / "nope"), "./nope", "../nope", "runs/vae"):
+        expected = (
+            rf"load_vae: --vae='{re.escape(path)}' does not exist\. Accepted: "
+            r"a folder written by `save_pretrained`.*--vae-subfolder vae, or a Hub repo id"
+        )
+        with pytest.raises(FileNotFoundError, match=expected):
+            load_vae(path)
+    vae.save_pretrained(tmp_path / "pipe" / "vae")
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"'pipe' has no config.json \(a pipeline folder: add --vae-subfolder"):
+        load_vae("pipe")
+    with pytest.raises(FileNotFoundError, match=r"'pipe/decoder' has no config.json\. Accepted"):
+        load_vae("pipe", "decoder")
+    assert isinstance(load_vae("pipe", "vae"), LiteVAE)
+
+
+def test_unreachable_hub_vae_names_the_repo(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never ask the network
+    with pytest.raises(OSError, match=r"--vae='owner/no-such-vae' is not a local folder, and the Hub repo "
+                       r"'owner/no-such-vae' \(subfolder 'vae'\) could not be read"):  # fmt: skip
+        load_vae("owner/no-such-vae", "vae")

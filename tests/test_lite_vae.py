@@ -152,7 +152,11 @@ def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     vae = LiteVAE(**TINY_VAE_CONFIG, scaling_factor=0.75, shift_factor=-0.125).eval()
     vae.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checksums.sha256",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
 
     loaded = LiteVAE.from_pretrained(tmp_path).eval()
 

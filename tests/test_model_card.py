@@ -185,3 +185,42 @@ def test_card_command_writes_readme(setup, tmp_path, capsys):
     assert [r.metric_type for r in card.data.eval_results] == list(setup.records[1]["metrics"])
     assert card.data.datasets == ["ylecun/mnist"] and card.data.model_name == "tiny-ear"
     assert "wrote" in capsys.readouterr().out
+
+
+def test_card_without_results_never_drops_the_shipped_cards_figures(tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "mnist_demo"
+    shutil.copytree(ROOT / "models" / "mnist_demo", folder)  # never the shipped folder itself
+    shipped = (folder / "README.md").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["card", "--model", str(folder)])
+    assert exit_info.value.code == 1
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(f"parscale-ear card: error: write_model_card: '{folder / 'README.md'}' exists and the new "
+                           "card would drop its eval results ['demo_fid', ")  # fmt: skip
+    assert line.endswith("(--results FILE...), or --force to replace it.")
+    assert (folder / "README.md").read_bytes() == shipped
+    main(["card", "--model", str(folder), "--force"])
+    assert ModelCard.load(folder / "README.md").data.eval_results is None
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_card_is_rewritten_with_its_results_but_a_foreign_readme_is_kept(tmp_path):
+    folder = tmp_path / "tiny-ear"
+    tiny_pipeline().save_pretrained(folder)
+    files = [tmp_path / "inception.json", tmp_path / "demo.json"]
+    write_results(files[0], eval_payload(str(folder), "", INCEPTION, "ILSVRC/imagenet-1k [validation]", 23.5))
+    write_results(files[1], eval_payload(str(folder), "demo_", DIGITS, "data/fid_refs/ref.npz", 1.25))
+    write_model_card(folder, files)
+    write_results(files[1], eval_payload(str(folder), "demo_", DIGITS, "data/fid_refs/ref.npz", 1.5))
+    write_model_card(folder, files)  # new figures for the same metrics: nothing lost, nothing asked
+    with pytest.raises(FileExistsError, match=r"would drop its eval results \['fid', 'is', 'is_std', 'precision'"):
+        write_model_card(folder, files[1:])
+    (folder / "README.md").write_text("# My notes\n\nHand-written.\n")
+    with pytest.raises(FileExistsError, match="it was not written by this command"):
+        write_model_card(folder, files)
+    assert (folder / "README.md").read_text() == "# My notes\n\nHand-written.\n"
+    write_model_card(folder, files, force=True)
+    results = ModelCard.load(folder / "README.md").data.eval_results
+    assert len(results) == 10 and {r.metric_type: r.metric_value for r in results}["demo_fid"] == 1.5

@@ -7,7 +7,7 @@ import torch
 
 from parscale_ear_hf.pipeline_parscale_ear import mask_schedule
 
-from conftest import tiny_pipeline
+from conftest import float32_rounding_bound, tiny_pipeline
 
 
 def gen(seed):
@@ -45,11 +45,13 @@ def test_output_types(pipe):
     assert arr.shape == (2, 16, 16, 3) and arr.min() >= 0 and arr.max() <= 1
     pt = run(pipe, output_type="pt")
     assert isinstance(pt, torch.Tensor) and pt.shape == (2, 3, 16, 16)
-    assert np.allclose(pt.permute(0, 2, 3, 1).numpy(), arr, atol=1e-6)
+    # The same operations on the same shapes: bit for bit the same numbers.
+    assert np.array_equal(pt.permute(0, 2, 3, 1).numpy(), arr)
     latents = run(pipe, output_type="latent")
     assert latents.shape == (2, 4, 4, 4)
     decoded = pipe.image_processor.postprocess(pipe.decode_latents(latents), output_type="np")
-    assert np.allclose(decoded, arr, atol=1e-6)
+    # The pipeline decodes a strided view, this a contiguous copy: the convolutions may sum in another order.
+    assert np.abs(decoded - arr).max() < float32_rounding_bound(pipe, num_inference_steps=0)
     as_tuple = pipe([1, 2], num_inference_steps=4, generator=gen(0), output_type="np", return_dict=False)
     assert isinstance(as_tuple, tuple) and np.array_equal(as_tuple[0], arr)
 
@@ -58,7 +60,7 @@ def test_decode_uses_scaling_and_shift(pipe):
     latents = torch.randn(1, 4, 4, 4)
     pipe.vae.register_to_config(scaling_factor=2.0, shift_factor=0.5)
     expected = pipe.vae.decode(latents / 2.0 + 0.5).sample
-    assert torch.allclose(pipe.decode_latents(latents), expected, atol=1e-6)
+    assert torch.equal(pipe.decode_latents(latents), expected)
 
 
 def test_same_seed_same_images_other_seed_other_images(pipe):
@@ -72,10 +74,12 @@ def test_image_is_the_same_alone_or_inside_a_batch(parscale_n, guidance):
     pipe = tiny_pipeline(parscale_n=parscale_n)
     labels, seeds = [3, 7, 3], [10, 11, 12]
     batch = run(pipe, labels, generator=[gen(s) for s in seeds], guidance_scale=guidance)
+    # Alone, BLAS may sum in another order than inside the batch: equal up to float32 rounding.
+    bound = float32_rounding_bound(pipe, num_inference_steps=4)
     for i, (label, seed) in enumerate(zip(labels, seeds)):
         alone = run(pipe, [label], generator=[gen(seed)], guidance_scale=guidance)
-        assert np.abs(alone[0] - batch[i]).max() < 1e-5
-    assert np.abs(batch[0] - batch[2]).max() > 1e-3  # same class, other seed: another image
+        assert np.abs(alone[0] - batch[i]).max() < bound
+    assert np.abs(batch[0] - batch[2]).max() > 10 * bound  # same class, other seed: another image
 
 
 def test_class_names_and_num_images_per_class(pipe):
@@ -93,7 +97,8 @@ def test_guidance_mixes_conditional_and_unconditional_hidden_states(pipe):
     assert np.abs(unguided - guided).max() > 1e-3
     with torch.no_grad():
         emb[pipe.transformer.null_class] = emb[4]  # h_uncond == h_cond: cfg*h + (1-cfg)*h == h
-    assert np.abs(run(pipe, [4], guidance_scale=4.0) - unguided).max() < 1e-5
+    # Equal up to the rounding of cfg*h + (1-cfg)*h, carried through the later layers.
+    assert np.abs(run(pipe, [4], guidance_scale=4.0) - unguided).max() < float32_rounding_bound(pipe, 4)
 
 
 def test_guidance_schedule_and_temperature_change_the_output(pipe):
@@ -155,7 +160,12 @@ def test_progress_bar_reports_steps(pipe, capsys):
         (dict(num_inference_steps=17), r"num_inference_steps.*got 17"),
         (dict(num_inference_steps=2.0), r"num_inference_steps"),
         (dict(temperature=-0.1), r"temperature.*>= 0"),
+        (dict(temperature=float("inf")), r"`temperature` must be a finite number >= 0.0, got inf"),
+        (dict(temperature=float("nan")), r"`temperature` must be a finite number >= 0.0, got nan"),
         (dict(guidance_scale=0.5), r"guidance_scale.*>= 1"),
+        (dict(guidance_scale=float("inf")), r"`guidance_scale` must be a finite number >= 1.0, got inf"),
+        (dict(guidance_scale=float("nan")), r"`guidance_scale` must be a finite number >= 1.0, got nan"),
+        (dict(class_labels=[True]), r"class label True"),
         (dict(guidance_schedule="cosine"), r"guidance_schedule.*linear"),
         (dict(output_type="jpg"), r"output_type.*'pil'"),
         (dict(num_images_per_class=0), r"num_images_per_class"),
@@ -171,6 +181,25 @@ def test_bad_input_fails_before_any_sampling(pipe, monkeypatch, kwargs, match):
     with pytest.raises(ValueError, match=match):
         pipe(**args)
     assert calls == []
+
+
+@pytest.mark.parametrize("generator", ["abc", 0, [torch.Generator(), "abc"]], ids=["str", "int", "list with str"])
+def test_generator_of_wrong_type_raises_naming_it(pipe, monkeypatch, generator):
+    calls = []
+    monkeypatch.setattr(pipe.transformer, "forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(TypeError, match=r"`generator` must be a torch.Generator, a list of them .* got"):
+        pipe([1, 2], num_inference_steps=4, output_type="np", generator=generator)
+    assert calls == []
+
+
+def test_numpy_and_tensor_integers_are_class_labels(pipe):
+    by_int = run(pipe, [3, 5])
+    assert np.array_equal(run(pipe, [np.int64(3), np.int32(5)]), by_int)
+    assert np.array_equal(run(pipe, np.array([3, 5]).tolist()), by_int)
+    assert np.array_equal(
+        pipe(np.int64(3), num_inference_steps=4, output_type="np", generator=gen(0)).images, run(pipe, [3])
+    )
+    assert pipe.class_ids(torch.tensor([3, 5])) == [3, 5]
 
 
 def test_names_need_id2label():

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -15,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parscale_ear_hf import LiteVAE
-from parscale_ear_hf.checkpointing import JsonlLog, latest_checkpoint, list_checkpoints, resolve_resume
+from parscale_ear_hf import LiteVAE, cli
+from parscale_ear_hf.checkpointing import FORMAT, JsonlLog, latest_checkpoint, list_checkpoints, resolve_resume
 from parscale_ear_hf.latent_cache import encode_to_cache, write_cache_info
 from parscale_ear_hf.training import add_arguments, run
 
@@ -130,7 +131,7 @@ def test_resume_after_sigkill_continues_exactly(workspace, tmp_path):
 def test_interrupted_checkpoint_is_never_loaded(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "checkpoint-00000003").mkdir(parents=True)
-    (root / "checkpoint-00000003" / "trainer_state.json").write_text('{"step": 3}')
+    (root / "checkpoint-00000003" / "trainer_state.json").write_text(json.dumps({"format": FORMAT, "files": []}))
     (root / ".tmp-checkpoint-00000006").mkdir()  # a save killed half-way
     (root / "checkpoint-00000009").mkdir()  # no trainer_state.json: incomplete
     assert [p.name for p in list_checkpoints(root)] == ["checkpoint-00000003"]
@@ -154,6 +155,97 @@ def test_fresh_start_never_overwrites_a_previous_run(workspace, tmp_path):
     with pytest.raises(FileExistsError, match="--resume latest"):
         run(parse(train_args(workspace, out, "--max-steps", "2")))
     assert (out / "train_log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+class WritesMarker:
+    """Unpickling this runs code: it creates the file ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_planted_pickle_is_refused_and_never_run(workspace, tmp_path):
+    out = tmp_path / "out"
+    run(parse(train_args(workspace, out, "--max-steps", "3")))
+    checkpoint = latest_checkpoint(out / "checkpoints")
+    assert checkpoint.name == "checkpoint-00000003"
+    assert not [p for p in checkpoint.iterdir() if p.suffix in (".pkl", ".bin", ".pt", ".pth")]
+
+    pickle.loads(pickle.dumps(WritesMarker(tmp_path / "probe")))
+    assert (tmp_path / "probe").exists()  # the planted file would run code if it were unpickled
+    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(WritesMarker(tmp_path / "marker")))
+    log = (out / "train_log.jsonl").read_text()
+    expected = r"checkpoint '.*checkpoint-00000003' .* never writes: \['custom_checkpoint_0.pkl'\]"
+    with pytest.raises(ValueError, match=expected):
+        run(parse(train_args(workspace, out, "--max-steps", "6", "--resume", "latest")))
+    assert not (tmp_path / "marker").exists()
+    assert (out / "train_log.jsonl").read_text() == log  # refused before any step
+
+
+def test_cli_train_writes_its_arguments(workspace, tmp_path):
+    out = tmp_path / "out"
+    cli.main(["train", *train_args(workspace, out, "--max-steps", "2")])
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["args"]["max_steps"] == 2 and "func" not in run_config["args"]
+    assert run_config["latent_cache"]["grid_size"] == 4
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_grad_clip_zero_disables_clipping(workspace, tmp_path):
+    models = [
+        run(parse(train_args(workspace, tmp_path / name, "--max-steps", "2", "--grad-clip", clip)))
+        for name, clip in (("off", "0"), ("huge", "1e9"))
+    ]
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+FLOAT_FLAGS = (
+    "--lr",
+    "--head-lr-scale",
+    "--weight-decay",
+    "--grad-clip",
+    "--ema-decay",
+    "--energy-lambda",
+    "--sample-guidance",
+)
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--sample-guidance", "0.5"),
+        ("--sample-steps", "0"),
+        ("--sample-steps", "17"),  # the cache has 4x4 = 16 tokens
+        ("--num-head-samples", "0"),
+        ("--num-head-samples", "1"),
+        ("--grad-clip", "-1"),
+        ("--head-lr-scale", "-0.25"),
+        ("--energy-lambda", "-0.1"),
+        ("--energy-lambda", "1.5"),
+        ("--weight-decay", "-0.01"),
+        ("--lr", "0"),
+        ("--log-every", "0"),
+        ("--seed", "-1"),
+        ("--batch-size", "64"),  # the cache has 48 examples
+        *[(flag, value) for flag in FLOAT_FLAGS for value in ("inf", "nan")],
+    ],
+)
+def test_bad_arguments_fail_before_anything_is_loaded_or_written(workspace, tmp_path, monkeypatch, flag, value):
+    def no_vae(path):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("parscale_ear_hf.latent_cache.load_vae", no_vae)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as error:
+        run(parse(train_args(workspace, out, "--max-steps", "2", flag, value)))
+    parsed = float(value) if flag in FLOAT_FLAGS else int(value)
+    message = str(error.value)
+    assert f"`{flag}`" in message and f"got {parsed!r}" in message, message
+    assert not out.exists()
 
 
 def test_model_config_that_does_not_fit_the_data_is_rejected(workspace, tmp_path):
@@ -184,21 +276,23 @@ def test_training_lowers_the_loss_and_saves_a_pipeline(workspace, tmp_path):
     assert (out / "samples" / "final.png").is_file()
 
 
-def test_two_processes_hold_identical_weights(workspace, tmp_path):
+def test_two_processes_hold_identical_weights_also_after_resuming(workspace, tmp_path):
     out = tmp_path / "dist"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        str(ROOT / "tests" / "dist_worker.py"),
-        *train_args(workspace, out, "--max-steps", "3"),
-    ]
-    proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    digests = [(out / f"weights-rank{r}.sha256").read_text() for r in (0, 1)]
-    assert digests[0] == digests[1]
-    assert sorted(losses(out)) == [1, 2, 3]
+    for port, extra in (("29533", ["--max-steps", "3"]), ("29534", ["--max-steps", "5", "--resume", "latest"])):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            port,
+            str(ROOT / "tests" / "dist_worker.py"),
+            *train_args(workspace, out, *extra),
+        ]
+        proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # Both ranks load the checkpoint: a rank that kept its initial weights would differ.
+        digests = [(out / f"weights-rank{r}.sha256").read_text() for r in (0, 1)]
+        assert digests[0] == digests[1]
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5]

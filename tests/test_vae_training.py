@@ -159,6 +159,8 @@ def test_resume_latest_without_checkpoint_raises_before_training(dataset_dir, tm
 
 def test_refuses_to_start_over_existing_checkpoints_or_resume_another_config(dataset_dir, tmp_path):
     run(make_args(dataset_dir, tmp_path / "out", "--max-steps", 1, "--checkpoint-every", 1))
+    files = sorted(p.name for p in (tmp_path / "out" / "checkpoints" / "checkpoint-00000001").iterdir())
+    assert files == ["model.safetensors", "optimizer.json", "optimizer.safetensors", "trainer_state.json"]
     with pytest.raises(FileExistsError, match="already holds checkpoints; pass --resume latest"):
         run(make_args(dataset_dir, tmp_path / "out", "--max-steps", 2))
     with pytest.raises(ValueError, match="was trained with the LiteVAE config"):
@@ -185,6 +187,31 @@ def test_vae_config_file_and_flags(dataset_dir, tmp_path):
         (["--streaming"], ValueError, "--streaming is not supported for VAE training"),
         (["--batch-size", 64], ValueError, "--batch-size 64 is larger than split 'train' \\(48 images\\)"),
         (["--results-file", "r.json"], ValueError, "--results-file .* needs --eval-split"),
+        *[
+            ([flag, value], ValueError, rf"`{flag}` must be a finite number (>=|in) .*, got {value}\.")
+            for flag, values in (
+                ("--lr", ("0.0", "-0.001", "inf", "nan")),
+                ("--weight-decay", ("-0.1", "inf", "nan")),
+                ("--max-grad-norm", ("-1.0", "inf", "nan")),
+                ("--kl-weight", ("-0.001", "inf", "nan")),
+                ("--wavelet-weight", ("-0.5", "inf", "nan")),
+            )
+            for value in values
+        ],
+        *[
+            ([flag, value], ValueError, rf"`{flag}` must be an integer >= {minimum}, got {value}\.")
+            for flag, value, minimum in (
+                ("--max-steps", -1, 1),
+                ("--log-every", 0, 1),
+                ("--scaling-images", 0, 1),
+                ("--eval-batch-size", 0, 1),
+                ("--lr-warmup-steps", -1, 0),
+                ("--eval-every", -1, 0),
+                ("--checkpoint-every", -1, 0),
+                ("--num-workers", -1, 0),
+                ("--seed", -1, 0),
+            )
+        ],  # fmt: skip
     ],
 )
 def test_bad_arguments_fail_before_training(dataset_dir, tmp_path, extra, error, message):
@@ -208,15 +235,11 @@ def test_two_processes_match_one(dataset_dir, tmp_path):
         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
     )  # fmt: skip
 
-    # Rank 0 alone writes the log; every process saves its random state in the checkpoint.
+    # Rank 0 alone writes the log and the checkpoints, which hold no per-process (random) state.
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["step"] for r in two] == [r["step"] for r in one]
-    assert sorted(
-        p.name for p in (tmp_path / "two" / "checkpoints" / "checkpoint-00000004").glob("random_states_*")
-    ) == [
-        "random_states_0.pkl",
-        "random_states_1.pkl",
-    ]
+    checkpoints = [tmp_path / name / "checkpoints" / "checkpoint-00000004" for name in ("one", "two")]
+    assert sorted(p.name for p in checkpoints[0].iterdir()) == sorted(p.name for p in checkpoints[1].iterdir())
     for a, b in zip(one, two):
         assert a.keys() == b.keys()
         for key in a:

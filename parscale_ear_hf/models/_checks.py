@@ -6,7 +6,11 @@ fails at construction instead of as a shape error deep inside a forward pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+
+# Only Python ints and floats pass (and their subclasses): config values go into config.json,
+# and json cannot write numpy scalars such as np.int64 or np.float32.
 
 
 def check_int(owner: str, name: str, value, minimum: int = 1, maximum: int | None = None) -> None:
@@ -18,12 +22,12 @@ def check_int(owner: str, name: str, value, minimum: int = 1, maximum: int | Non
 
 
 def check_float(owner: str, name: str, value, low: float, high: float, *, high_inclusive: bool = True) -> None:
-    """Raise unless ``low <= value <= high`` (or ``< high`` when ``high_inclusive`` is False)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Raise unless ``value`` is finite and ``low <= value <= high`` (``< high`` when ``high_inclusive`` is False)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and low <= value and (value <= high if high_inclusive else value < high)
     if not ok:
         accepted = f">= {low}" if high == float("inf") else f"in [{low}, {high}{']' if high_inclusive else ')'}"
-        raise ValueError(f"{owner}: `{name}` must be a number {accepted}, got {value!r}.")
+        raise ValueError(f"{owner}: `{name}` must be a finite number {accepted}, got {value!r}.")
 
 
 def check_divisible(owner: str, name: str, value: int, divisor: int, divisor_name: str) -> None:
@@ -47,21 +51,31 @@ class StrictLoadingMixin:
     """``from_pretrained`` that refuses weights which do not match the config.
 
     diffusers only logs missing or unexpected keys, which would leave layers randomly
-    initialised without a word (e.g. a config with more layers than the checkpoint).
+    initialised without a word (e.g. a config with more layers than the checkpoint), and stops at
+    the first tensor of another shape with advice to load random weights instead.
     Put it before ``ModelMixin`` in the bases.
     """
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
+        # Let diffusers go on past tensors of another shape, so that all of them are listed below.
+        kwargs["ignore_mismatched_sizes"] = True
         model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        problems = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+        problems = [f"{k}: {sorted(map(str, info[k]))[:8]}" for k in ("missing_keys", "unexpected_keys") if info[k]]
+        if info["mismatched_keys"]:
+            shapes = [
+                f"`{key}` expected shape {tuple(expected)} but got {tuple(got)}"
+                for key, got, expected in sorted(info["mismatched_keys"])
+            ]
+            more = f", ... ({len(shapes)} tensors)" if len(shapes) > 8 else ""
+            problems.append(f"tensors of another shape in the weights: {', '.join(shapes[:8])}{more}")
         if problems:
             where = pretrained_model_name_or_path
             if kwargs.get("subfolder"):
                 where = f"{where}/{kwargs['subfolder']}"
-            details = "; ".join(f"{k}: {sorted(map(str, v))[:8]}" for k, v in problems.items())
             raise ValueError(
-                f"{cls.__name__}.from_pretrained({str(where)!r}): the weights do not match config.json ({details})."
+                f"{cls.__name__}.from_pretrained({str(where)!r}): the weights do not match config.json "
+                f"({'; '.join(problems)}); load them with the config they were saved with."
             )
         return (model, info) if want_info else model

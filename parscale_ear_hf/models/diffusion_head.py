@@ -18,13 +18,14 @@ from diffusers import ConfigMixin, DDIMScheduler, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
+from ..saving import AtomicSaveMixin
 from ._checks import StrictLoadingMixin, check_float, check_int
 from .energy_head import _AdaLNBlock
 
 TIME_FREQUENCY_DIM = 256  # sinusoidal features of the timestep, as in DiT / MAR
 
 
-class DiffusionHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class DiffusionHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""MAR's head: ``(x_t, t, z) -> epsilon``, sampled by `num_sampling_steps` DDPM steps.
 
     Args:

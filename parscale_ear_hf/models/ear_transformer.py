@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+from ..saving import AtomicSaveMixin
 from ._checks import StrictLoadingMixin, check_divisible, check_float, check_int
 
 
@@ -73,7 +74,7 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class EARTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""Bidirectional masked-AR backbone over ``buffer_size + grid_size**2`` positions.
 
     Args:

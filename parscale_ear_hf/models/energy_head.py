@@ -13,6 +13,7 @@ import torch.nn as nn
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+from ..saving import AtomicSaveMixin
 from ._checks import StrictLoadingMixin, check_float, check_int
 
 
@@ -76,7 +77,7 @@ class _AdaLNBlock(nn.Module):
         return x + gate * self.mlp(h)
 
 
-class EnergyHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class EnergyHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""EAR's one-step head: ``(z, noise) -> token``.
 
     Args:

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+from ..saving import AtomicSaveMixin
 from ._checks import StrictLoadingMixin, check_divisible, check_int
 
 
-class LiteHybrid(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class LiteHybrid(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""Coarse + fine token module on the ``grid_size x grid_size`` latent token grid.
 
     Args:

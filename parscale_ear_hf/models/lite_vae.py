@@ -20,6 +20,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
+from ..saving import AtomicSaveMixin
 from ._checks import StrictLoadingMixin, check_divisible, check_float, check_int, check_int_sequence
 
 
@@ -196,7 +197,7 @@ class LiteVAEEncoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 
 
-class LiteVAE(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class LiteVAE(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""
     A VAE with a Haar-wavelet-based lightweight encoder (LiteVAE) and the standard `diffusers` VAE decoder.
 

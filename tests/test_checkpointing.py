@@ -1,0 +1,154 @@
+"""`parscale_ear_hf.checkpointing`: the pickle-free format restores training exactly and refuses anything else."""
+
+import json
+import pickle
+import re
+import types
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from parscale_ear_hf.checkpointing import (
+    FORMAT,
+    STATE_FILE,
+    check_supported,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    write_json_atomic,
+)
+
+PARTS_FILES = [
+    "ema.json",
+    "ema.safetensors",
+    "model.safetensors",
+    "optimizer.json",
+    "optimizer.safetensors",
+    "scheduler.json",
+    STATE_FILE,
+]
+
+
+def training_parts(seed: int, width: int = 8) -> dict:
+    """A small model with AdamW (two groups, betas as a tuple), a warm-up scheduler and an EMA."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.LayerNorm(width), torch.nn.Linear(width, 2))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95)
+    )
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=4)
+    ema = EMAModel(model.parameters(), decay=0.9)
+    return {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema}
+
+
+def train(parts: dict, steps: range) -> None:
+    """Updates whose data are a function of the step, as in the training scripts."""
+    for step in steps:
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+        parts["model"](x).pow(2).mean().backward()
+        parts["optimizer"].step()
+        parts["optimizer"].zero_grad(set_to_none=True)
+        parts["scheduler"].step()
+        parts["ema"].step(parts["model"].parameters())
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture
+def checkpoint(accelerator, tmp_path):
+    parts = training_parts(seed=0)
+    train(parts, range(3))
+    return save_checkpoint(accelerator, tmp_path / "checkpoints", 3, {"note": "hi"}, **parts)
+
+
+def test_resume_continues_exactly_and_reads_no_pickle(accelerator, tmp_path, monkeypatch):
+    straight = training_parts(seed=0)
+    train(straight, range(3))
+    path = save_checkpoint(accelerator, tmp_path / "checkpoints", 3, {"note": "hi"}, **straight)
+    train(straight, range(3, 6))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("loading a checkpoint must not unpickle")
+
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+        monkeypatch.setattr(module, name, forbidden)
+    resumed = training_parts(seed=1)  # other initial weights: all of them must come from the checkpoint
+    assert load_checkpoint(accelerator, path, **resumed) == {"note": "hi", "step": 3}
+    monkeypatch.undo()
+    assert isinstance(resumed["optimizer"].param_groups[0]["betas"], tuple)
+    train(resumed, range(3, 6))
+
+    for a, b in zip(straight["model"].parameters(), resumed["model"].parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight["ema"].shadow_params, resumed["ema"].shadow_params):
+        assert torch.equal(a, b)
+    assert resumed["ema"].optimization_step == straight["ema"].optimization_step == 6
+    assert resumed["scheduler"].state_dict() == straight["scheduler"].state_dict()
+    saved, loaded = straight["optimizer"].state_dict(), resumed["optimizer"].state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    for index, values in saved["state"].items():
+        assert all(torch.equal(v, loaded["state"][index][k]) for k, v in values.items())
+
+
+def test_a_checkpoint_is_only_safetensors_and_json(checkpoint):
+    assert sorted(p.name for p in checkpoint.iterdir()) == PARTS_FILES
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    assert state["format"] == FORMAT and state["step"] == 3 and sorted(state["files"]) == PARTS_FILES[:-1]
+    assert not list(checkpoint.parent.glob(".tmp-*"))
+
+
+def test_a_checkpoint_of_accelerate_save_state_is_refused(accelerator, tmp_path):
+    parts = training_parts(seed=0)
+    model, optimizer = accelerator.prepare(parts["model"], parts["optimizer"])
+    old = tmp_path / "checkpoints" / "checkpoint-00000003"
+    accelerator.save_state(str(old))
+    (old / STATE_FILE).write_text('{"step": 3}')  # what this project wrote before its own format
+    assert list(old.glob("*.pkl")) and list(old.glob("*.bin"))
+    expected = rf"checkpoint '{re.escape(str(old))}' was not written by .*\"format\": '{FORMAT}'"
+    with pytest.raises(ValueError, match=expected):
+        resolve_resume("latest", tmp_path / "checkpoints")
+    with pytest.raises(ValueError, match="not written by parscale_ear_hf.checkpointing"):
+        load_checkpoint(accelerator, old, model=model, optimizer=optimizer)
+
+
+def test_a_missing_or_unknown_file_is_refused(checkpoint):
+    (checkpoint / "optimizer.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"it lacks \['optimizer.safetensors'\]"):
+        resolve_resume(str(checkpoint), checkpoint.parent)
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    (checkpoint / STATE_FILE).write_text(json.dumps({**state, "files": ["model.safetensors", "optimizer.pt"]}))
+    with pytest.raises(ValueError, match=r"lists the files \['model.safetensors', 'optimizer.pt'\]"):
+        resolve_resume("latest", checkpoint.parent)
+
+
+def test_parts_that_do_not_fit_the_run_are_refused(accelerator, checkpoint):
+    without_ema = training_parts(seed=0)
+    del without_ema["ema"]
+    with pytest.raises(ValueError, match=r"holds \[.*'ema.json'.*\], but this run restores \['model.safetensors'"):
+        load_checkpoint(accelerator, checkpoint, **without_ema)
+    with pytest.raises(ValueError, match="model.safetensors does not fit the model being trained"):
+        load_checkpoint(accelerator, checkpoint, **training_parts(seed=0, width=16))
+
+
+def test_sharded_distributed_types_are_refused():
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(NotImplementedError, match=f"distributed type {kind} shards"):
+            check_supported(types.SimpleNamespace(distributed_type=kind))
+
+
+def test_write_json_atomic_leaves_the_old_file_when_the_object_is_not_json(tmp_path):
+    path = tmp_path / "run_config.json"
+    write_json_atomic(path, {"lr": 1e-3})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_json_atomic(path, {"lr": 2e-3, "func": print})
+    assert json.loads(path.read_text()) == {"lr": 1e-3}
+    assert [p.name for p in tmp_path.iterdir()] == ["run_config.json"]
