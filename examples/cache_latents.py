@@ -10,7 +10,7 @@ r"""Encode a dataset once with a trained VAE and cache the posterior moments for
 import argparse
 
 from parscale_ear_hf.cli import run_script
-from parscale_ear_hf.latent_cache import add_arguments, run
+from parscale_ear_hf.training.latent_cache import add_arguments, run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,7 +11,7 @@ Resume:         the same command with --resume latest
 import argparse
 
 from parscale_ear_hf.cli import run_script
-from parscale_ear_hf.training import add_arguments, run
+from parscale_ear_hf.training.generator import add_arguments, run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -17,7 +17,7 @@ import argparse
 from accelerate import PartialState
 
 from parscale_ear_hf.cli import run_script
-from parscale_ear_hf.vae_training import add_arguments, run
+from parscale_ear_hf.training.vae import add_arguments, run
 
 
 def main(args: argparse.Namespace) -> None:

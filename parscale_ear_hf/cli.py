@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable
 
 import PIL.Image
-import PIL.ImageDraw
 import torch
 
+from .image_grid import labelled_grid
 from .models._checks import check_float, check_int
 
 # Errors whose message says what to fix; anything else (AttributeError, TypeError, a RuntimeError
@@ -87,21 +87,6 @@ def check_steps_fit(owner: str, steps: int, num_tokens: int) -> None:
         raise ValueError(
             f"{owner}: `--steps` {steps} is more than the model's {num_tokens} tokens; accepted: 1 to {num_tokens}."
         )
-
-
-def labelled_grid(images: list[PIL.Image.Image], labels: list[str], columns: int | None = None) -> PIL.Image.Image:
-    """Images in a grid with each image's label written under it (white background, black text)."""
-    columns = columns or len(images)
-    rows = -(-len(images) // columns)
-    width, height = images[0].size
-    caption = 12
-    grid = PIL.Image.new("RGB", (columns * width, rows * (height + caption)), "white")
-    draw = PIL.ImageDraw.Draw(grid)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        x, y = (i % columns) * width, (i // columns) * (height + caption)
-        grid.paste(image.convert("RGB"), (x, y))
-        draw.text((x + 2, y + height), str(label)[: max(1, width // 6)], fill="black")
-    return grid
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -182,7 +167,9 @@ def info(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """The `parscale-ear` parser; each subcommand's function is its ``func`` default."""
     # Imported here: the extras these need matter only to whoever runs them.
-    from . import benchmark, data, evaluation, latent_cache, model_card, training, vae_training
+    from . import benchmark, data, evaluation, model_card
+    from .training import generator, latent_cache
+    from .training import vae as vae_training
 
     parser = argparse.ArgumentParser(
         prog="parscale-ear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         True,
     )
     command(
-        "train", training.add_arguments, training.run, "train the generator on cached latents", training.run.__doc__
+        "train", generator.add_arguments, generator.run, "train the generator on cached latents", generator.run.__doc__
     )
     command("generate", add_generate_arguments, generate, "generate images with a saved pipeline", generate.__doc__)
     command("info", _add_info_arguments, info, "components, parameter counts and configs of a pipeline", info.__doc__)

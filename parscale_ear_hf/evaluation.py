@@ -955,9 +955,9 @@ def run_reconstruction(args: argparse.Namespace) -> dict:
     import time
 
     from .data import load_dataset_from_args
-    from .latent_cache import load_vae
     from .models._checks import check_int
     from .results import write_results
+    from .training.latent_cache import load_vae
 
     # The flags first: nothing is loaded for a run that cannot start.
     check_int("eval_vae_fid", "--batch-size", args.batch_size)

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from parscale_ear_hf.training import add_arguments, run
+from parscale_ear_hf.training.generator import add_arguments, run
 
 if __name__ == "__main__":
     args = add_arguments(argparse.ArgumentParser()).parse_args(sys.argv[1:])

@@ -1,4 +1,4 @@
-"""`parscale_ear_hf.checkpointing`: the pickle-free format restores training exactly and refuses anything else."""
+"""`parscale_ear_hf.training.checkpointing`: the pickle-free format restores training exactly, refuses the rest."""
 
 import json
 import pickle
@@ -12,7 +12,7 @@ from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from parscale_ear_hf.checkpointing import (
+from parscale_ear_hf.training.checkpointing import (
     FORMAT,
     STATE_FILE,
     check_supported,
@@ -116,7 +116,7 @@ def test_a_checkpoint_of_accelerate_save_state_is_refused(accelerator, tmp_path)
     expected = rf"checkpoint '{re.escape(str(old))}' was not written by .*\"format\": '{FORMAT}'"
     with pytest.raises(ValueError, match=expected):
         resolve_resume("latest", tmp_path / "checkpoints")
-    with pytest.raises(ValueError, match="not written by parscale_ear_hf.checkpointing"):
+    with pytest.raises(ValueError, match="not written by parscale_ear_hf.training.checkpointing"):
         load_checkpoint(accelerator, old, model=model, optimizer=optimizer)
 
 

@@ -500,7 +500,7 @@ def test_missing_torch_fidelity_names_the_inception_extra(monkeypatch):
     ],
 )
 def test_reconstruction_flags_fail_before_the_vae_loads(setup, tmp_path, monkeypatch, flags, match):
-    from parscale_ear_hf import latent_cache
+    from parscale_ear_hf.training import latent_cache
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the VAE was loaded before the flags were checked")

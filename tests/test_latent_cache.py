@@ -1,4 +1,4 @@
-"""`parscale_ear_hf.latent_cache`: round trip, flips, sharding over ranks, errors, posterior samples."""
+"""`parscale_ear_hf.training.latent_cache`: round trip, flips, sharding over ranks, errors, posterior samples."""
 
 import argparse
 import json
@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 
 from parscale_ear_hf import LiteVAE
 from parscale_ear_hf.data import image_loader
-from parscale_ear_hf.latent_cache import (
+from parscale_ear_hf.training.latent_cache import (
     INFO_FILE,
     add_arguments,
     encode_to_cache,

@@ -17,9 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 from parscale_ear_hf import LiteVAE, cli
-from parscale_ear_hf.checkpointing import FORMAT, JsonlLog, latest_checkpoint, list_checkpoints, resolve_resume
-from parscale_ear_hf.latent_cache import encode_to_cache, write_cache_info
-from parscale_ear_hf.training import add_arguments, run
+from parscale_ear_hf.training.checkpointing import (
+    FORMAT,
+    JsonlLog,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_resume,
+)
+from parscale_ear_hf.training.generator import add_arguments, run
+from parscale_ear_hf.training.latent_cache import encode_to_cache, write_cache_info
 
 from conftest import TINY_VAE_CONFIG
 
@@ -238,7 +244,7 @@ def test_bad_arguments_fail_before_anything_is_loaded_or_written(workspace, tmp_
     def no_vae(path):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr("parscale_ear_hf.latent_cache.load_vae", no_vae)
+    monkeypatch.setattr("parscale_ear_hf.training.latent_cache.load_vae", no_vae)
     out = tmp_path / "out"
     with pytest.raises(ValueError) as error:
         run(parse(train_args(workspace, out, "--max-steps", "2", flag, value)))

@@ -1,4 +1,4 @@
-"""`parscale_ear_hf.vae_training`: the losses, a short run, exact resume, latent scale, errors."""
+"""`parscale_ear_hf.training.vae`: the losses, a short run, exact resume, latent scale, errors."""
 
 import argparse
 import json
@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from parscale_ear_hf import LiteVAE, vae_training
+from parscale_ear_hf import LiteVAE
 from parscale_ear_hf.data import image_loader
-from parscale_ear_hf.vae_training import LOG_FILE, add_arguments, learning_rate, run, wavelet_highfreq_loss
+from parscale_ear_hf.training import vae as vae_training
+from parscale_ear_hf.training.vae import LOG_FILE, add_arguments, learning_rate, run, wavelet_highfreq_loss
 
 # A 16x16 grayscale LiteVAE with a 4x4x4 latent.
 TINY_FLAGS = (

@@ -1,4 +1,9 @@
-"""The training-time forward of ParScale-EAR: masking, label dropout and the energy loss."""
+"""Generator training: LiteHybrid + EARTransformer + EnergyHead on cached latents, with `accelerate`.
+
+`examples/train_ear.py` and `parscale-ear train` parse :func:`add_arguments` and call :func:`run`.
+The method itself (masking, label dropout, the energy loss) is
+:class:`parscale_ear_hf.models.ear_training.EARTrainingModel`.
+"""
 
 from __future__ import annotations
 
@@ -12,90 +17,32 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .models._checks import check_float, check_int
-from .models.ear_transformer import EARTransformer, latents_to_tokens
-from .models.energy_head import EnergyHead
-from .models.lite_hybrid import LiteHybrid
+from ..models._checks import check_float, check_int
+from ..models.ear_training import EARTrainingModel
+from ..models.ear_transformer import EARTransformer
+from ..models.energy_head import EnergyHead
+from ..models.lite_hybrid import LiteHybrid
 
 
-class EARTrainingModel(nn.Module):
-    """LiteHybrid + EARTransformer + EnergyHead as one module, so `accelerate` / DDP can wrap it.
-
-    Args:
-        lite_hybrid, transformer, energy_head: the trainable pipeline components.
-        num_head_samples: head samples per target in the energy score (EAR: 2 per estimate).
-        energy_alpha: exponent of the energy score (EAR: 1; below 1 collapses, 2 is not proper).
-        energy_lambda: weight of the repulsive term (EAR: 1, then 0.99 for the last epochs).
-    """
-
-    def __init__(
-        self,
-        lite_hybrid: LiteHybrid,
-        transformer: EARTransformer,
-        energy_head: EnergyHead,
-        num_head_samples: int = 2,
-        energy_alpha: float = 1.0,
-        energy_lambda: float = 1.0,
-    ):
-        super().__init__()
-        self.lite_hybrid = lite_hybrid
-        self.transformer = transformer
-        self.energy_head = energy_head
-        self.num_head_samples = num_head_samples
-        self.energy_alpha = energy_alpha
-        self.energy_lambda = energy_lambda
-
-    def forward(
-        self, latents: torch.Tensor, class_labels: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Energy loss of one batch.
-
-        Args:
-            latents: `(B, C, h, w)` scaled VAE latents (``scaling_factor * (z - shift_factor)``).
-            class_labels: `(B,)` long in [0, num_classes).
-            generator: CPU generator for the mask, label dropout and head noise (reproducible runs).
-
-        Returns:
-            Scalar loss, averaged over the masked tokens.
-        """
-        num_classes = self.transformer.config.num_classes
-        if class_labels.min() < 0 or class_labels.max() >= num_classes:
-            raise ValueError(
-                f"EARTrainingModel: class labels must be in [0, {num_classes - 1}], got values in "
-                f"[{int(class_labels.min())}, {int(class_labels.max())}]."
-            )
-        tokens = latents_to_tokens(latents)
-        mask = self.transformer.sample_mask(tokens.shape[0], generator)
-        labels = self.transformer.drop_labels(class_labels, generator)
-        hidden = self.transformer(self.lite_hybrid(tokens, mask), labels, mask)
-        return self.energy_head.loss(
-            hidden[mask],
-            tokens[mask],
-            num_samples=self.num_head_samples,
-            alpha=self.energy_alpha,
-            lambda_=self.energy_lambda,
-            generator=generator,
-        )
-
-    def param_groups(self, lr: float, head_lr_scale: float = 0.25, weight_decay: float = 0.02) -> list[dict]:
-        """AdamW groups: the head at ``head_lr_scale * lr`` (EAR: 0.25; without it training collapses);
-        no weight decay on biases, norms and embeddings."""
-        groups = {(h, d): [] for h in (False, True) for d in (False, True)}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            is_head = name.startswith("energy_head.")
-            decay = param.dim() >= 2 and "embedding" not in name and "prefix" not in name and "token" not in name
-            groups[(is_head, decay)].append(param)
-        return [
-            {
-                "params": params,
-                "lr": lr * (head_lr_scale if is_head else 1.0),
-                "weight_decay": weight_decay if decay else 0.0,
-            }
-            for (is_head, decay), params in groups.items()
-            if params
-        ]
+def param_groups(model: nn.Module, lr: float, head_lr_scale: float = 0.25, weight_decay: float = 0.02) -> list[dict]:
+    """AdamW groups: the head at ``head_lr_scale * lr`` (EAR: 0.25; without it training collapses);
+    no weight decay on biases, norms and embeddings."""
+    groups = {(h, d): [] for h in (False, True) for d in (False, True)}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_head = name.startswith("energy_head.")
+        decay = param.dim() >= 2 and "embedding" not in name and "prefix" not in name and "token" not in name
+        groups[(is_head, decay)].append(param)
+    return [
+        {
+            "params": params,
+            "lr": lr * (head_lr_scale if is_head else 1.0),
+            "weight_decay": weight_decay if decay else 0.0,
+        }
+        for (is_head, decay), params in groups.items()
+        if params
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +167,7 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
+    from ..data import batch_indices, derived_seed
     from .checkpointing import (
         JsonlLog,
         check_supported,
@@ -229,7 +177,6 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
         save_checkpoint,
         write_json_atomic,
     )
-    from .data import batch_indices, derived_seed
     from .latent_cache import load_latent_cache, load_vae, sample_latents
 
     _validate(args)
@@ -273,7 +220,7 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
         lite_hybrid, transformer, energy_head, num_head_samples=args.num_head_samples, energy_lambda=args.energy_lambda
     )
     optimizer = torch.optim.AdamW(
-        model.param_groups(args.lr, args.head_lr_scale, args.weight_decay), lr=args.lr, betas=(0.9, 0.95)
+        param_groups(model, args.lr, args.head_lr_scale, args.weight_decay), lr=args.lr, betas=(0.9, 0.95)
     )
     # Stepped by hand once per update: accelerate's prepared scheduler steps once per process.
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
@@ -367,8 +314,8 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
 
 def _save_ema_pipeline(model: EARTrainingModel, ema, vae, info: dict, args, grid_path: Path):
     """A pipeline holding copies of the EMA weights, and a sample grid (one image per class) from it."""
-    from .cli import labelled_grid
-    from .pipeline_parscale_ear import ParScaleEARPipeline
+    from ..image_grid import labelled_grid
+    from ..pipeline_parscale_ear import ParScaleEARPipeline
 
     ema.store(model.parameters())
     ema.copy_to(model.parameters())

@@ -35,7 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .saving import fsync_path
+from ..saving import fsync_path
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -91,10 +91,10 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
 
 def _refuse(path: Path, problem: str) -> NoReturn:
     raise ValueError(
-        f"checkpoint {os.fspath(path)!r} was not written by parscale_ear_hf.checkpointing: {problem}. A checkpoint "
-        f'is a folder of safetensors and JSON files only ({STATE_FILE} with "format": {FORMAT!r} and the files '
-        "it lists). Checkpoints of accelerate's save_state hold pickle files, which are never loaded because "
-        "unpickling can run code; start a fresh run instead."
+        f"checkpoint {os.fspath(path)!r} was not written by parscale_ear_hf.training.checkpointing: {problem}. "
+        f'A checkpoint is a folder of safetensors and JSON files only ({STATE_FILE} with "format": {FORMAT!r} '
+        "and the files it lists). Checkpoints of accelerate's save_state hold pickle files, which are never "
+        "loaded because unpickling can run code; start a fresh run instead."
     )
 
 

@@ -26,8 +26,8 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from .data import add_dataset_arguments, image_loader, load_dataset_from_args, local_path, shard_for_process
-from .models.lite_vae import LiteVAE
+from ..data import add_dataset_arguments, image_loader, load_dataset_from_args, local_path, shard_for_process
+from ..models.lite_vae import LiteVAE
 
 INFO_FILE = "cache_info.json"
 

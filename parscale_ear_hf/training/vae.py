@@ -31,6 +31,17 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import (
+    StepBatchSampler,
+    add_dataset_arguments,
+    derived_seed,
+    image_loader,
+    load_dataset_from_args,
+    shard_for_process,
+)
+from ..models._checks import check_float, check_int
+from ..models.lite_vae import LiteVAE, haar_dwt
+from ..results import write_results
 from .checkpointing import (
     JsonlLog,
     check_supported,
@@ -40,17 +51,6 @@ from .checkpointing import (
     resolve_resume,
     save_checkpoint,
 )
-from .data import (
-    StepBatchSampler,
-    add_dataset_arguments,
-    derived_seed,
-    image_loader,
-    load_dataset_from_args,
-    shard_for_process,
-)
-from .models._checks import check_float, check_int
-from .models.lite_vae import LiteVAE, haar_dwt
-from .results import write_results
 
 # Command-line flag -> LiteVAE config field, for the architecture fields people change most.
 CONFIG_FLAGS = {
