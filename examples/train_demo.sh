@@ -26,17 +26,22 @@ for stage in $STAGES; do
       $PY examples/cache_latents.py --vae runs/demo_vae/vae --dataset data/mnist_demo --split train \
         --output-dir runs/demo_latents --image-size 32 --no-hflip ;;
     generator)
+      # The demo models predate EAR's exact recipe (now train_ear.py's defaults): these flags pin what trained
+      # them: an absolute --lr, the parscale-v0 param groups (head biases at 0.25x lr, no decay on embeddings),
+      # diffusers' EMA warm-up, and --score-batch-mul 1 (one pair of head samples per target, the old estimator).
       $PY examples/train_ear.py --latents runs/demo_latents --model-config examples/configs/mnist_demo_generator.json \
         --output-dir runs/demo_generator --max-steps 4000 --batch-size 64 --lr 1e-3 --warmup-steps 200 \
+        --param-groups parscale-v0 --ema-warmup --score-batch-mul 1 \
         --ema-decay 0.999 --checkpoint-every 500 --sample-every 1000 --sample-steps 16 --seed 0 --cpu
       rm -rf models/mnist_demo && cp -r runs/demo_generator/pipeline models/mnist_demo
       mkdir -p models/mnist_demo/training
       cp runs/demo_generator/train_log.jsonl runs/demo_generator/run_config.json runs/demo_vae/train_vae_log.jsonl \
         models/mnist_demo/training/ ;;
-    ablation)
+    ablation)  # the generator stage's legacy flags, with both LiteHybrid branches off
       $PY examples/train_ear.py --latents runs/demo_latents --model-config examples/configs/mnist_demo_generator.json \
         --output-dir runs/demo_generator_plain --no-coarse --no-fine --max-steps 4000 --batch-size 64 --lr 1e-3 \
-        --warmup-steps 200 --ema-decay 0.999 --checkpoint-every 500 --sample-every 1000 --sample-steps 16 --seed 0 --cpu
+        --warmup-steps 200 --param-groups parscale-v0 --ema-warmup --score-batch-mul 1 \
+        --ema-decay 0.999 --checkpoint-every 500 --sample-every 1000 --sample-steps 16 --seed 0 --cpu
       rm -rf models/mnist_demo_plain && cp -r runs/demo_generator_plain/pipeline models/mnist_demo_plain
       mkdir -p models/mnist_demo_plain/training
       cp runs/demo_generator_plain/train_log.jsonl runs/demo_generator_plain/run_config.json \

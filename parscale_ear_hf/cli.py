@@ -81,14 +81,6 @@ def check_sampling_flags(owner: str, steps: int | None, guidance: float, tempera
     check_float(owner, "--temperature", temperature, 0.0, math.inf)
 
 
-def check_steps_fit(owner: str, steps: int, num_tokens: int) -> None:
-    """Refuse more --steps than the model has tokens (every step predicts at least one)."""
-    if steps > num_tokens:
-        raise ValueError(
-            f"{owner}: `--steps` {steps} is more than the model's {num_tokens} tokens; accepted: 1 to {num_tokens}."
-        )
-
-
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--labels", nargs="+", default=None, help="class ids or names (default: the first 10 classes)")
@@ -112,9 +104,7 @@ def generate(args: argparse.Namespace) -> list[PIL.Image.Image]:
     pipe = ParScaleEARPipeline.from_pretrained(args.model).to(args.device)
     num_classes = pipe.transformer.config.num_classes
     labels = [int(x) if x.lstrip("-").isdigit() else x for x in args.labels or []] or list(range(min(10, num_classes)))
-    num_tokens = pipe.grid_size**2
-    steps = min(64, num_tokens) if args.steps is None else args.steps
-    check_steps_fit("generate", steps, num_tokens)
+    steps = min(64, pipe.grid_size**2) if args.steps is None else args.steps
     count = len(labels) * args.images_per_class
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(count)]
     start = time.perf_counter()
@@ -167,7 +157,7 @@ def info(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """The `parscale-ear` parser; each subcommand's function is its ``func`` default."""
     # Imported here: the extras these need matter only to whoever runs them.
-    from . import benchmark, data, evaluation, model_card
+    from . import benchmark, convert, data, evaluation, model_card
     from .training import generator, latent_cache
     from .training import vae as vae_training
 
@@ -207,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command(
         "train", generator.add_arguments, generator.run, "train the generator on cached latents", generator.run.__doc__
+    )
+    command(
+        "convert",
+        convert.add_arguments,
+        convert.run,
+        "turn a checkpoint of the authors' EAR (main_ear.py) into a pipeline",
+        convert.__doc__,
+        True,
     )
     command("generate", add_generate_arguments, generate, "generate images with a saved pipeline", generate.__doc__)
     command("info", _add_info_arguments, info, "components, parameter counts and configs of a pipeline", info.__doc__)

@@ -164,13 +164,17 @@ def _training_summary(pipeline_dir: Path) -> dict | None:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
         args, cache = config["args"], config["latent_cache"]
+        # The last phase's resolved settings (`--epochs` leaves args.max_steps None); run configs written
+        # before the recipe flags have only args.
+        latest = (config.get("resumes") or [config])[-1]
+        max_steps = latest["resolved"]["max_steps"] if "resolved" in latest else args["max_steps"]
         return {
             "dataset": cache["dataset"],
             "split": cache["split"],
             "count": cache["count"],
             "hflip": cache["hflip"],
             "vae": cache["vae"],
-            "max_steps": args["max_steps"],
+            "max_steps": max_steps,
             "batch_size": args["batch_size"],
             "seed": args["seed"],
         }

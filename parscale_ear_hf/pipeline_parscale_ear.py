@@ -21,7 +21,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from .data import looks_like_local_path
 from .models._checks import check_float, check_int
 from .models.diffusion_head import DiffusionHead
-from .models.ear_transformer import EARTransformer, tokens_to_latents
+from .models.ear_transformer import EARTransformer, latents_to_tokens, tokens_to_latents
 from .models.energy_head import EnergyHead
 from .models.lite_hybrid import LiteHybrid
 from .models.lite_vae import LiteVAE
@@ -38,8 +38,10 @@ HUB_ENTRY_MODULE = "pipeline_parscale_ear"
 def mask_schedule(step: int, num_steps: int, num_tokens: int, num_masked: int) -> int:
     """How many tokens stay masked after ``step`` (0-based) of ``num_steps``: MAR / EAR's cosine schedule.
 
-    At least one token is predicted per step and at least one stays for the last step; after the
-    last step nothing is masked.
+    Before the last step at least one token stays masked, and at least one is predicted while
+    more than one is masked; after the last step nothing is masked. With more steps than tokens,
+    once one token is left the steps before the last predict nothing, and the last step predicts
+    it (as EAR's ``sample_tokens``).
     """
     if step >= num_steps - 1:
         return 0
@@ -54,6 +56,15 @@ def _rewrite_json(path: str, edit: Callable[[dict], dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def _flatten_labels(class_labels) -> list:
+    """Class labels in a list, tuple, tensor or array of any shape (DiTPipeline accepts ``[[1], [1]]``), flattened."""
+    if hasattr(class_labels, "tolist"):  # tensors, numpy arrays and numpy scalars
+        class_labels = class_labels.tolist()
+    if isinstance(class_labels, (list, tuple)):
+        return [label for item in class_labels for label in _flatten_labels(item)]
+    return [class_labels]
 
 
 def _vae_spatial_factor(vae) -> int:
@@ -150,7 +161,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "lite_hybrid->transformer->energy_head->vae"
-    _callback_tensor_inputs = ["tokens", "mask"]
+    _callback_tensor_inputs = ["tokens", "latents", "mask"]
 
     def __init__(
         self,
@@ -221,18 +232,19 @@ class ParScaleEARPipeline(DiffusionPipeline):
         return [self.labels[n] for n in names]
 
     def class_ids(self, class_labels) -> list[int]:
-        """Class ids of ``class_labels`` (ints, names, a mix, or a tensor); raises for unknown or out-of-range ones."""
-        if isinstance(class_labels, torch.Tensor):
-            class_labels = class_labels.flatten().tolist()
-        if isinstance(class_labels, (numbers.Integral, str)):
-            class_labels = [class_labels]
-        if not isinstance(class_labels, Sequence) or len(class_labels) == 0:
+        """Class ids of ``class_labels``: ints or names, alone or in a list, tuple, tensor or array of any shape.
+
+        Nested labels are flattened (``[[1], [2]]`` is ``[1, 2]``, as in ``DiTPipeline``); raises for
+        unknown names, out-of-range ids and anything else.
+        """
+        labels = _flatten_labels(class_labels)
+        if not labels:
             raise ValueError(
-                f"ParScaleEARPipeline: `class_labels` must be a non-empty list of ints or names, got {class_labels!r}."
+                f"ParScaleEARPipeline: `class_labels` must hold at least one int or name, got {class_labels!r}."
             )
         num_classes = self.transformer.config.num_classes
         ids = []
-        for label in class_labels:
+        for label in labels:
             if isinstance(label, str):
                 ids.extend(self.get_label_ids(label))
             elif isinstance(label, numbers.Integral) and not isinstance(label, bool) and 0 <= label < num_classes:
@@ -240,9 +252,48 @@ class ParScaleEARPipeline(DiffusionPipeline):
             else:
                 raise ValueError(
                     f"ParScaleEARPipeline: class label {label!r} is out of range; accepted: ints in "
-                    f"[0, {num_classes - 1}] or class names from `id2label`."
+                    f"[0, {num_classes - 1}] or class names from `id2label` (alone, or in a list, tuple, tensor or "
+                    f"array of any shape)."
                 )
         return ids
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance scale of the running (or last) call; a step callback may set `_guidance_scale`."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the next step runs the unconditional pass: `guidance_scale` > 1 (as in diffusers)."""
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the running (or last) call: its `num_inference_steps`."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `_interrupt` to True in a step callback to skip the remaining steps (as in diffusers)."""
+        return self._interrupt
+
+    def _check_sampling_args(
+        self, num_inference_steps, guidance_scale, guidance_schedule, temperature, callback_on_step_end_tensor_inputs
+    ) -> None:
+        owner = "ParScaleEARPipeline"
+        # More steps than tokens are allowed, as in EAR: the extra steps predict nothing.
+        check_int(owner, "num_inference_steps", num_inference_steps, 1)
+        check_float(owner, "guidance_scale", guidance_scale, 1.0, float("inf"))
+        check_float(owner, "temperature", temperature, 0.0, float("inf"))
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(
+                f"{owner}: `guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}."
+            )
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(
+                f"{owner}: `callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}."
+            )
 
     def check_inputs(
         self,
@@ -255,23 +306,12 @@ class ParScaleEARPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs,
     ) -> None:
         """Validate the sampling arguments before any work starts."""
-        owner = "ParScaleEARPipeline"
-        # At most one step per token: N = grid_size**2.
-        check_int(owner, "num_inference_steps", num_inference_steps, 1, self.grid_size**2)
-        check_float(owner, "guidance_scale", guidance_scale, 1.0, float("inf"))
-        check_float(owner, "temperature", temperature, 0.0, float("inf"))
-        check_int(owner, "num_images_per_class", num_images_per_class, 1)
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(
-                f"{owner}: `guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}."
-            )
+        self._check_sampling_args(
+            num_inference_steps, guidance_scale, guidance_schedule, temperature, callback_on_step_end_tensor_inputs
+        )
+        check_int("ParScaleEARPipeline", "num_images_per_class", num_images_per_class, 1)
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"{owner}: `output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(
-                f"{owner}: `callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}."
-            )
+            raise ValueError(f"ParScaleEARPipeline: `output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -279,6 +319,135 @@ class ParScaleEARPipeline(DiffusionPipeline):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
         return self.vae.decode(z).sample
+
+    @torch.no_grad()
+    def sample_tokens(
+        self,
+        class_ids: torch.LongTensor,
+        orders: torch.LongTensor,
+        noise: torch.Tensor,
+        num_inference_steps: int,
+        guidance_scale: float,
+        guidance_schedule: str = "linear",
+        temperature: float = 0.7,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("tokens",),
+    ) -> torch.Tensor:
+        r"""Masked autoregressive sampling from given generation orders and noise: EAR's ``sample_tokens``.
+
+        With the LiteHybrid off and ``parscale_n=1`` this is the math of the authors'
+        ``EAR.sample_tokens`` (shaochenze/EAR, `models/ear.py`), with the noise that their
+        ``ScoreLoss.sample`` draws passed in. It is the only sampler: trained weights do not depend
+        on it, so there is no other variant to keep. While `m` tokens are masked, they are the
+        positions ``orders[:, :m]``. Step `k` of `K` keeps ``m_k = mask_schedule(k, K, N, m)`` masked,
+        and predicts the others still masked from the backbone's hidden states, mixed before the head
+        as ``cfg_k * h_cond + (1 - cfg_k) * h_uncond``. The "linear" schedule uses
+        ``cfg_k = 1 + (cfg - 1) * (N - max(1, m_k)) / N`` (EAR / MAR count at least one masked token,
+        so even the last step uses ``1 + (cfg - 1) (N - 1) / N``, not `cfg`); "constant" uses `cfg`.
+        With more steps than tokens, once one token is left the steps before the last predict nothing
+        (and skip the forward passes), and the last step predicts it.
+
+        `cfg` is read from ``self._guidance_scale`` at every step, so a step callback can change it
+        (diffusers' dynamic guidance): at most 1 skips the unconditional pass from the next step on,
+        above 1 runs it.
+
+        Args:
+            class_ids: `(B,)` class ids.
+            orders: `(B, N)` one permutation of ``range(N)`` per image (N = grid_size**2).
+            noise: `(B, N, *energy_head.noise_shape)` in the head's noise space (what
+                ``energy_head.sample(z, temperature, noise=...)`` takes); token `n` of image `b` is
+                sampled with ``noise[b, n]``.
+            num_inference_steps: autoregressive steps `K`, any integer >= 1.
+            guidance_scale: classifier-free guidance `cfg` >= 1; 1 disables guidance.
+            guidance_schedule: "linear" (EAR / MAR) or "constant".
+            temperature: the energy head's temperature; EAR uses 0.7.
+            callback_on_step_end: ``fn(pipe, step, step, tensors) -> dict`` called after each step
+                with the tensors named in `callback_on_step_end_tensor_inputs`: `tokens` `(B, N, C)`,
+                `latents` `(B, C, h, w)` (a view of the tokens, as ``output_type="latent"`` returns
+                them) and `mask` `(B, N)` (read-only). A returned `tokens` or `latents` that is a new
+                tensor replaces the tokens; new tensors for both raise a ValueError. Setting
+                ``pipe._interrupt = True`` skips the remaining steps (tokens still masked stay 0).
+            callback_on_step_end_tensor_inputs: which tensors the callback receives.
+
+        Returns:
+            Tokens `(B, N, C)` in raster order (see ``tokens_to_latents``).
+        """
+        self._check_sampling_args(
+            num_inference_steps, guidance_scale, guidance_schedule, temperature, callback_on_step_end_tensor_inputs
+        )
+        head = self.energy_head
+        n, channels = self.grid_size**2, self.transformer.config.in_channels
+        if class_ids.dim() != 1 or len(class_ids) == 0:
+            raise ValueError(
+                f"ParScaleEARPipeline.sample_tokens: `class_ids` must be a 1-d tensor of B >= 1 class ids, got "
+                f"shape {tuple(class_ids.shape)}."
+            )
+        batch = len(class_ids)
+        for name, value, shape in (("orders", orders, (batch, n)), ("noise", noise, (batch, n, *head.noise_shape))):
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"ParScaleEARPipeline.sample_tokens: `{name}` must have shape {shape} for {batch} images of "
+                    f"N = {n} tokens, got {tuple(value.shape)}."
+                )
+        self._guidance_scale = guidance_scale
+        self._num_timesteps = num_inference_steps
+        self._interrupt = False
+
+        device, dtype = self._execution_device, self.transformer.dtype
+        labels = class_ids.to(device)
+        null_labels = torch.full_like(labels, self.transformer.null_class)
+        orders, noise = orders.to(device), noise.to(device, dtype)
+        tokens = torch.zeros(batch, n, channels, device=device, dtype=dtype)
+        mask = torch.ones(batch, n, dtype=torch.bool, device=device)
+        num_masked = n
+
+        # Dropout off while sampling, even for components shared with a training loop.
+        with _eval_mode(self.lite_hybrid, self.transformer, self.energy_head):
+            for step in self.progress_bar(range(num_inference_steps)):
+                if self.interrupt:
+                    continue
+                num_masked_next = mask_schedule(step, num_inference_steps, n, num_masked)
+                mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :num_masked_next], True)
+                to_predict = mask & ~mask_next
+
+                # A step that predicts nothing (more steps than tokens) needs no forward pass.
+                if num_masked_next < num_masked:
+                    x = self.lite_hybrid(tokens, mask)
+                    if self.do_classifier_free_guidance:
+                        hidden = self.transformer(
+                            torch.cat([x, x]), torch.cat([labels, null_labels]), torch.cat([mask, mask])
+                        )
+                        h_cond, h_uncond = hidden.chunk(2)
+                        cfg = self._guidance_scale
+                        if guidance_schedule == "linear":
+                            cfg = 1 + (cfg - 1) * (n - max(1, num_masked_next)) / n
+                        z = cfg * h_cond[to_predict] + (1 - cfg) * h_uncond[to_predict]
+                    else:
+                        z = self.transformer(x, labels, mask)[to_predict]
+                    tokens[to_predict] = head.sample(z, temperature, noise=noise[to_predict]).to(dtype)
+                mask, num_masked = mask_next, num_masked_next
+
+                if callback_on_step_end is not None:
+                    local = {"tokens": tokens, "latents": tokens_to_latents(tokens, self.grid_size), "mask": mask}
+                    given = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, step, step, given)
+                    tokens = self._tokens_from_callback(outputs, local, step)
+        return tokens
+
+    @staticmethod
+    def _tokens_from_callback(outputs: dict, local: dict, step: int) -> torch.Tensor:
+        # Callbacks commonly return their inputs unchanged (diffusers' examples do), so only a new
+        # tensor replaces the tokens; in-place edits need nothing: `latents` is a view of `tokens`.
+        # Compared with the pipeline's own tensors: a callback may have put new ones in the dict it got.
+        new = {k: outputs[k] for k in ("tokens", "latents") if k in outputs and outputs[k] is not local[k]}
+        if len(new) == 2:
+            raise ValueError(
+                f"ParScaleEARPipeline: `callback_on_step_end` returned both a new `tokens` and a new `latents` at "
+                f"step {step}; return a new tensor for one of them only (the other unchanged, or left out)."
+            )
+        if "latents" in new:
+            return latents_to_tokens(new["latents"])
+        return new.get("tokens", local["tokens"])
 
     @torch.no_grad()
     def __call__(
@@ -298,14 +467,17 @@ class ParScaleEARPipeline(DiffusionPipeline):
         r"""Generate images of the given classes.
 
         Args:
-            class_labels: class ids or names (see :meth:`get_label_ids`), one image each (times
-                `num_images_per_class`).
-            num_inference_steps: autoregressive steps, in [1, N]; a cosine schedule decides how
-                many tokens are predicted at each.
+            class_labels: class ids or names (see :meth:`get_label_ids`), alone or in a list, tuple,
+                tensor or array of any shape (flattened); one image each (times `num_images_per_class`).
+            num_inference_steps: autoregressive steps, any integer >= 1; a cosine schedule decides
+                how many tokens are predicted at each (with more steps than tokens, some predict
+                nothing, as in EAR). See :meth:`sample_tokens`.
             guidance_scale: classifier-free guidance ``cfg``; hidden states are mixed before the
-                head as ``cfg * h_cond + (1 - cfg) * h_uncond``. 1 disables guidance.
-            guidance_schedule: "linear" (EAR / MAR: guidance grows from 1 to `guidance_scale` as
-                tokens are revealed) or "constant".
+                head as ``cfg_k * h_cond + (1 - cfg_k) * h_uncond``. 1 disables guidance. A step
+                callback may change `pipe._guidance_scale` for the steps after it.
+            guidance_schedule: "linear" (EAR / MAR: ``cfg_k`` grows from about 1 towards
+                `guidance_scale` as tokens are revealed, ending at ``1 + (cfg - 1) (N - 1) / N``)
+                or "constant" (``cfg_k = cfg``).
             temperature: the energy head's temperature (scales the AdaLN shifts); EAR uses 0.7.
             generator: a ``torch.Generator``, or one per image so that each image is reproducible
                 alone or inside any batch.
@@ -315,7 +487,9 @@ class ParScaleEARPipeline(DiffusionPipeline):
             return_dict: return an :class:`~diffusers.ImagePipelineOutput` instead of a tuple.
             callback_on_step_end: ``fn(pipe, step, step, tensors) -> dict`` called after each step
                 with the tensors named in `callback_on_step_end_tensor_inputs` (`tokens` `(B, N, C)`,
-                `mask` `(B, N)`, read-only); a returned `tokens` replaces the current tokens.
+                `latents` `(B, C, h, w)`, `mask` `(B, N)`, read-only); a returned new `tokens` or
+                `latents` replaces the current tokens. Setting `pipe._interrupt = True` skips the
+                remaining steps. See :meth:`sample_tokens`.
             callback_on_step_end_tensor_inputs: which tensors the callback receives.
 
         Returns:
@@ -344,58 +518,33 @@ class ParScaleEARPipeline(DiffusionPipeline):
                 f"or exactly one per image (len(class_labels) * num_images_per_class)."
             )
 
-        # Dropout off while sampling, even for components shared with a training loop.
-        with _eval_mode(self.vae, self.lite_hybrid, self.transformer, self.energy_head):
-            device, dtype = self._execution_device, self.transformer.dtype
-            n, channels = self.grid_size**2, self.transformer.config.in_channels
-            labels = torch.tensor(ids, device=device)
-            use_cfg = guidance_scale > 1
-            if use_cfg:
-                labels = torch.cat([labels, torch.full_like(labels, self.transformer.null_class)])
+        device, n, head = self._execution_device, self.grid_size**2, self.energy_head
+        # All randomness of image i is drawn up front from its own generator: its order, then
+        # one noise vector per token (each token is sampled exactly once).
+        orders = torch.argsort(_uniform(batch, (n,), generator, device), dim=1)
+        noise = head.noise_from_uniform(_uniform(batch, (n, *head.noise_shape), generator, device))
+        tokens = self.sample_tokens(
+            torch.tensor(ids, device=device),
+            orders,
+            noise,
+            num_inference_steps,
+            guidance_scale,
+            guidance_schedule,
+            temperature,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
 
-            # All randomness of image i is drawn up front from its own generator: its order, then
-            # one noise vector per token (each token is sampled exactly once).
-            orders = torch.argsort(_uniform(batch, (n,), generator, device), dim=1)
-            head = self.energy_head
-            noise = head.noise_from_uniform(_uniform(batch, (n, *head.noise_shape), generator, device)).to(dtype)
-            tokens = torch.zeros(batch, n, channels, device=device, dtype=dtype)
-            mask = torch.ones(batch, n, dtype=torch.bool, device=device)
-            num_masked = n
-
-            for step in self.progress_bar(range(num_inference_steps)):
-                num_masked_next = mask_schedule(step, num_inference_steps, n, num_masked)
-                mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :num_masked_next], True)
-                to_predict = mask & ~mask_next
-
-                x = self.lite_hybrid(tokens, mask)
-                if use_cfg:
-                    hidden = self.transformer(torch.cat([x, x]), labels, torch.cat([mask, mask]))
-                    h_cond, h_uncond = hidden.chunk(2)
-                    cfg = guidance_scale
-                    if guidance_schedule == "linear":
-                        cfg = 1 + (guidance_scale - 1) * (n - num_masked_next) / n
-                    z = cfg * h_cond[to_predict] + (1 - cfg) * h_uncond[to_predict]
-                else:
-                    z = self.transformer(x, labels, mask)[to_predict]
-                tokens[to_predict] = head.sample(z, temperature, noise=noise[to_predict]).to(dtype)
-                mask, num_masked = mask_next, num_masked_next
-
-                if callback_on_step_end is not None:
-                    local = {"tokens": tokens, "mask": mask}
-                    outputs = callback_on_step_end(
-                        self, step, step, {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                    )
-                    tokens = outputs.pop("tokens", tokens)
-
-            latents = tokens_to_latents(tokens, self.grid_size)
-            if output_type == "latent":
-                images = latents
-            else:
+        latents = tokens_to_latents(tokens, self.grid_size)
+        if output_type == "latent":
+            images = latents
+        else:
+            with _eval_mode(self.vae):
                 images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
-            self.maybe_free_model_hooks()
-            if not return_dict:
-                return (images,)
-            return ImagePipelineOutput(images=images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
 
     # Saving and loading -------------------------------------------------------------------
 

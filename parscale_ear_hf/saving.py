@@ -298,11 +298,28 @@ class AtomicSaveMixin:
     skips the check; a Hub repo id is loaded by diffusers unchecked.
     """
 
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
-        """``ModelMixin.save_pretrained``, atomic; with `push_to_hub` the finished folder is uploaded."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        """``ModelMixin.save_pretrained``, atomic; with `push_to_hub` the finished folder is uploaded.
+
+        The options diffusers' pipeline save passes on are named here: it passes `variant` and
+        `max_shard_size` only to a save method whose signature names them.
+        """
+        if not safe_serialization:
+            raise ValueError(
+                f"{type(self).__name__}: only safetensors are supported; `safe_serialization` must be True."
+            )
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
         save = super().save_pretrained
-        atomic_save(save_directory, lambda folder: save(folder, **kwargs), type(self).__name__)
+        options = {"safe_serialization": safe_serialization, "variant": variant, "max_shard_size": max_shard_size}
+        atomic_save(save_directory, lambda folder: save(folder, **options, **kwargs), type(self).__name__)
         if push_to_hub:
             push_folder(save_directory, type(self).__name__, **hub_kwargs)
 

@@ -50,6 +50,11 @@ def tiny_components(parscale_n: int = 1, seed: int = 0, **hybrid_kwargs):
         for name, param in lite_hybrid.named_parameters():
             if name.endswith("_gate"):
                 param.normal_(std=0.5)
+        # EAR's head starts at exactly 0 (zero AdaLN modulations and output layer): give those layers
+        # PyTorch's default init, so that sampled tokens depend on z, the noise and the temperature.
+        for module in energy_head.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.any():
+                module.reset_parameters()
     return {"vae": vae, "lite_hybrid": lite_hybrid, "transformer": transformer, "energy_head": energy_head}
 
 

@@ -10,8 +10,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 
+from parscale_ear_hf.training import recipe
 from parscale_ear_hf.training.checkpointing import (
     FORMAT,
     STATE_FILE,
@@ -33,17 +33,20 @@ PARTS_FILES = [
 ]
 
 
-def training_parts(seed: int, width: int = 8) -> dict:
-    """A small model with AdamW (two groups, betas as a tuple), a warm-up scheduler and an EMA."""
+def training_parts(seed: int, width: int = 8, ema_warmup: bool = True) -> dict:
+    """A small model with AdamW (two named groups, betas as a tuple), a warm-up scheduler and an EMA
+    (diffusers' with its warm-up, or EAR's constant rate)."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.LayerNorm(width), torch.nn.Linear(width, 2))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95)
+        [{"name": "decay", "params": decay}, {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(0.9, 0.95),
     )
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=4)
-    ema = EMAModel(model.parameters(), decay=0.9)
+    ema = recipe.make_ema(model.parameters(), 0.9, warmup=ema_warmup)
     return {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema}
 
 
@@ -70,8 +73,9 @@ def checkpoint(accelerator, tmp_path):
     return save_checkpoint(accelerator, tmp_path / "checkpoints", 3, {"note": "hi"}, **parts)
 
 
-def test_resume_continues_exactly_and_reads_no_pickle(accelerator, tmp_path, monkeypatch):
-    straight = training_parts(seed=0)
+@pytest.mark.parametrize("ema_warmup", [True, False])
+def test_resume_continues_exactly_and_reads_no_pickle(accelerator, tmp_path, monkeypatch, ema_warmup):
+    straight = training_parts(seed=0, ema_warmup=ema_warmup)
     train(straight, range(3))
     path = save_checkpoint(accelerator, tmp_path / "checkpoints", 3, {"note": "hi"}, **straight)
     train(straight, range(3, 6))
@@ -81,7 +85,8 @@ def test_resume_continues_exactly_and_reads_no_pickle(accelerator, tmp_path, mon
 
     for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
         monkeypatch.setattr(module, name, forbidden)
-    resumed = training_parts(seed=1)  # other initial weights: all of them must come from the checkpoint
+    # Other initial weights: all of them must come from the checkpoint.
+    resumed = training_parts(seed=1, ema_warmup=ema_warmup)
     assert load_checkpoint(accelerator, path, **resumed) == {"note": "hi", "step": 3}
     monkeypatch.undo()
     assert isinstance(resumed["optimizer"].param_groups[0]["betas"], tuple)
@@ -137,6 +142,12 @@ def test_parts_that_do_not_fit_the_run_are_refused(accelerator, checkpoint):
         load_checkpoint(accelerator, checkpoint, **without_ema)
     with pytest.raises(ValueError, match="model.safetensors does not fit the model being trained"):
         load_checkpoint(accelerator, checkpoint, **training_parts(seed=0, width=16))
+    regrouped = training_parts(seed=0)
+    groups = regrouped["optimizer"].param_groups
+    groups[0]["name"], groups[1]["name"] = groups[1]["name"], groups[0]["name"]
+    expected = r"parameter groups \[\('decay', 2\), \('no_decay', 4\)\] .* this run's has \[\('no_decay', 2\)"
+    with pytest.raises(ValueError, match=expected):
+        load_checkpoint(accelerator, checkpoint, **regrouped)
 
 
 def test_sharded_distributed_types_are_refused():

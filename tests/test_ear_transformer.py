@@ -109,21 +109,35 @@ def test_drop_labels_rate_and_null_class():
     assert set(dropped.unique().tolist()) == {0, 10}
 
 
-def test_training_loss_backprops_to_all_components_and_head_lr_scale():
-    comps = tiny_components()
-    model = EARTrainingModel(comps["lite_hybrid"], comps["transformer"], comps["energy_head"])
+def test_training_loss_backprops_to_all_components():
+    comps = tiny_components()  # its head is not EAR's fresh one, whose zero output layer passes no gradient back
+    model = EARTrainingModel(comps["lite_hybrid"], comps["transformer"], comps["energy_head"], score_batch_mul=2)
     loss = model(torch.randn(4, 4, 4, 4), torch.tensor([0, 1, 2, 3]), torch.Generator().manual_seed(0))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     for name in ("lite_hybrid.coarse_gate", "transformer.token_proj.weight", "energy_head.out.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
-    groups = model.param_groups(lr=1e-3, head_lr_scale=0.25)
-    head_ids = {id(p) for p in model.energy_head.parameters()}
-    for group in groups:
-        is_head = {id(p) in head_ids for p in group["params"]}
-        assert len(is_head) == 1
-        assert group["lr"] == (2.5e-4 if is_head.pop() else 1e-3)
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_training_forward_is_mask_then_label_dropout_then_energy_loss():
+    """forward draws the mask, then the label dropout, then the head noise, all from one generator;
+    energy_loss is the rest (EAR's forward_loss), which the reference fixture checks."""
+    comps = tiny_components()
+    model = EARTrainingModel(
+        comps["lite_hybrid"], comps["transformer"].eval(), comps["energy_head"], score_batch_mul=2
+    )
+    latents, labels = torch.randn(3, 4, 4, 4), torch.tensor([0, 5, 9])
+    g = torch.Generator().manual_seed(7)
+    mask = model.transformer.sample_mask(3, g)
+    dropped = model.transformer.drop_labels(labels, g)
+    expected = model.energy_loss(latents_to_tokens(latents), dropped, mask, generator=g)
+    assert torch.equal(model(latents, labels, torch.Generator().manual_seed(7)), expected)
+
+
+def test_training_model_rejects_a_bad_score_batch_mul():
+    comps = tiny_components()
+    with pytest.raises(ValueError, match="score_batch_mul"):
+        EARTrainingModel(comps["lite_hybrid"], comps["transformer"], comps["energy_head"], score_batch_mul=0)
 
 
 def test_training_rejects_out_of_range_labels():
@@ -151,6 +165,7 @@ def test_tokens_latents_round_trip():
         ("class_dropout_prob", 1.0),
         ("mask_ratio_min", -0.1),
         ("grid_size", -1),
+        ("mlp_activation", "relu"),
     ],
 )
 def test_invalid_config_names_the_field(field, value):

@@ -35,7 +35,9 @@ def test_energy_score_is_lower_for_the_target_distribution():
     assert score(true) < score(collapsed) - 0.05
 
 
-@pytest.mark.parametrize("samples_shape,target_shape", [((1, 4, 2), (4, 2)), ((2, 4, 2), (4, 3)), ((4, 2), (4, 2))])
+@pytest.mark.parametrize(
+    "samples_shape,target_shape", [((1, 4, 2), (4, 2)), ((3, 4, 2), (4, 2)), ((2, 4, 2), (4, 3)), ((4, 2), (4, 2))]
+)
 def test_energy_score_rejects_bad_shapes(samples_shape, target_shape):
     with pytest.raises(ValueError, match="energy_score_loss"):
         energy_score_loss(torch.zeros(samples_shape), torch.zeros(target_shape))
@@ -47,7 +49,8 @@ def test_head_learns_a_2d_conditional_distribution():
     means = torch.tensor([[1.5, -1.0], [-2.0, 0.5]])
     stds = torch.tensor([[0.5, 0.2], [0.1, 0.8]])
     conds = torch.eye(2)  # condition k selects distribution k
-    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    # EAR's init starts the head at exactly 0, a collapsed distribution: this lr spreads it in 400 steps.
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for _ in range(400):
         k = torch.randint(0, 2, (256,), generator=g)
@@ -62,8 +65,17 @@ def test_head_learns_a_2d_conditional_distribution():
         assert torch.allclose(samples.std(0), stds[k], rtol=0.25, atol=0.05), (k, samples.std(0))
 
 
+def randomized_head(**config):
+    """A head whose every parameter is random: a fresh one outputs exactly 0 (EAR's init)."""
+    torch.manual_seed(0)
+    head = EnergyHead(**{**dict(condition_dim=8, token_channels=3, width=16, depth=2, noise_dim=4), **config})
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return head
+
+
 def test_sample_is_one_forward_and_reproducible():
-    head = EnergyHead(condition_dim=8, token_channels=3, width=16, depth=2, noise_dim=4)
+    head = randomized_head()
     z = torch.randn(5, 8)
     a = head.sample(z, generator=torch.Generator().manual_seed(3))
     b = head.sample(z, generator=torch.Generator().manual_seed(3))
@@ -74,26 +86,61 @@ def test_sample_is_one_forward_and_reproducible():
     assert torch.equal(head(z, noise), a)
 
 
-def test_temperature_scales_only_the_shift():
-    torch.manual_seed(0)
+def test_fresh_head_is_ears_init():
+    """EAR's init: xavier Linear weights, zero modulations and output layer, so a fresh head outputs 0."""
     head = EnergyHead(condition_dim=8, token_channels=3, width=16, depth=2, noise_dim=4)
-    for p in head.parameters():  # make the gates non-zero so every block contributes
-        torch.nn.init.normal_(p, std=0.3)
+    assert torch.equal(head(torch.randn(5, 8), torch.rand(5, 4) - 0.5), torch.zeros(5, 3))
+    zeroed = [block.modulation[1] for block in head.blocks] + [head.final_modulation[1], head.out]
+    assert all(not layer.weight.any() and not layer.bias.any() for layer in zeroed)
+    assert head.z_proj.weight.std() > 0.1 and not head.z_proj.bias.any()  # xavier: std sqrt(2 / (8 + 16)) = 0.29
+
+
+def test_block_norm_affine_switch():
+    affine = {k for k in EnergyHead(depth=2).state_dict() if ".norm." in k}
+    assert affine == {f"blocks.{i}.norm.{p}" for i in range(2) for p in ("weight", "bias")}
+    assert not [k for k in EnergyHead(depth=2, block_norm_affine=False).state_dict() if ".norm." in k]
+
+
+@pytest.mark.parametrize("scales_final", [False, True])
+def test_temperature_scales_only_the_shifts(scales_final):
+    """T multiplies the blocks' AdaLN shifts (EAR) and, with the legacy switch, the final layer's too."""
+    head = randomized_head(temperature_scales_final_layer=scales_final)
     z, noise = torch.randn(6, 8), torch.rand(6, 4) - 0.5
     with torch.no_grad():
         out_t = head(z, noise, temperature=0.5)
-        for block in head.blocks:
-            w = block.modulation[1]
-            width = w.out_features // 3
-            w.weight[:width] *= 0.5  # shift rows
-            w.bias[:width] *= 0.5
-        fw = head.final_modulation[1]
-        fw.weight[: fw.out_features // 2] *= 0.5
-        fw.bias[: fw.out_features // 2] *= 0.5
+        layers = [(block.modulation[1], 3) for block in head.blocks]
+        if scales_final:
+            layers.append((head.final_modulation[1], 2))
+        for layer, chunks in layers:  # halve the shift rows: what T=0.5 does
+            layer.weight[: layer.out_features // chunks] *= 0.5
+            layer.bias[: layer.out_features // chunks] *= 0.5
         assert torch.allclose(head(z, noise, temperature=1.0), out_t, atol=1e-5)
 
 
-@pytest.mark.parametrize("field,value", [("width", 0), ("depth", -1), ("noise_dim", 1.5), ("mlp_ratio", 0)])
+def test_loss_is_ears_estimator_with_copies():
+    """score_batch_mul copies of each target, two head samples each, one mean over all copies."""
+    head = randomized_head()
+    z, y = torch.randn(5, 8), torch.randn(5, 3)
+    noise = torch.rand(2 * 3 * 5, 4) - 0.5  # rows: (sample, copy, target)
+    samples = head(z.repeat(6, 1), noise).view(2, 3, 5, 3)
+    per_copy = [energy_score_loss(samples[:, c], y, lambda_=0.99) for c in range(3)]
+    loss = head.loss(z, y, score_batch_mul=3, lambda_=0.99, noise=noise)
+    assert torch.allclose(loss, torch.stack(per_copy).mean(), atol=1e-6)
+    drawn = head.loss(z, y, score_batch_mul=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(drawn, head.loss(z, y, score_batch_mul=3, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("width", 0),
+        ("depth", -1),
+        ("noise_dim", 1.5),
+        ("mlp_ratio", 0),
+        ("block_norm_affine", 1),
+        ("temperature_scales_final_layer", "yes"),
+    ],
+)
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         EnergyHead(**{field: value})

@@ -468,9 +468,9 @@ def test_bad_flags_fail_before_anything_loads(setup, tmp_path, monkeypatch, flag
     assert not (tmp_path / "out").exists()
 
 
-def test_too_many_steps_are_refused_before_eval_config_and_the_fix_reruns(setup, tmp_path):
-    with pytest.raises(ValueError, match="`--steps` 17 is more than the model's 16 tokens; accepted: 1 to 16"):
-        ev.run(_args(setup, tmp_path / "out", steps=17))
+def test_a_model_dependent_refusal_comes_before_eval_config_and_the_fix_reruns(setup, tmp_path):
+    with pytest.raises(ValueError, match="--num-samples 25 is not a multiple of the 10 classes"):
+        ev.run(_args(setup, tmp_path / "out", images_per_class=None, num_samples=25))
     assert not (tmp_path / "out" / "eval_config.json").exists()
     assert ev.run(_args(setup, tmp_path / "out", steps=4))["sampling"]["num_inference_steps"] == 4
 

@@ -5,6 +5,7 @@ import PIL.Image
 import pytest
 import torch
 
+from parscale_ear_hf.models.ear_transformer import tokens_to_latents
 from parscale_ear_hf.pipeline_parscale_ear import mask_schedule
 
 from conftest import float32_rounding_bound, tiny_pipeline
@@ -21,16 +22,26 @@ def run(pipe, labels=(1, 2), **kwargs):
     return pipe(list(labels), **kwargs).images
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4, 7, 16, 64, 256])
-def test_mask_schedule_reveals_every_token_once(steps):
-    n = 256 if steps > 16 else 16
+@pytest.mark.parametrize("n,steps", [(16, 1), (16, 2), (16, 4), (16, 7), (16, 16), (256, 64), (256, 256), (16, 40)])
+def test_mask_schedule_reveals_every_token_once(n, steps):
     masked, seen = n, 0
     for step in range(steps):
         nxt = mask_schedule(step, steps, n, masked)
-        assert 0 <= nxt < masked  # at least one token per step
+        # At least one token per step while more than one is masked (with more steps than
+        # tokens, the steps before the last one wait with one token masked).
+        assert 0 <= nxt < masked or nxt == masked == 1
         seen += masked - nxt
         masked = nxt
     assert masked == 0 and seen == n
+
+
+def test_mask_schedule_with_more_steps_than_tokens_is_the_references():
+    # EAR: mask_len = max(1, min(masked - 1, floor(N cos(pi/2 (k+1)/K)))); the last step predicts all the rest.
+    masked, kept = 4, []
+    for k in range(6):
+        masked = mask_schedule(k, 6, 4, masked)
+        kept.append(masked)
+    assert kept == [3, 2, 1, 1, 1, 0]
 
 
 def test_mask_schedule_is_cosine():
@@ -155,9 +166,11 @@ def test_progress_bar_reports_steps(pipe, capsys):
         (dict(class_labels=[-1]), r"class label -1"),
         (dict(class_labels=[1.5]), r"class label 1.5"),
         (dict(class_labels=["cat"]), r"unknown class name.*'cat'.*accepted names"),
-        (dict(class_labels=[]), r"class_labels"),
-        (dict(num_inference_steps=0), r"num_inference_steps.*\[1, 16\]"),
-        (dict(num_inference_steps=17), r"num_inference_steps.*got 17"),
+        (dict(class_labels=[]), r"`class_labels` must hold at least one int or name, got \[\]"),
+        (dict(class_labels=[[]]), r"`class_labels` must hold at least one int or name, got \[\[\]\]"),
+        (dict(class_labels=[[1], [10]]), r"class label 10 .*\[0, 9\]"),
+        (dict(class_labels=None), r"class label None .*\[0, 9\]"),
+        (dict(num_inference_steps=0), r"`num_inference_steps` must be an integer >= 1, got 0"),
         (dict(num_inference_steps=2.0), r"num_inference_steps"),
         (dict(temperature=-0.1), r"temperature.*>= 0"),
         (dict(temperature=float("inf")), r"`temperature` must be a finite number >= 0.0, got inf"),
@@ -170,7 +183,10 @@ def test_progress_bar_reports_steps(pipe, capsys):
         (dict(output_type="jpg"), r"output_type.*'pil'"),
         (dict(num_images_per_class=0), r"num_images_per_class"),
         (dict(generator=[torch.Generator()]), r"1 generators for 2 images"),
-        (dict(callback_on_step_end_tensor_inputs=["latents"]), r"callback_on_step_end_tensor_inputs"),
+        (
+            dict(callback_on_step_end_tensor_inputs=["latents", "noise"]),
+            r"`callback_on_step_end_tensor_inputs` \['noise'\] not in \['tokens', 'latents', 'mask'\]",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_sampling(pipe, monkeypatch, kwargs, match):
@@ -210,3 +226,253 @@ def test_names_need_id2label():
     bare = ParScaleEARPipeline(**tiny_components())
     with pytest.raises(ValueError, match="no `id2label`"):
         bare(["digit 1"], num_inference_steps=2)
+
+
+def record_calls(monkeypatch, module, method, keep):
+    """Wrap ``module.method`` so that each call appends ``keep(args, output)`` to the returned list."""
+    calls, original = [], getattr(module, method)
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(keep(args, out))
+        return out
+
+    monkeypatch.setattr(module, method, recording)
+    return calls
+
+
+def record_sampling(pipe, monkeypatch):
+    """Backbone outputs, head conditions z, and the masks after each step (all ones before the first)."""
+    hidden = record_calls(monkeypatch, pipe.transformer, "forward", lambda args, out: out)
+    zs = record_calls(monkeypatch, pipe.energy_head, "sample", lambda args, out: args[0])
+    masks = [torch.ones(2, 16, dtype=torch.bool)]
+    return hidden, zs, masks
+
+
+def check_mixing(hidden, zs, masks, cfgs):
+    """Step k's head input is cfg_k * h_cond + (1 - cfg_k) * h_uncond at the predicted tokens (None: no guidance)."""
+    assert [h.shape[0] for h in hidden] == [2 if cfg is None else 4 for cfg in cfgs]
+    for k, cfg in enumerate(cfgs):
+        to_predict = masks[k] & ~masks[k + 1]
+        if cfg is None:
+            expected = hidden[k][to_predict]
+        else:
+            h_cond, h_uncond = hidden[k].chunk(2)
+            expected = cfg * h_cond[to_predict] + (1 - cfg) * h_uncond[to_predict]
+        # The same float operations on the same numbers: bit for bit.
+        assert torch.equal(zs[k], expected)
+
+
+@pytest.mark.parametrize(
+    "schedule,cfgs",
+    # EAR: cfg_k = 1 + (cfg - 1) (N - max(1, m_k)) / N with m_k = 14, 11, 6, 0 tokens masked after
+    # each of 4 steps (N = 16, cfg = 3): the last step uses 1 + 2 * 15/16 = 2.875, not 3.
+    [("linear", [1.25, 1.625, 2.25, 2.875]), ("constant", [3.0, 3.0, 3.0, 3.0])],
+)
+def test_guidance_schedule_is_the_references(pipe, monkeypatch, schedule, cfgs):
+    hidden, zs, masks = record_sampling(pipe, monkeypatch)
+
+    def callback(p, step, timestep, tensors):
+        masks.append(tensors["mask"].clone())
+        return {}
+
+    run(
+        pipe,
+        guidance_scale=3.0,
+        guidance_schedule=schedule,
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["mask"],
+    )
+    assert [int(m[0].sum()) for m in masks[1:]] == [14, 11, 6, 0]
+    check_mixing(hidden, zs, masks, cfgs)
+
+
+@pytest.mark.parametrize("start,after", [(3.0, 1.0), (3.0, 0.0), (1.0, 3.0)], ids=["off", "zero", "on"])
+def test_a_callback_setting_guidance_scale_changes_the_next_steps(pipe, monkeypatch, start, after):
+    # diffusers' dynamic guidance: a callback sets `pipe._guidance_scale`; <= 1 drops the unconditional pass.
+    hidden, zs, masks = record_sampling(pipe, monkeypatch)
+
+    def callback(p, step, timestep, tensors):
+        masks.append(tensors["mask"].clone())
+        if step == 1:
+            p._guidance_scale = after
+        return {}
+
+    run(pipe, guidance_scale=start, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["mask"])
+    # Linear schedule with m_k = 14, 11, 6, 0: cfg_k = 1 + (cfg - 1) * (2, 5, 10, 15) / 16.
+    linear = {1.0: None, 0.0: None, 3.0: [1.25, 1.625, 2.25, 2.875]}
+    cfgs = [
+        None if linear[scale] is None else linear[scale][k] for k, scale in enumerate([start, start, after, after])
+    ]
+    check_mixing(hidden, zs, masks, cfgs)
+    assert pipe.guidance_scale == after and pipe.do_classifier_free_guidance == (after > 1)
+
+
+def test_call_sets_diffusers_properties(pipe):
+    seen = []
+
+    def callback(p, step, timestep, tensors):
+        seen.append((p.num_timesteps, p.guidance_scale, p.do_classifier_free_guidance, p.interrupt))
+        return {}
+
+    run(pipe, guidance_scale=2.5, num_inference_steps=5, callback_on_step_end=callback)
+    assert seen == [(5, 2.5, True, False)] * 5
+    run(pipe, guidance_scale=1.0)
+    assert (pipe.num_timesteps, pipe.guidance_scale, pipe.do_classifier_free_guidance) == (4, 1.0, False)
+
+
+def test_interrupt_skips_the_remaining_steps(pipe, monkeypatch):
+    hidden = record_calls(monkeypatch, pipe.transformer, "forward", lambda args, out: out)
+    steps = []
+
+    def callback(p, step, timestep, tensors):
+        steps.append(step)
+        p._interrupt = step == 1
+        return {}
+
+    latents = run(pipe, [1], output_type="latent", callback_on_step_end=callback)
+    assert steps == [0, 1] and len(hidden) == 2
+    # The 11 tokens still masked after step 1 were never sampled: they are the zeros of the start.
+    assert int((latents[0] == 0).all(dim=0).sum()) == 11
+    assert int((latents[0] != 0).all(dim=0).sum()) == 5
+    # The next call starts without the interrupt.
+    run(pipe, [1])
+    assert len(hidden) == 2 + 4 and not pipe.interrupt
+
+
+def test_callback_latents_are_the_tokens_and_a_new_one_replaces_them(pipe):
+    revealed = {}
+
+    def callback(p, step, timestep, tensors):
+        assert torch.equal(tensors["latents"], tokens_to_latents(tensors["tokens"], 4))
+        if step == 1:
+            revealed["mask"] = ~tensors["mask"]
+            return {**tensors, "latents": torch.full_like(tensors["latents"], 0.5)}
+        return tensors  # the inputs, unchanged: they change nothing
+
+    inputs = ["tokens", "latents", "mask"]
+    latents = run(pipe, output_type="latent", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=inputs)
+    # Tokens revealed by steps 0 and 1 are never sampled again; the 11 others are sampled after the edit.
+    before = tokens_to_latents(revealed["mask"].unsqueeze(-1), 4).expand_as(latents)
+    assert int(revealed["mask"][0].sum()) == 5
+    assert (latents[before] == 0.5).all() and (latents[~before] != 0.5).all()
+
+
+def test_callback_returning_its_inputs_or_editing_latents_in_place(pipe):
+    plain = run(pipe, output_type="latent")
+    inputs = ["tokens", "latents", "mask"]
+
+    def unchanged(p, step, timestep, tensors):
+        return tensors
+
+    assert torch.equal(
+        run(pipe, output_type="latent", callback_on_step_end=unchanged, callback_on_step_end_tensor_inputs=inputs),
+        plain,
+    )
+
+    def zero_in_place(p, step, timestep, tensors):
+        if step == p.num_timesteps - 1:
+            tensors["latents"].zero_()  # a view of the tokens
+        return {}
+
+    latents = run(
+        pipe, output_type="latent", callback_on_step_end=zero_in_place, callback_on_step_end_tensor_inputs=inputs
+    )
+    assert torch.count_nonzero(plain) > 0 and torch.count_nonzero(latents) == 0
+
+    def replace_in_the_dict(p, step, timestep, tensors):
+        # diffusers' common test: put a new tensor into the dict it got, and return that dict.
+        if step == p.num_timesteps - 1:
+            tensors["latents"] = torch.zeros_like(tensors["latents"])
+        return tensors
+
+    latents = run(
+        pipe, output_type="latent", callback_on_step_end=replace_in_the_dict, callback_on_step_end_tensor_inputs=inputs
+    )
+    assert torch.count_nonzero(latents) == 0
+
+    def both_new(p, step, timestep, tensors):
+        return {"tokens": tensors["tokens"].clone(), "latents": tensors["latents"].clone()}
+
+    with pytest.raises(ValueError, match=r"returned both a new `tokens` and a new `latents` at step 0"):
+        run(pipe, callback_on_step_end=both_new, callback_on_step_end_tensor_inputs=inputs)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [[[3], [5]], ((3,), (5,)), torch.tensor([[3], [5]]), np.array([[3, 5]]), [["digit 3"], np.int64(5)]],
+    ids=["nested list", "nested tuple", "2-d tensor", "2-d array", "mixed"],
+)
+def test_nested_class_labels_are_flattened(pipe, labels):
+    # DiTPipeline accepts [[1], [1]] (diffusers' common tests batch labels that way).
+    assert pipe.class_ids(labels) == [3, 5]
+    assert np.array_equal(
+        pipe(labels, num_inference_steps=4, output_type="np", generator=gen(0)).images, run(pipe, [3, 5])
+    )
+
+
+def test_more_steps_than_tokens_predict_nothing_until_the_last(pipe, monkeypatch):
+    hidden = record_calls(monkeypatch, pipe.transformer, "forward", lambda args, out: out)
+    masked, tokens = [], []
+
+    def callback(p, step, timestep, tensors):
+        masked.append(int(tensors["mask"][0].sum()))
+        tokens.append(tensors["tokens"].clone())
+        return {}
+
+    latents = run(
+        pipe,
+        num_inference_steps=20,
+        output_type="latent",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["tokens", "mask"],
+    )
+    # One token per step down to the last one, which waits for the last step (as in EAR).
+    assert masked == [15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 1, 1, 1, 1, 0]
+    assert len(hidden) == 16  # the steps that predict nothing skip the forward passes
+    assert all(torch.equal(tokens[k], tokens[14]) for k in range(15, 19))
+    assert torch.count_nonzero(latents) == latents.numel()
+
+
+def test_sample_tokens_reveals_in_the_given_order_with_each_tokens_noise(pipe):
+    ids = torch.tensor([1, 2])
+    orders = torch.stack([torch.randperm(16, generator=gen(s)) for s in (1, 2)])
+    noise = pipe.energy_head.noise_from_uniform(torch.rand(2, 16, *pipe.energy_head.noise_shape, generator=gen(3)))
+    masks = []
+
+    def callback(p, step, timestep, tensors):
+        masks.append(tensors["mask"].clone())
+        return {}
+
+    tokens = pipe.sample_tokens(
+        ids, orders, noise, 4, 3.0, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["mask"]
+    )
+    assert tokens.shape == (2, 16, 4)
+    # While m tokens are masked, they are orders[:, :m] (EAR's mask_by_order).
+    for mask, m in zip(masks, [14, 11, 6, 0]):
+        assert torch.equal(mask, torch.zeros(2, 16, dtype=torch.bool).scatter_(1, orders[:, :m], True))
+    # noise[b, n] samples token n of image b: new noise for the last token of image 0 changes only it.
+    last = orders[0, 0]
+    other = noise.clone()
+    other[0, last] = pipe.energy_head.noise_from_uniform(torch.rand(noise.shape[2:], generator=gen(4)))
+    changed = (pipe.sample_tokens(ids, orders, other, 4, 3.0) != tokens).any(dim=-1)
+    assert changed.nonzero().tolist() == [[0, int(last)]]
+
+
+@pytest.mark.parametrize(
+    "name,shape,match",
+    [
+        ("class_ids", (2, 1), r"`class_ids` must be a 1-d tensor of B >= 1 class ids, got shape \(2, 1\)"),
+        ("orders", (2, 15), r"`orders` must have shape \(2, 16\) for 2 images of N = 16 tokens, got \(2, 15\)"),
+        ("noise", (2, 16, 4), r"`noise` must have shape \(2, 16, 8\) for 2 images of N = 16 tokens, got \(2, 16, 4\)"),
+    ],
+)
+def test_sample_tokens_refuses_wrong_shapes(pipe, name, shape, match):
+    args = {
+        "class_ids": torch.tensor([1, 2]),
+        "orders": torch.stack([torch.randperm(16)] * 2),
+        "noise": torch.zeros(2, 16, 8),
+    }
+    args[name] = torch.zeros(shape, dtype=args[name].dtype)
+    with pytest.raises(ValueError, match=match):
+        pipe.sample_tokens(**args, num_inference_steps=4, guidance_scale=3.0)

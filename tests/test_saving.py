@@ -375,3 +375,21 @@ def test_component_push_to_hub_uploads_the_finished_folder(tmp_path, monkeypatch
     monkeypatch.setattr(saving, "upload_folder", upload_folder)
     tiny_components()["transformer"].save_pretrained(tmp_path / "t", push_to_hub=True, repo_id="org/t")
     assert uploads == [("org/t", tmp_path / "t", [MANIFEST_NAME, "config.json", WEIGHTS])]
+
+
+def test_a_variant_save_reaches_every_component_and_loads_back(tmp_path):
+    """diffusers passes `variant` only to component saves that name it: the atomic save must."""
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "p", variant="fp16")
+    for name in COMPONENTS:
+        assert [p.name for p in (tmp_path / "p" / name).glob("*.safetensors")] == [
+            "diffusion_pytorch_model.fp16.safetensors"
+        ]
+    loaded = ParScaleEARPipeline.from_pretrained(tmp_path / "p", variant="fp16")
+    assert same_weights(pipe, loaded)
+
+
+def test_components_refuse_pickle_serialisation(tmp_path):
+    with pytest.raises(ValueError, match="only safetensors are supported; `safe_serialization` must be True"):
+        tiny_pipeline().transformer.save_pretrained(tmp_path / "t", safe_serialization=False)
+    assert not (tmp_path / "t").exists()

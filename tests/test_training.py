@@ -1,9 +1,12 @@
-"""Generator training: exact resume after SIGKILL, atomic checkpoints, two processes, bad input."""
+"""Generator training: EAR's recipe (lr from blr, schedule, param groups, EMA, resuming with new flags), exact
+resume after SIGKILL, atomic checkpoints, two processes, bad input."""
 
 import argparse
 import json
+import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parscale_ear_hf import LiteVAE, cli
+from parscale_ear_hf import EARTrainingModel, EARTransformer, EnergyHead, LiteHybrid, LiteVAE, cli
+from parscale_ear_hf.training import recipe
 from parscale_ear_hf.training.checkpointing import (
     FORMAT,
     JsonlLog,
@@ -85,6 +89,8 @@ def train_args(workspace, output_dir, *extra):
         "2",
         "--ema-decay",
         "0.9",
+        "--score-batch-mul",
+        "1",
         "--sample-steps",
         "2",
         "--cpu",
@@ -197,6 +203,7 @@ def test_cli_train_writes_its_arguments(workspace, tmp_path):
     run_config = json.loads((out / "run_config.json").read_text())
     assert run_config["args"]["max_steps"] == 2 and "func" not in run_config["args"]
     assert run_config["latent_cache"]["grid_size"] == 4
+    assert run_config["resolved"]["lr"] == 1e-4 * 4 / 256  # the default --blr 1e-4 at a batch of 4
     assert (out / "pipeline" / "model_index.json").is_file()
 
 
@@ -211,6 +218,8 @@ def test_grad_clip_zero_disables_clipping(workspace, tmp_path):
 
 FLOAT_FLAGS = (
     "--lr",
+    "--blr",
+    "--min-lr",
     "--head-lr-scale",
     "--weight-decay",
     "--grad-clip",
@@ -225,9 +234,12 @@ FLOAT_FLAGS = (
     [
         ("--sample-guidance", "0.5"),
         ("--sample-steps", "0"),
-        ("--sample-steps", "17"),  # the cache has 4x4 = 16 tokens
-        ("--num-head-samples", "0"),
-        ("--num-head-samples", "1"),
+        ("--score-batch-mul", "0"),
+        ("--gradient-accumulation-steps", "0"),
+        ("--warmup-steps", "-1"),
+        ("--blr", "0"),
+        ("--min-lr", "1"),  # above the lr (the default --blr 1e-4 at a batch of 4)
+        ("--min-lr", "-1"),
         ("--grad-clip", "-1"),
         ("--head-lr-scale", "-0.25"),
         ("--energy-lambda", "-0.1"),
@@ -302,3 +314,218 @@ def test_two_processes_hold_identical_weights_also_after_resuming(workspace, tmp
         digests = [(out / f"weights-rank{r}.sha256").read_text() for r in (0, 1)]
         assert digests[0] == digests[1]
     assert sorted(losses(out)) == [1, 2, 3, 4, 5]
+
+
+def test_exclusive_flags_and_fp16_on_cpu_fail_before_anything_is_loaded(workspace, tmp_path, monkeypatch, capsys):
+    for pair in (("--lr", "1e-3", "--blr", "1e-4"), ("--warmup-steps", "1", "--warmup-epochs", "1")):
+        with pytest.raises(SystemExit):
+            parse(train_args(workspace, tmp_path / "out", "--max-steps", "2", *pair))
+        assert f"argument {pair[2]}: not allowed with argument {pair[0]}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(train_args(workspace, tmp_path / "out", "--max-steps", "2", "--epochs", "1"))
+    assert "argument --epochs: not allowed with argument --max-steps" in capsys.readouterr().err
+
+    def no_vae(path):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("parscale_ear_hf.training.latent_cache.load_vae", no_vae)
+    for extra, expected in (
+        (("--adam-betas", "0.9", "1.0"), r"`--adam-betas` must be a finite number in \[0.0, 1.0\), got 1.0"),
+        (("--epochs", "0"), r"`--epochs` must be an integer >= 1, got 0"),
+        (("--epochs", "1", "--warmup-epochs", "-1"), r"`--warmup-epochs` must be an integer >= 0, got -1"),
+        (("--mixed-precision", "fp16"), r"`--mixed-precision` fp16 needs a CUDA GPU .* got 'fp16' on CPU; use bf16"),
+    ):
+        argv = train_args(workspace, tmp_path / "out", *extra)
+        if "--epochs" not in extra:
+            argv += ["--max-steps", "2"]
+        if "--warmup-epochs" in extra:
+            del argv[argv.index("--warmup-steps") : argv.index("--warmup-steps") + 2]
+        with pytest.raises(ValueError, match=expected):
+            run(parse(argv))
+    assert not (tmp_path / "out").exists()
+
+
+def tiny_model() -> EARTrainingModel:
+    """The training config's components (LiteHybrid with both branches, ParScale with 2 streams)."""
+    config = TINY_MODEL_CONFIG
+    return EARTrainingModel(
+        LiteHybrid(in_channels=4, grid_size=4, **config["lite_hybrid"]),
+        EARTransformer(in_channels=4, grid_size=4, num_classes=10, **config["transformer"]),
+        EnergyHead(token_channels=4, condition_dim=32, **config["energy_head"]),
+    )
+
+
+def group_members(model, groups) -> dict[str, set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    members = {g["name"]: {names[id(p)] for p in g["params"]} for g in groups}
+    assert sum(map(len, members.values())) == len(names)  # each parameter in exactly one group
+    return members
+
+
+def test_reference_param_groups_are_eas_add_weight_decay_scorelr():
+    model = tiny_model()
+    groups = recipe.param_groups(model, "reference", head_lr_scale=0.25, weight_decay=0.02)
+    assert [(g["name"], g["lr_scale"], g["weight_decay"]) for g in groups] == [
+        ("no_decay", 1.0, 0.0),
+        ("decay", 1.0, 0.02),
+        ("head", 0.25, 0.0),
+    ]
+    members = group_members(model, groups)
+    named = dict(model.named_parameters())
+    # EAR: no decay on 1-d parameters and biases, the head's included, at the full lr.
+    assert members["no_decay"] == {n for n, p in named.items() if p.dim() == 1 or n.endswith(".bias")}
+    assert {"energy_head.out.bias", "transformer.norm.weight", "lite_hybrid.coarse_gate"} <= members["no_decay"]
+    # EAR: the head's other weights at lr x 0.25, not decayed.
+    assert members["head"] == {n for n in named if n.startswith("energy_head.")} - members["no_decay"]
+    assert {"energy_head.out.weight", "energy_head.noise_embed.weight"} <= members["head"]
+    # EAR decays its embeddings, mask token, positions and z_proj; ours: the same roles, plus the ParScale
+    # prefixes and aggregator and LiteHybrid.
+    assert {
+        "transformer.class_embedding.weight",
+        "transformer.mask_token",
+        "transformer.pos_embedding",
+        "transformer.token_proj.weight",
+        "transformer.stream_prefix",
+        "transformer.stream_aggregator.0.weight",
+        "transformer.blocks.0.attn.qkv.weight",
+        "lite_hybrid.coarse_pos",
+        "lite_hybrid.fine_local.weight",
+    } <= members["decay"]
+    assert not any(n.startswith("energy_head.") for n in members["decay"])
+
+
+def test_parscale_v0_param_groups_are_the_shipped_demos():
+    model = tiny_model()
+    groups = recipe.param_groups(model, "parscale-v0", head_lr_scale=0.25, weight_decay=0.02)
+    assert [(g["name"], g["lr_scale"], g["weight_decay"]) for g in groups] == [
+        ("backbone_no_decay", 1.0, 0.0),
+        ("backbone_decay", 1.0, 0.02),
+        ("head_no_decay", 0.25, 0.0),
+        ("head_decay", 0.25, 0.02),
+    ]
+    members = group_members(model, groups)
+    assert {
+        "transformer.class_embedding.weight",
+        "transformer.mask_token",
+        "transformer.stream_prefix",
+        "transformer.token_proj.weight",  # "token" in the name
+        "transformer.norm.weight",
+    } <= members["backbone_no_decay"]
+    assert {"lite_hybrid.coarse_pos", "transformer.stream_aggregator.0.weight"} <= members["backbone_decay"]
+    assert "energy_head.out.bias" in members["head_no_decay"] and "energy_head.out.weight" in members["head_decay"]
+    with pytest.raises(ValueError, match=r"`scheme` must be one of \('reference', 'parscale-v0'\), got 'ear'"):
+        recipe.param_groups(model, "ear")
+
+
+def ear_adjust_learning_rate(epoch, lr, warmup_epochs, epochs, schedule, min_lr):
+    """EAR's util/lr_sched.py formula, written out for comparison."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    if schedule == "constant":
+        return lr
+    return min_lr + (lr - min_lr) * 0.5 * (
+        1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs))
+    )
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_from_blr_with_a_warm_up_in_epochs_follows_ear(schedule):
+    flags = ["--epochs", "5", "--blr", "2e-3", "--warmup-epochs", "2", "--gradient-accumulation-steps", "2"]
+    flags += ["--lr-schedule", schedule, "--min-lr", "1e-6"]
+    args = parse(
+        ["--latents", "unused", "--model-config", "unused", "--output-dir", "unused", "--batch-size", "4", *flags]
+    )
+    resolved = recipe.resolve(args, num_examples=50)  # 12 micro-batches of 4 per epoch, the last 2 examples dropped
+    assert resolved.effective_batch_size == 8 and resolved.lr == pytest.approx(2e-3 * 8 / 256)
+    assert resolved.steps_per_epoch == 6 and resolved.warmup_steps == 12 and resolved.max_steps == 30
+    for step in range(30):
+        expected = ear_adjust_learning_rate(step / 6, resolved.lr, 2, 5, schedule, 1e-6)
+        assert resolved.lr_at(step) == pytest.approx(expected, rel=1e-12, abs=1e-15), step
+    assert resolved.lr_at(0) == 0.0 and resolved.lr_at(12) == pytest.approx(resolved.lr)
+    assert (resolved.lr_at(29) < resolved.lr / 10) == (schedule == "cosine")
+
+
+def test_set_lr_scales_each_group():
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(recipe.param_groups(model, "reference", head_lr_scale=0.25), lr=1.0)
+    recipe.set_lr(optimizer, 4e-4)
+    assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [
+        ("no_decay", 4e-4),
+        ("decay", 4e-4),
+        ("head", 1e-4),
+    ]
+
+
+def test_ema_is_ears_constant_rate_from_a_copy_or_diffusers_warm_up():
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    start = param.detach().clone()
+    constant, warmup = recipe.make_ema([param], 0.9, warmup=False), recipe.make_ema([param], 0.9, warmup=True)
+    expected = start.clone()  # engine_ear.py: ema_params = a copy of the parameters at the start
+    for step in range(3):
+        with torch.no_grad():
+            param.add_(1.0 + step)
+        constant.step([param])
+        warmup.step([param])
+        expected = 0.9 * expected + 0.1 * param.detach()  # engine_ear.update_ema, after every update
+        assert torch.allclose(constant.shadow_params[0], expected, rtol=1e-6), step
+    # diffusers' EMAModel copies the parameters at its first update and ramps its rate (1+t)/(10+t) up to 0.9.
+    t1, t2 = (1 + 1) / (10 + 1), (1 + 2) / (10 + 2)
+    values = [start + 1.0, start + 3.0, start + 6.0]
+    ramp = t2 * (t1 * values[0] + (1 - t1) * values[1]) + (1 - t2) * values[2]
+    assert torch.allclose(warmup.shadow_params[0], ramp, rtol=1e-6)
+    assert not torch.allclose(constant.shadow_params[0], ramp, rtol=1e-3)
+
+
+def test_resuming_with_a_new_lr_lambda_and_ema_rate_takes_them_and_logs_them(workspace, tmp_path):
+    """EAR's second phase: a new run resumed from the first one's checkpoint with a lower lr and lambda."""
+    first = tmp_path / "first"
+    # A fresh head gives the same sample for any noise (its output layers start at zero), so the
+    # repulsive term, and lambda, only matter once it has trained a few steps.
+    flags = ["--warmup-steps", "1", "--lr", "1e-2", "--checkpoint-every", "6"]
+    run(parse(train_args(workspace, first, "--max-steps", "6", *flags)))
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    run(parse(train_args(workspace, first, "--max-steps", "8", *flags, "--resume", "latest")))  # the same flags
+    new = ["--blr", "0.32", "--energy-lambda", "0.5", "--ema-rate", "0.8"]  # lr 0.32 * 4 / 256 = 5e-3
+    new_flags = [*flags[:2], *flags[4:], *new]
+    run(parse(train_args(workspace, second, "--max-steps", "8", *new_flags, "--resume", "latest")))
+
+    def log(out):
+        return {r["step"]: r for r in JsonlLog(out / "train_log.jsonl").read()}
+
+    old_log, new_log = log(first), log(second)
+    assert all(new_log[s] == old_log[s] for s in range(1, 7))  # the first phase is kept
+    lr = 0.32 * 4 / 256
+    assert [(new_log[s]["lr"], new_log[s]["energy_lambda"]) for s in (1, 2, 6, 7, 8)] == [
+        (0.0, 1.0),
+        (1e-2, 1.0),
+        (1e-2, 1.0),
+        (lr, 0.5),
+        (lr, 0.5),
+    ]
+    assert [(old_log[s]["lr"], old_log[s]["energy_lambda"]) for s in (7, 8)] == [(1e-2, 1.0), (1e-2, 1.0)]
+    # Step 7's loss comes from the same weights (checkpoint-6), before its update: only lambda differs.
+    assert new_log[7]["loss"] != old_log[7]["loss"]
+
+    checkpoint = latest_checkpoint(second / "checkpoints")
+    groups = json.loads((checkpoint / "optimizer.json").read_text())["param_groups"]
+    assert [(g["name"], g["lr"]) for g in groups] == [("no_decay", lr), ("decay", lr), ("head", lr * 0.25)]
+    assert json.loads((checkpoint / "ema.json").read_text())["decay"] == 0.8
+    run_config = json.loads((second / "run_config.json").read_text())
+    assert run_config["resolved"]["lr"] == 1e-2 and run_config["args"]["energy_lambda"] == 1.0
+    assert [(r["step"], r["resolved"]["lr"], r["args"]["energy_lambda"]) for r in run_config["resumes"]] == [
+        (6, lr, 0.5)
+    ]
+
+
+def test_resuming_with_other_param_groups_is_refused(workspace, tmp_path):
+    out = tmp_path / "out"
+    run(parse(train_args(workspace, out, "--max-steps", "3")))
+    with pytest.raises(
+        ValueError, match=r"parameter groups \[\('no_decay', \d+\).*this run's has \[\('backbone_no_decay'"
+    ):
+        run(
+            parse(
+                train_args(workspace, out, "--max-steps", "4", "--param-groups", "parscale-v0", "--resume", "latest")
+            )
+        )

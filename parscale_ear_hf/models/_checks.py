@@ -30,6 +30,12 @@ def check_float(owner: str, name: str, value, low: float, high: float, *, high_i
         raise ValueError(f"{owner}: `{name}` must be a finite number {accepted}, got {value!r}.")
 
 
+def check_bool(owner: str, name: str, value) -> None:
+    """Raise unless ``value`` is True or False (not 0 / 1 or a string, which JSON configs could carry)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: `{name}` must be True or False, got {value!r}.")
+
+
 def check_divisible(owner: str, name: str, value: int, divisor: int, divisor_name: str) -> None:
     """Raise unless ``value`` is a multiple of ``divisor``."""
     if value % divisor != 0:

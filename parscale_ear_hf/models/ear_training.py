@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ._checks import check_int
 from .ear_transformer import EARTransformer, latents_to_tokens
 from .energy_head import EnergyHead
 from .lite_hybrid import LiteHybrid
@@ -15,7 +16,8 @@ class EARTrainingModel(nn.Module):
 
     Args:
         lite_hybrid, transformer, energy_head: the trainable pipeline components.
-        num_head_samples: head samples per target in the energy score (EAR: 2 per estimate).
+        score_batch_mul: copies of each masked target in the energy score, each scored with two
+            head samples (EAR's `--score_batch_mul`: 1 by default in `main_ear.py`, 2 in its recipe).
         energy_alpha: exponent of the energy score (EAR: 1; below 1 collapses, 2 is not proper).
         energy_lambda: weight of the repulsive term (EAR: 1, then 0.99 for the last epochs).
     """
@@ -25,15 +27,16 @@ class EARTrainingModel(nn.Module):
         lite_hybrid: LiteHybrid,
         transformer: EARTransformer,
         energy_head: EnergyHead,
-        num_head_samples: int = 2,
+        score_batch_mul: int = 1,
         energy_alpha: float = 1.0,
         energy_lambda: float = 1.0,
     ):
         super().__init__()
+        check_int("EARTrainingModel", "score_batch_mul", score_batch_mul)
         self.lite_hybrid = lite_hybrid
         self.transformer = transformer
         self.energy_head = energy_head
-        self.num_head_samples = num_head_samples
+        self.score_batch_mul = score_batch_mul
         self.energy_alpha = energy_alpha
         self.energy_lambda = energy_lambda
 
@@ -59,12 +62,36 @@ class EARTrainingModel(nn.Module):
         tokens = latents_to_tokens(latents)
         mask = self.transformer.sample_mask(tokens.shape[0], generator)
         labels = self.transformer.drop_labels(class_labels, generator)
+        return self.energy_loss(tokens, labels, mask, generator=generator)
+
+    def energy_loss(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Energy loss for a given mask and given labels (after dropout): EAR's ``forward_loss``.
+
+        Args:
+            tokens: `(B, N, C)` scaled latent tokens.
+            labels: `(B,)` long in [0, num_classes]; `num_classes` is the null class.
+            mask: `(B, N)` bool, True at the tokens to predict.
+            generator: draws the head noise when ``noise`` is None.
+            noise: optional `(2 * score_batch_mul * M, noise_dim)` head noise for the M masked
+                tokens (in `(B, N)` raster order), see :meth:`EnergyHead.loss`.
+
+        Returns:
+            Scalar loss, averaged over the masked tokens and their copies.
+        """
         hidden = self.transformer(self.lite_hybrid(tokens, mask), labels, mask)
         return self.energy_head.loss(
             hidden[mask],
             tokens[mask],
-            num_samples=self.num_head_samples,
+            score_batch_mul=self.score_batch_mul,
             alpha=self.energy_alpha,
             lambda_=self.energy_lambda,
             generator=generator,
+            noise=noise,
         )

@@ -54,8 +54,12 @@ class _Attention(nn.Module):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
 
 
+# `mlp_activation` values: EAR's timm `Block` uses the exact GELU; the shipped demo models the tanh one.
+MLP_ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
 class _Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, mlp_activation: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = _Attention(dim, num_heads, dropout)
@@ -63,7 +67,7 @@ class _Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(
             nn.Linear(dim, hidden),
-            nn.GELU(approximate="tanh"),
+            nn.GELU(approximate=MLP_ACTIVATIONS[mlp_activation]),
             nn.Dropout(dropout),
             nn.Linear(hidden, dim),
             nn.Dropout(dropout),
@@ -91,6 +95,7 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
         mask_ratio_std: see above.
         parscale_n: number P of parallel streams.
         parscale_attn_smooth: label smoothing eps of the stream-aggregation weights.
+        mlp_activation: "gelu" (exact, EAR's) or "gelu_tanh" (the shipped demo models').
     """
 
     @register_to_config
@@ -110,6 +115,7 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
         mask_ratio_std: float = 0.25,
         parscale_n: int = 1,
         parscale_attn_smooth: float = 0.01,
+        mlp_activation: str = "gelu",
     ):
         super().__init__()
         for name in (
@@ -130,13 +136,19 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
         check_float("EARTransformer", "mask_ratio_min", mask_ratio_min, 0.0, 1.0)
         check_float("EARTransformer", "mask_ratio_std", mask_ratio_std, 1e-6, 10.0)
         check_float("EARTransformer", "parscale_attn_smooth", parscale_attn_smooth, 0.0, 1.0)
+        if mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(
+                f"EARTransformer: `mlp_activation` must be one of {sorted(MLP_ACTIVATIONS)}, got {mlp_activation!r}."
+            )
 
         self.num_tokens = grid_size * grid_size
         self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)
         self.token_proj = nn.Linear(in_channels, hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.pos_embedding = nn.Parameter(torch.zeros(1, buffer_size + self.num_tokens, hidden_size))
-        self.blocks = nn.ModuleList([_Block(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(num_layers)])
+        self.blocks = nn.ModuleList(
+            [_Block(hidden_size, num_heads, mlp_ratio, dropout, mlp_activation) for _ in range(num_layers)]
+        )
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
         if parscale_n > 1:
             self.stream_prefix = nn.Parameter(torch.zeros(parscale_n, buffer_size, hidden_size))

@@ -14,7 +14,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from ..saving import AtomicSaveMixin
-from ._checks import StrictLoadingMixin, check_float, check_int
+from ._checks import StrictLoadingMixin, check_bool, check_float, check_int
 
 
 def energy_score_loss(
@@ -24,15 +24,15 @@ def energy_score_loss(
     lambda_: float = 1.0,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Energy score of ``K >= 2`` model samples against the target (lower is better).
+    """Negative energy score of two model samples against the target (lower is better).
 
-    For K = 2 this is ``||x1-y||^a + ||x2-y||^a - lambda * ||x1-x2||^a``; for larger K the
-    attraction term is averaged over samples and the repulsion over all ordered pairs, with
-    the same scale. With ``0 < alpha < 2`` and ``lambda = 1`` it is a strictly proper
-    scoring rule: its expectation is minimal when the samples follow the target distribution.
+    ``||x1-y||^a + ||x2-y||^a - lambda * ||x1-x2||^a``, written as EAR's ``-score`` with
+    ``score = lambda * ||x1-x2||^a - ||x1-y||^a - ||x2-y||^a``. With ``0 < alpha < 2`` and
+    ``lambda = 1`` it is a strictly proper scoring rule: its expectation is minimal when the
+    samples follow the target distribution.
 
     Args:
-        samples: `(K, M, C)`, K independent samples for each of M targets.
+        samples: `(2, M, C)`, two independent samples for each of M targets.
         target: `(M, C)`.
         alpha: exponent of the distance, in (0, 2).
         lambda_: weight of the repulsive (diversity) term; EAR uses 1, then 0.99 late in training.
@@ -42,32 +42,33 @@ def energy_score_loss(
     Returns:
         The scalar loss.
     """
-    if samples.dim() != 3 or samples.shape[0] < 2 or samples.shape[1:] != target.shape:
+    if samples.dim() != 3 or samples.shape[0] != 2 or samples.shape[1:] != target.shape:
         raise ValueError(
-            f"energy_score_loss: expected samples (K>=2, M, C) matching target (M, C), "
+            f"energy_score_loss: expected samples (2, M, C) matching target (M, C), "
             f"got samples {tuple(samples.shape)} and target {tuple(target.shape)}."
         )
-    k = samples.shape[0]
-    attraction = (samples - target.unsqueeze(0)).norm(dim=-1).pow(alpha).mean(dim=0)
-    pair_dist = (samples.unsqueeze(0) - samples.unsqueeze(1)).norm(dim=-1).pow(alpha)  # (K, K, M)
-    # The diagonal is zero; average over the K*(K-1) ordered pairs, so K=2 gives ||x1-x2||.
-    repulsion = pair_dist.sum(dim=(0, 1)) / (k * (k - 1))
-    per_target = 2.0 * attraction - lambda_ * repulsion
+    sample_1, sample_2 = samples
+
+    def distance(a, b):
+        return (a - b).norm(dim=-1).pow(alpha)
+
+    score = lambda_ * distance(sample_1, sample_2) - distance(sample_1, target) - distance(sample_2, target)
     if weight is None:
-        return per_target.mean()
-    return (per_target * weight).sum() / weight.sum().clamp_min(1.0)
+        return -score.mean()
+    return -(score * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 class _AdaLNBlock(nn.Module):
     """Residual MLP block whose LayerNorm is modulated (shift, scale, gate) by the noise embedding."""
 
-    def __init__(self, width: int, mlp_ratio: float):
+    def __init__(self, width: int, mlp_ratio: float, norm_affine: bool = False):
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm = nn.LayerNorm(width, elementwise_affine=norm_affine, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, width))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
-        # A zero gate makes each block start as the identity, the usual AdaLN-Zero choice.
+        # A zero gate makes each block start as the identity, the usual AdaLN-Zero choice (the
+        # DiffusionHead's init; the EnergyHead re-initialises all of its layers as EAR does).
         nn.init.zeros_(self.modulation[1].weight[2 * width :])
         nn.init.zeros_(self.modulation[1].bias[2 * width :])
 
@@ -80,6 +81,10 @@ class _AdaLNBlock(nn.Module):
 class EnergyHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""EAR's one-step head: ``(z, noise) -> token``.
 
+    With the defaults it is the authors' ``SimpleMLPAdaLN`` (shaochenze/EAR, ``scoreloss.py``),
+    including its initialisation: xavier Linear weights, and zeros on every AdaLN modulation and
+    on the output layer, so a fresh head outputs exactly 0.
+
     Args:
         condition_dim: width of the backbone's hidden vector ``z`` (the transformer's `hidden_size`).
         token_channels: channels C of one VAE token (the VAE's `latent_channels`).
@@ -87,6 +92,11 @@ class EnergyHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
         depth: number of AdaLN residual MLP blocks.
         noise_dim: dimension of the uniform noise ``U[-0.5, 0.5]^noise_dim`` (EAR: 64).
         mlp_ratio: hidden width of each block's MLP relative to `width`.
+        block_norm_affine: whether each block's LayerNorm has a weight and bias (EAR: True). The
+            shipped demo models were trained with False.
+        temperature_scales_final_layer: whether the inference temperature also scales the final
+            layer's AdaLN shift. EAR scales only the blocks' shifts (False); the shipped demo
+            models were trained with True.
     """
 
     @register_to_config
@@ -98,17 +108,32 @@ class EnergyHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
         depth: int = 6,
         noise_dim: int = 64,
         mlp_ratio: float = 1.0,
+        block_norm_affine: bool = True,
+        temperature_scales_final_layer: bool = False,
     ):
         super().__init__()
         for name in ("condition_dim", "token_channels", "width", "depth", "noise_dim"):
             check_int("EnergyHead", name, locals()[name])
         check_float("EnergyHead", "mlp_ratio", mlp_ratio, 1e-3, 64.0)
+        check_bool("EnergyHead", "block_norm_affine", block_norm_affine)
+        check_bool("EnergyHead", "temperature_scales_final_layer", temperature_scales_final_layer)
         self.z_proj = nn.Linear(condition_dim, width)
         self.noise_embed = nn.Linear(noise_dim, width)
-        self.blocks = nn.ModuleList([_AdaLNBlock(width, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([_AdaLNBlock(width, mlp_ratio, block_norm_affine) for _ in range(depth)])
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, token_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # AdaLN-Zero: every block starts as the identity, and the head's first output is 0.
+        for layer in [block.modulation[1] for block in self.blocks] + [self.final_modulation[1], self.out]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     @property
     def noise_shape(self) -> tuple[int]:
@@ -135,8 +160,9 @@ class EnergyHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
         Args:
             z: `(M, condition_dim)` backbone hidden vectors.
             noise: `(M, noise_dim)` uniform noise, e.g. from :meth:`draw_noise`.
-            temperature: multiplies only the AdaLN shifts (EAR's inference temperature, 0.7);
-                1.0 in training.
+            temperature: EAR's inference temperature (0.7); 1.0 in training. It multiplies only
+                the blocks' AdaLN shifts (and the final layer's, with
+                `temperature_scales_final_layer`).
 
         Returns:
             `(M, token_channels)` tokens.
@@ -146,7 +172,9 @@ class EnergyHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
         for block in self.blocks:
             x = block(x, cond, temperature)
         shift, scale = self.final_modulation(cond).chunk(2, dim=-1)
-        x = self.final_norm(x) * (1 + scale) + temperature * shift
+        if self.config.temperature_scales_final_layer:
+            shift = temperature * shift
+        x = self.final_norm(x) * (1 + scale) + shift
         return self.out(x)
 
     @torch.no_grad()
@@ -166,18 +194,24 @@ class EnergyHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
         self,
         z: torch.Tensor,
         target: torch.Tensor,
-        num_samples: int = 2,
+        score_batch_mul: int = 1,
         alpha: float = 1.0,
         lambda_: float = 1.0,
-        weight: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Energy-score training loss for targets `(M, C)` given hidden vectors `(M, condition_dim)`.
+        """EAR's energy-score training loss for targets `(M, C)` given hidden vectors `(M, condition_dim)`.
 
-        Draws ``num_samples`` samples per target in one batched forward (EAR uses 2 per
-        estimate) and scores them with :func:`energy_score_loss`.
+        As the authors' ``ScoreLoss``: targets and ``z`` are repeated ``score_batch_mul`` times,
+        each copy gets two head samples (one batched forward), and :func:`energy_score_loss`
+        averages over all copies.
+
+        Args:
+            noise: optional `(2 * score_batch_mul * M, noise_dim)` head noise, rows ordered
+                (sample, copy, target) as the authors draw it; drawn from ``generator`` if None.
         """
-        m = z.shape[0]
-        noise = self.draw_noise(num_samples * m, generator, device=z.device, dtype=z.dtype)
-        samples = self(z.repeat(num_samples, 1), noise).view(num_samples, m, -1)
-        return energy_score_loss(samples, target, alpha=alpha, lambda_=lambda_, weight=weight)
+        rows = score_batch_mul * z.shape[0]
+        if noise is None:
+            noise = self.draw_noise(2 * rows, generator, device=z.device, dtype=z.dtype)
+        samples = self(z.repeat(2 * score_batch_mul, 1), noise).view(2, rows, -1)
+        return energy_score_loss(samples, target.repeat(score_batch_mul, 1), alpha=alpha, lambda_=lambda_)

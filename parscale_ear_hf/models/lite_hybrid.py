@@ -19,7 +19,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from ..saving import AtomicSaveMixin
-from ._checks import StrictLoadingMixin, check_divisible, check_int
+from ._checks import StrictLoadingMixin, check_bool, check_divisible, check_int
 
 
 class LiteHybrid(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
@@ -55,9 +55,8 @@ class LiteHybrid(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
             # tensors and writes no weights file for an empty model: keep one constant.
             self.register_buffer("identity_marker", torch.zeros(()))
         check_divisible("LiteHybrid", "hidden_dim", hidden_dim, num_heads, "num_heads")
-        for name in ("use_coarse", "use_fine"):
-            if not isinstance(locals()[name], bool):
-                raise ValueError(f"LiteHybrid: `{name}` must be True or False, got {locals()[name]!r}.")
+        check_bool("LiteHybrid", "use_coarse", use_coarse)
+        check_bool("LiteHybrid", "use_fine", use_fine)
 
         if use_coarse:
             self.coarse_in = nn.Linear(in_channels, hidden_dim)

@@ -8,7 +8,9 @@ else in JSON, and loading refuses any folder that holds other files than the one
     model.safetensors       the unwrapped model's state dict
     optimizer.safetensors   the optimizer's per-parameter tensors, keys "<param index>.<name>"
     optimizer.json          its per-parameter non-tensor values and its param_groups
-    scheduler.json          the LR scheduler's state dict (numbers; LambdaLR's functions are never saved)
+    scheduler.json          an LR scheduler's state dict, when the run has one (numbers; LambdaLR's
+                            functions are never saved); generator training has none, its lr is a
+                            function of the step and the flags (``training/recipe.py``)
     ema.safetensors         the EMA's shadow parameters, keys "<index>"
     ema.json                the EMA's scalars (decay, optimization_step, ...)
 
@@ -174,6 +176,15 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     for key, tensor in load_file(folder / "optimizer.safetensors").items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = tensor
+    # The state is keyed by position across the groups: other groups of the same sizes would give
+    # each parameter another one's moments without an error from torch.
+    saved_groups = [(g.get("name"), len(g["params"])) for g in saved["param_groups"]]
+    groups = [(g.get("name"), len(g["params"])) for g in optimizer.param_groups]
+    if saved_groups != groups:
+        raise ValueError(
+            f"checkpoint {os.fspath(folder)!r}: its optimizer has the parameter groups {saved_groups} (name, size), "
+            f"this run's has {groups}; resume with the groups it was trained with (e.g. the same --param-groups)."
+        )
     # JSON has no tuples; torch's optimizers keep e.g. AdamW's betas as one.
     groups = [
         {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}

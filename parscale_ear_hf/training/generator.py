@@ -9,41 +9,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from ..models._checks import check_float, check_int
 from ..models.ear_training import EARTrainingModel
 from ..models.ear_transformer import EARTransformer
 from ..models.energy_head import EnergyHead
 from ..models.lite_hybrid import LiteHybrid
-
-
-def param_groups(model: nn.Module, lr: float, head_lr_scale: float = 0.25, weight_decay: float = 0.02) -> list[dict]:
-    """AdamW groups: the head at ``head_lr_scale * lr`` (EAR: 0.25; without it training collapses);
-    no weight decay on biases, norms and embeddings."""
-    groups = {(h, d): [] for h in (False, True) for d in (False, True)}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_head = name.startswith("energy_head.")
-        decay = param.dim() >= 2 and "embedding" not in name and "prefix" not in name and "token" not in name
-        groups[(is_head, decay)].append(param)
-    return [
-        {
-            "params": params,
-            "lr": lr * (head_lr_scale if is_head else 1.0),
-            "weight_decay": weight_decay if decay else 0.0,
-        }
-        for (is_head, decay), params in groups.items()
-        if params
-    ]
-
+from . import recipe
 
 # ---------------------------------------------------------------------------------------------
 # The training loop: `examples/train_ear.py` and `parscale-ear train` parse these arguments and
@@ -67,34 +46,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--parscale-n", type=int, default=None, help="number of ParScale streams P")
     model.add_argument("--no-coarse", action="store_true", help="LiteHybrid without its coarse branch")
     model.add_argument("--no-fine", action="store_true", help="LiteHybrid without its fine branch")
-    optim = parser.add_argument_group("optimisation (EAR recipe defaults)")
-    optim.add_argument("--max-steps", type=int, required=True, help="optimizer updates")
-    optim.add_argument(
-        "--batch-size", type=int, default=64, help="images per micro-step over all processes (as in train_vae.py)"
-    )
-    optim.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    optim.add_argument("--lr", type=float, default=8e-4, help="backbone learning rate (EAR: 8e-4 at batch 2048)")
-    optim.add_argument(
-        "--head-lr-scale", type=float, default=0.25, help="energy head lr = lr * this (EAR: 0.25; 0 freezes the head)"
-    )
-    optim.add_argument("--weight-decay", type=float, default=0.02)
-    optim.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up, then constant (EAR)")
-    optim.add_argument("--grad-clip", type=float, default=3.0, help="max gradient norm (0 disables clipping)")
-    optim.add_argument("--ema-decay", type=float, default=0.9999)
-    optim.add_argument("--energy-lambda", type=float, default=1.0, help="repulsion weight in [0, 1] (EAR: 0.99 late)")
-    optim.add_argument("--num-head-samples", type=int, default=2, help="head samples per target token (>= 2)")
+    recipe.add_arguments(parser)
     run_args = parser.add_argument_group("runtime")
     run_args.add_argument("--seed", type=int, default=0)
-    run_args.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="bf16 on GPU")
+    run_args.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        default="no",
+        help="autocast: bf16 (GPU or CPU), or fp16 with a gradient scaler (GPU only; EAR's)",
+    )
     run_args.add_argument("--cpu", action="store_true", help="force CPU (gloo between processes)")
     run_args.add_argument("--checkpoint-every", type=int, default=500)
     run_args.add_argument("--keep-checkpoints", type=int, default=2)
     run_args.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     run_args.add_argument("--log-every", type=int, default=10)
     run_args.add_argument("--sample-every", type=int, default=0, help="sample grid every N steps (0: only at the end)")
-    run_args.add_argument(
-        "--sample-steps", type=int, default=16, help="autoregressive steps of the sample grids (at most the tokens)"
-    )
+    run_args.add_argument("--sample-steps", type=int, default=16, help="autoregressive steps of the sample grids")
     run_args.add_argument("--sample-guidance", type=float, default=3.0, help="CFG scale of the sample grids (>= 1)")
     return parser
 
@@ -140,21 +107,18 @@ def build_components(model_config: dict, info: dict, args) -> tuple[LiteHybrid, 
 
 def _validate(args) -> None:
     """The checks that need only the flags; the ones that need the latent cache follow its reading in :func:`run`."""
-    for name in (
-        "max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "log_every",
-        "sample_steps",
-    ):  # fmt: skip
+    recipe.check_flags(args)
+    for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_steps"):
         check_int("train", f"--{name.replace('_', '-')}", getattr(args, name))
-    for name in ("warmup_steps", "sample_every", "seed"):
+    for name in ("sample_every", "seed"):
         check_int("train", f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
-    # The energy score needs two head samples per target for its repulsive term.
-    check_int("train", "--num-head-samples", args.num_head_samples, minimum=2)
-    check_float("train", "--lr", args.lr, 1e-12, 10.0)
-    check_float("train", "--ema-decay", args.ema_decay, 0.0, 1.0)
-    check_float("train", "--energy-lambda", args.energy_lambda, 0.0, 1.0)
-    for name in ("head_lr_scale", "weight_decay", "grad_clip"):
-        check_float("train", f"--{name.replace('_', '-')}", getattr(args, name), 0.0, math.inf)
     check_float("train", "--sample-guidance", args.sample_guidance, 1.0, math.inf)
+    # accelerate would quietly train in fp32 on a CPU: no fp16 autocast and no gradient scaler there.
+    if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
+        raise ValueError(
+            "train: `--mixed-precision` fp16 needs a CUDA GPU (autocast with a gradient scaler), got 'fp16' on CPU; "
+            "use bf16 or no."
+        )
 
 
 def run(args: argparse.Namespace) -> EARTrainingModel:
@@ -163,8 +127,6 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     Returns the trained model (the live weights; the saved pipeline holds the EMA weights).
     """
     from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     from ..data import batch_indices, derived_seed
@@ -191,17 +153,12 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     with open(args.model_config, encoding="utf-8") as f:
         model_config = json.load(f)
     dataset, info = load_latent_cache(args.latents)
-    tokens = info["grid_size"] ** 2
-    if args.sample_steps > tokens:
-        raise ValueError(
-            f"train: `--sample-steps` must be at most the {tokens} tokens of the latent cache {args.latents!r} "
-            f"(a {info['grid_size']}x{info['grid_size']} grid), got {args.sample_steps}."
-        )
     if args.batch_size > len(dataset):
         raise ValueError(
             f"train: `--batch-size` must be at most the {len(dataset)} examples of the latent cache {args.latents!r}, "
             f"got {args.batch_size}."
         )
+    schedule = recipe.resolve(args, len(dataset))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -217,46 +174,57 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     torch.manual_seed(args.seed)
     lite_hybrid, transformer, energy_head = build_components(model_config, info, args)
     model = EARTrainingModel(
-        lite_hybrid, transformer, energy_head, num_head_samples=args.num_head_samples, energy_lambda=args.energy_lambda
+        lite_hybrid, transformer, energy_head, score_batch_mul=args.score_batch_mul, energy_lambda=args.energy_lambda
     )
-    optimizer = torch.optim.AdamW(
-        param_groups(model, args.lr, args.head_lr_scale, args.weight_decay), lr=args.lr, betas=(0.9, 0.95)
-    )
-    # Stepped by hand once per update: accelerate's prepared scheduler steps once per process.
-    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
-    ema = EMAModel(model.parameters(), decay=args.ema_decay)
+    groups = recipe.param_groups(model, args.param_groups, args.head_lr_scale, args.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=tuple(args.adam_betas))
+    ema = recipe.make_ema(model.parameters(), args.ema_decay, warmup=args.ema_warmup)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema}
+    parts = {"model": model, "optimizer": optimizer, "ema": ema}
 
     log = JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
+    # `parscale-ear train` puts its handler function in the namespace (`set_defaults(func=...)`).
+    this_run = {
+        "args": {k: v for k, v in vars(args).items() if not callable(v)},
+        "resolved": dataclasses.asdict(schedule),
+    }
     start_step = 0
     if resume_from is not None:
-        start_step = load_checkpoint(accelerator, resume_from, **parts)["step"]
+        with recipe.flags_win(optimizer, ema):
+            start_step = load_checkpoint(accelerator, resume_from, **parts)["step"]
         log.truncate_after(start_step)
-        accelerator.print(f"resumed from {resume_from} at step {start_step}")
-    elif accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        log.path.unlink(missing_ok=True)
-        # `parscale-ear train` puts its handler function in the namespace (`set_defaults(func=...)`).
-        run_args = {k: v for k, v in vars(args).items() if not callable(v)}
-        write_json_atomic(
-            output_dir / "run_config.json", {"args": run_args, "model_config": model_config, "latent_cache": info}
+        accelerator.print(
+            f"resumed from {resume_from} at step {start_step}: lr {schedule.lr_at(start_step):.3g} "
+            f"(peak {schedule.lr:.3g}), energy lambda {args.energy_lambda}"
         )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config_path = output_dir / "run_config.json"
+        run_config = {**this_run, "model_config": model_config, "latent_cache": info}
+        if resume_from is None:
+            log.path.unlink(missing_ok=True)
+        elif config_path.is_file():  # each resume adds its flags: EAR's second phase is a resume with new ones
+            run_config = json.loads(config_path.read_text(encoding="utf-8"))
+            earlier = [r for r in run_config.get("resumes", []) if r["step"] < start_step]
+            run_config["resumes"] = [*earlier, {"step": start_step, **this_run}]
+        write_json_atomic(config_path, run_config)
 
     per_rank = args.batch_size // world
     scale, shift = info["scaling_factor"], info["shift_factor"]
     hflip = bool(info.get("hflip"))
     progress = tqdm(
-        range(start_step, args.max_steps),
+        range(start_step, schedule.max_steps),
         initial=start_step,
-        total=args.max_steps,
+        total=schedule.max_steps,
         disable=not accelerator.is_main_process,
         desc="train",
     )
     start_time = time.perf_counter()
     for step in progress:
         model.train()
+        lr = schedule.lr_at(step)
+        recipe.set_lr(optimizer, lr)
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(args.gradient_accumulation_steps):
             seed = derived_seed(args.seed, step, micro, rank)
@@ -281,21 +249,21 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / args.gradient_accumulation_steps
-        scheduler.step()
         ema.step(unwrapped.parameters())
         step_loss = accelerator.reduce(step_loss, reduction="mean").item()
         done = step + 1
         progress.set_postfix(loss=f"{step_loss:.4f}")
-        if done % args.log_every == 0 or done == args.max_steps or done == start_step + 1:
+        if done % args.log_every == 0 or done == schedule.max_steps or done == start_step + 1:
             log.write(
                 {
                     "step": done,
                     "loss": step_loss,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr,  # of this update, before the groups' scales (the head's: lr * --head-lr-scale)
+                    "energy_lambda": args.energy_lambda,
                     "seconds": round(time.perf_counter() - start_time, 3),
                 }
             )
-        if done % args.checkpoint_every == 0 or done == args.max_steps:
+        if done % args.checkpoint_every == 0 or done == schedule.max_steps:
             save_checkpoint(
                 accelerator, checkpoint_dir, done, {"log": str(log.path)}, **parts, keep=args.keep_checkpoints
             )
