@@ -102,7 +102,7 @@ def test_precision_recall_match_brute_force(monkeypatch):
     assert precision == pytest.approx(brute(real, fake))
     assert recall == pytest.approx(brute(fake, real))
     assert 0 < recall < 1 and 0 < precision < 1
-    monkeypatch.setattr(ev, "_block_rows", lambda other: 7)  # many blocks, a ragged last one
+    monkeypatch.setattr(ev.metrics, "_block_rows", lambda other: 7)  # many blocks, a ragged last one
     assert ev.precision_recall(real, fake) == (precision, recall)
     assert ev.precision_recall(real, real) == (1.0, 1.0)
     assert ev.precision_recall(real, real + 100) == (0.0, 0.0)

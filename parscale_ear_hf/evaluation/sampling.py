@@ -1,0 +1,174 @@
+"""The sample-and-extract loop: a pipeline's samples, turned into features batch by batch, then scored.
+
+Sample ``i`` has class ``i % num_classes`` (:func:`sample_labels`) and its own generator seeded by
+``derived_seed(seed, i)``; batch ``k`` holds samples ``[k * batch_size, (k+1) * batch_size)`` and belongs to
+process ``k % world_size``. :func:`generate_features` saves every finished batch to ``<output_dir>/parts/``
+(:func:`part_path`, atomically) before the next starts, so a killed run resumes; :func:`check_run_config`
+refuses to resume with other settings (:func:`weights_fingerprint` among them). :func:`collect_features`
+gathers the parts (each index exactly once), :func:`compute_metrics` scores them against a reference, and
+:func:`write_adm_npz` assembles ADM's sample file from the PNGs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+from ..data import derived_seed
+from .extractors import FeatureExtractor, to_uint8
+from .metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from .reference import Reference, _atomic_savez
+
+
+def sample_labels(num_classes: int, images_per_class: int) -> np.ndarray:
+    """Class of each sample: ``i % num_classes``, so any consecutive run (a batch, an IS split) is balanced."""
+    return np.arange(num_classes * images_per_class) % num_classes
+
+
+def part_path(output_dir: str | os.PathLike, batch_index: int) -> Path:
+    return Path(output_dir) / "parts" / f"batch-{batch_index:06d}.npz"
+
+
+def weights_fingerprint(*modules: torch.nn.Module) -> str:
+    """sha256 of the modules' parameters and buffers: partial features are reused only for the same weights."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_run_config(output_dir: str | os.PathLike, config: dict) -> None:
+    """Write the evaluation's defining settings to `eval_config.json`, or check that the partial
+    features already in `output_dir` were made with the same ones (then the run resumes). A folder
+    with no features yet takes the new settings."""
+    path = Path(output_dir) / "eval_config.json"
+    if path.is_file() and any((Path(output_dir) / "parts").glob("batch-*.npz")):
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+        if changed:
+            detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(changed.items()))
+            raise ValueError(
+                f"{os.fspath(output_dir)!r} holds partial features of another evaluation ({detail}); use a new "
+                "--output-dir, or the same settings to resume."
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def generate_features(
+    pipe,
+    extractor: FeatureExtractor,
+    *,
+    images_per_class: int,
+    output_dir: str | os.PathLike,
+    batch_size: int = 50,
+    seed: int = 0,
+    sampling: dict | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    png_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> int:
+    """Generate this process's batches and save their features to ``<output_dir>/parts/``.
+
+    Batch `k` (samples ``k * batch_size`` ...) belongs to process ``k % world_size``; batches whose
+    part file exists are skipped (resume). Returns how many batches this call generated.
+
+    Args:
+        pipe: a :class:`~parscale_ear_hf.ParScaleEARPipeline`; `sampling` holds its keyword
+            arguments (`num_inference_steps`, `guidance_scale`, `guidance_schedule`, `temperature`).
+        png_dir: also write sample ``i`` to ``<png_dir>/<i:06d>.png`` (for ADM's evaluator).
+    """
+    labels = sample_labels(pipe.transformer.config.num_classes, images_per_class)
+    num_batches = -(-len(labels) // batch_size)
+    mine = [k for k in range(rank, num_batches, world_size) if not part_path(output_dir, k).is_file()]
+    done = 0
+    for k in tqdm(mine, desc=f"sampling (rank {rank})", disable=not progress):
+        indices = np.arange(k * batch_size, min((k + 1) * batch_size, len(labels)))
+        # CPU generators: the same samples on any device count and device type.
+        generators = [torch.Generator().manual_seed(derived_seed(seed, int(i))) for i in indices]
+        images = pipe(labels[indices].tolist(), generator=generators, output_type="pt", **(sampling or {})).images
+        images = to_uint8(images)
+        features, logits = extractor(images)
+        if png_dir is not None:
+            Path(png_dir).mkdir(parents=True, exist_ok=True)
+            for i, image in zip(indices, images.permute(0, 2, 3, 1).cpu().numpy()):
+                PIL.Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
+                    Path(png_dir) / f"{i:06d}.png"
+                )
+        _atomic_savez(
+            part_path(output_dir, k),
+            indices=indices,
+            labels=labels[indices],
+            features=features.numpy(),
+            logits=logits.numpy(),
+        )
+        done += 1
+    return done
+
+
+def collect_features(output_dir: str | os.PathLike, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All parts -> `(features (N, D), logits (N, K), labels (N,))` in sample order; raises when a
+    sample is missing or appears twice."""
+    parts = sorted((Path(output_dir) / "parts").glob("batch-*.npz"))
+    loaded = [np.load(p) for p in parts]
+    indices = np.concatenate([p["indices"] for p in loaded]) if loaded else np.zeros(0, int)
+    if len(indices) != num_samples or not np.array_equal(np.sort(indices), np.arange(num_samples)):
+        raise RuntimeError(
+            f"collect_features: {os.fspath(output_dir)}/parts holds {len(indices)} samples "
+            f"({len(np.unique(indices))} distinct), expected each of 0..{num_samples - 1} once; rerun to resume."
+        )
+    order = np.argsort(indices)
+    stack = {key: np.concatenate([p[key] for p in loaded])[order] for key in ("features", "logits", "labels")}
+    return stack["features"], stack["logits"], stack["labels"]
+
+
+def compute_metrics(
+    features: np.ndarray,
+    logits: np.ndarray,
+    reference: Reference,
+    extractor: FeatureExtractor,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """FID against `reference`, Inception Score of `logits`, and precision / recall when the reference
+    has features; keys carry the extractor's prefix (``demo_fid`` for the stand-in)."""
+    mu, sigma = feature_statistics(features)
+    p = extractor.metric_prefix
+    is_mean, is_std = inception_score(logits)
+    metrics = {f"{p}fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), f"{p}is": is_mean}
+    metrics[f"{p}is_std"] = is_std
+    if reference.features is not None:
+        metrics[f"{p}precision"], metrics[f"{p}recall"] = precision_recall(reference.features, features, device=device)
+    return metrics
+
+
+def write_adm_npz(png_dir: str | os.PathLike, path: str | os.PathLike, num_samples: int) -> None:
+    """PNG samples ``000000.png`` ... -> ADM's sample file (an .npz with `arr_0` `(N, H, W, 3)` uint8),
+    written image by image into the zip, so the N images are never all in memory."""
+    png_dir, path = Path(png_dir), Path(path)
+    first = np.asarray(PIL.Image.open(png_dir / f"{0:06d}.png").convert("RGB"))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
+    header["shape"] = (num_samples, *first.shape)
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, header)
+            for i in range(num_samples):
+                image = np.asarray(PIL.Image.open(png_dir / f"{i:06d}.png").convert("RGB"))
+                if image.shape != first.shape:
+                    raise ValueError(f"write_adm_npz: {i:06d}.png is {image.shape}, the first sample {first.shape}.")
+                f.write(np.ascontiguousarray(image).tobytes())
+    os.replace(tmp, path)
