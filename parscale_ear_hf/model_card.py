@@ -48,6 +48,10 @@ METRIC_LABELS = {
     "precision": "Precision",
     "recall": "Recall",
     "rfid": "reconstruction FID (VAE)",
+    "sfid": "sFID (spatial features)",
+    "rsfid": "reconstruction sFID (VAE)",
+    "rprecision": "Precision of the reconstructions (VAE)",
+    "rrecall": "Recall of the reconstructions (VAE)",
 }
 DEMO_PREFIX = DigitFeatureExtractor.metric_prefix
 
@@ -91,8 +95,10 @@ def metric_name(key: str) -> str:
 
 
 def _label(key: str) -> str:
-    if key.startswith("fid_real_"):  # run_reconstruction's floor: real images of another split
-        return f"FID of real {key[len('fid_real_') :]} images (the sampling-noise floor)"
+    for metric in ("fid", "sfid", "precision", "recall"):
+        if key.startswith(f"{metric}_real_"):  # run_reconstruction's floor: real images of another split
+            split = key[len(f"{metric}_real_") :]
+            return f"{METRIC_LABELS[metric]} of real {split} images (the sampling-noise floor)"
     return METRIC_LABELS.get(key, key)
 
 

@@ -3,6 +3,7 @@
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +111,32 @@ def tree_hashes(folder) -> dict:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def frechet_by_eigh(a, b) -> float:
+    """The Frechet distance of two feature sets (rows), written out here: float64 statistics, then
+    Tr((s1^1/2 s2 s1^1/2)^1/2) through symmetric eigendecompositions."""
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = linalg.eigvalsh(root1 @ s2 @ root1)
+    return ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+
+
+def torch_fidelity_state_dict(model) -> dict:
+    """Our weights in torch-fidelity's layout (its module names, BatchNorm2d keys with gamma = 1) plus
+    a random 2048 -> 1008 classifier, as torch-fidelity's .pth holds one."""
+    ours, state_dict = model.state_dict(), {}
+    for name, theirs in model.torch_fidelity_names().items():
+        state_dict[f"{theirs}.conv.weight"] = ours[f"{name}.weight"]
+        state_dict[f"{theirs}.bn.weight"] = torch.ones_like(ours[f"{name}.beta"])
+        state_dict[f"{theirs}.bn.bias"] = ours[f"{name}.beta"]
+        state_dict[f"{theirs}.bn.running_mean"] = ours[f"{name}.mean"]
+        state_dict[f"{theirs}.bn.running_var"] = ours[f"{name}.var"]
+    generator = torch.Generator().manual_seed(0)
+    state_dict["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.01
+    state_dict["fc.bias"] = torch.randn(1008, generator=generator)
+    return state_dict

