@@ -21,10 +21,12 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from . import bench_sampling
 from .info import count_parameters
 from .models import DiffusionHead, EARTransformer, EnergyHead, LiteHybrid, LiteVAE
 
@@ -427,13 +429,18 @@ def check_targets(results: dict) -> dict:
     return checked
 
 
-SECTIONS = ("components", "full_image", "heads", "vae", "hybrid", "matmul", "batch", "parscale", "dit")
+SECTIONS = ("components", "full_image", "heads", "vae", "hybrid", "matmul", "batch", "parscale", "dit",
+            "reference", "cache", "quality")  # fmt: skip
+# Sampling speed and quality (bench_sampling.py): long, so run only when named.
+ON_REQUEST = ("reference", "cache", "quality")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", choices=("cpu", "gpu"), default=None, help="default: by --device")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None, help="default: all of the profile")
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=None, help=f"default: all but {', '.join(ON_REQUEST)}"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=30.0, help="fewer repeats when one call is this slow")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (GPU)")
@@ -442,7 +449,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--demo-model", default="models/mnist_demo", help="the cpu profile's batch-scaling model")
     parser.add_argument("--output", default=None, help="results JSON (default: results/benchmark_<profile>.json)")
-    return parser
+    return bench_sampling.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -469,8 +476,9 @@ def run(args: argparse.Namespace) -> dict:
             bench, dict(EARTransformer().config) if gpu else SMALL_TRANSFORMER, (1, 32), (1, 2, 4, 8)
         ),
         "dit": lambda: bench_dit(bench),
+        **{section: partial(bench_sampling.run_section, section, bench, args) for section in ON_REQUEST},
     }
-    sections = args.sections or list(SECTIONS)
+    sections = args.sections or [section for section in SECTIONS if section not in ON_REQUEST]
     output = Path(args.output or f"results/benchmark_{profile}.json")
     previous = load_results(output) or {}
     measured = dict(previous.get("measurements", {}))
@@ -491,11 +499,14 @@ def run(args: argparse.Namespace) -> dict:
             "dtype": str(dtype),
             "measurements": measured,
             "targets": check_targets(measured),
+            "sampling_targets": bench_sampling.check_targets(measured),
             "section_provenance": section_provenance,
         }
         # Written after every section, so a failure later keeps what was measured.
         record = write_results(output, payload)
     print(write_reports(output))
+    if bench_sampling.write_report(output) is not None:
+        print("\n".join(bench_sampling.target_lines(record["sampling_targets"])))
     return record
 
 

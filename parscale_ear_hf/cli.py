@@ -81,6 +81,47 @@ def check_sampling_flags(owner: str, steps: int | None, guidance: float, tempera
     check_float(owner, "--temperature", temperature, 0.0, math.inf)
 
 
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of :class:`~parscale_ear_hf.SamplingCache` (LazyMAR's caches); see :func:`cache_from_args`."""
+    cache = parser.add_argument_group(
+        "sampling caches (LazyMAR's; not exact): without --token-cache or --condition-cache sampling is exact; "
+        "unset values are SamplingCache's defaults"
+    )
+    cache.add_argument("--token-cache", action="store_true", help="recompute only the positions that changed")
+    cache.add_argument(
+        "--token-share", type=float, default=None, help="with --token-cache: share of other positions recomputed"
+    )
+    cache.add_argument("--condition-cache", action="store_true", help="reuse the guidance residual between refreshes")
+    cache.add_argument("--cache-refresh-every", type=int, default=None, help="a full pass every this many steps")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the backbone step (pipe.enable_compiled_step())"
+    )
+
+
+def cache_from_args(owner: str, args: argparse.Namespace):
+    """The :class:`~parscale_ear_hf.SamplingCache` of the flags of :func:`add_cache_arguments`, or None
+    (exact sampling); refuses flags that would do nothing."""
+    from .pipeline_parscale_ear import SamplingCache
+
+    if args.token_share is not None and not args.token_cache:
+        raise ValueError(f"{owner}: --token-share is the token cache's; add --token-cache, or leave it out.")
+    if not (args.token_cache or args.condition_cache):
+        if args.cache_refresh_every is not None:
+            raise ValueError(
+                f"{owner}: --cache-refresh-every paces the sampling caches; add --token-cache and/or "
+                "--condition-cache, or leave it out (exact sampling)."
+            )
+        return None
+    fields = {"token_cache": args.token_cache, "condition_cache": args.condition_cache}
+    if args.token_share is not None:
+        check_float(owner, "--token-share", args.token_share, 0.0, 1.0)
+        fields["token_share"] = args.token_share
+    if args.cache_refresh_every is not None:
+        check_int(owner, "--cache-refresh-every", args.cache_refresh_every, 1)
+        fields["refresh_every"] = args.cache_refresh_every
+    return SamplingCache(**fields)
+
+
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--labels", nargs="+", default=None, help="class ids or names (default: the first 10 classes)")
@@ -92,6 +133,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--output", default="outputs/grid.png", help="PNG grid, or a folder with --no-grid")
     parser.add_argument("--no-grid", action="store_true", help="write one PNG per image into --output (a folder)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_cache_arguments(parser)
     return parser
 
 
@@ -101,7 +143,10 @@ def generate(args: argparse.Namespace) -> list[PIL.Image.Image]:
 
     check_sampling_flags("generate", args.steps, args.guidance, args.temperature)
     check_int("generate", "--images-per-class", args.images_per_class)
+    cache = cache_from_args("generate", args)
     pipe = ParScaleEARPipeline.from_pretrained(args.model).to(args.device)
+    if args.compile:
+        pipe.enable_compiled_step()
     num_classes = pipe.transformer.config.num_classes
     labels = [int(x) if x.lstrip("-").isdigit() else x for x in args.labels or []] or list(range(min(10, num_classes)))
     steps = min(64, pipe.grid_size**2) if args.steps is None else args.steps
@@ -115,6 +160,7 @@ def generate(args: argparse.Namespace) -> list[PIL.Image.Image]:
         temperature=args.temperature,
         generator=generators,
         num_images_per_class=args.images_per_class,
+        cache=cache,
     ).images
     seconds = time.perf_counter() - start
     ids = [i for i in pipe.class_ids(labels) for _ in range(args.images_per_class)]
@@ -130,7 +176,8 @@ def generate(args: argparse.Namespace) -> list[PIL.Image.Image]:
         labelled_grid([images[k] for k in by_row], [names[k] for k in by_row], columns=len(labels)).save(args.output)
     print(
         f"wrote {args.output}: {len(images)} images of classes {labels}, {steps} steps, guidance {args.guidance}, "
-        f"temperature {args.temperature}, seed {args.seed}, {seconds:.2f} s on {args.device}"
+        f"temperature {args.temperature}, seed {args.seed}, {'cache ' + str(cache) if cache else 'exact'}"
+        f"{', compiled' if args.compile else ''}, {seconds:.2f} s on {args.device}"
     )
     return images
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
+import torch
 
-from parscale_ear_hf import ParScaleEARPipeline, cli
+from parscale_ear_hf import ParScaleEARPipeline, SamplingCache, cli
 from parscale_ear_hf.cli import main, run_script
 from parscale_ear_hf.info import component_parameter_counts
 
@@ -181,6 +182,10 @@ def test_example_script_prints_one_line(saved, tmp_path):
         (["--temperature", "-1"], "`--temperature` must be a finite number >= 0.0, got -1.0"),
         (["--temperature", "nan"], "`--temperature` must be a finite number >= 0.0, got nan"),
         (["--images-per-class", "0"], "`--images-per-class` must be an integer >= 1, got 0"),
+        (["--token-share", "0.5"], "--token-share is the token cache's; add --token-cache"),
+        (["--cache-refresh-every", "3"], "--cache-refresh-every paces the sampling caches"),
+        (["--token-cache", "--token-share", "2"], r"`--token-share` must be a finite number in \[0.0, 1.0\], got 2.0"),
+        (["--condition-cache", "--cache-refresh-every", "0"], "`--cache-refresh-every` must be an integer >= 1"),
     ],
 )
 def test_generate_refuses_bad_sampling_flags_before_loading(saved, tmp_path, monkeypatch, flags, message):
@@ -190,6 +195,24 @@ def test_generate_refuses_bad_sampling_flags_before_loading(saved, tmp_path, mon
     monkeypatch.setattr(ParScaleEARPipeline, "from_pretrained", must_not_load)
     with pytest.raises(ValueError, match=f"^generate: {message}"):
         main(["--debug", "generate", "--model", str(saved), *flags, "--output", str(tmp_path / "g.png")])
+
+
+def test_generate_with_caches_and_compiled_step(saved, tmp_path, monkeypatch, capsys):
+    seen = {}
+    call = ParScaleEARPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen["cache"], seen["compiled"] = kwargs["cache"], self._compiled_hidden is not None
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(ParScaleEARPipeline, "__call__", spy)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the wiring only: compiling is tested elsewhere
+    argv = ["generate", "--model", str(saved), "--labels", "1", "--steps", "6", "--output", str(tmp_path / "g.png")]
+    main([*argv, "--token-cache", "--token-share", "0.5", "--cache-refresh-every", "3", "--compile"])
+    assert seen == {"cache": SamplingCache(token_share=0.5, condition_cache=False, refresh_every=3), "compiled": True}
+    assert "cache SamplingCache(token_cache=True, token_share=0.5" in capsys.readouterr().out
+    main(argv)
+    assert seen == {"cache": None, "compiled": False}
 
 
 def test_generate_takes_more_steps_than_tokens_as_the_reference_does(saved, tmp_path):

@@ -68,6 +68,7 @@ OURS_ONLY = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from ..cli import add_cache_arguments
     from ..data import add_dataset_arguments
 
     run = parser.add_argument_group("model and samples")
@@ -95,21 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     sample.add_argument("--temperature", type=float, default=None, help=f"default {DEFAULT_TEMPERATURE}")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile: our pipeline's backbone step (pipe.enable_compiled_step()), a DiTPipeline's transformer",
-    )
-    cache = parser.add_argument_group(
-        "sampling caches (LazyMAR's, ParScaleEARPipeline only; not exact): without --token-cache or "
-        "--condition-cache sampling is exact; unset values are SamplingCache's defaults"
-    )
-    cache.add_argument("--token-cache", action="store_true", help="recompute only the positions that changed")
-    cache.add_argument(
-        "--token-share", type=float, default=None, help="with --token-cache: share of other positions recomputed"
-    )
-    cache.add_argument("--condition-cache", action="store_true", help="reuse the guidance residual between refreshes")
-    cache.add_argument("--cache-refresh-every", type=int, default=None, help="a full pass every this many steps")
+    add_cache_arguments(parser)  # --token-cache ... and --compile (a DiTPipeline's transformer: torch.compile)
     feats = parser.add_argument_group("feature extractor")
     feats.add_argument("--extractor", choices=EXTRACTORS, default=None, help=EXTRACTOR_HELP)
     feats.add_argument("--inception-weights", default=None, help=WEIGHTS_HELP)
@@ -128,22 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _check_flags(args) -> None:
     """Check what the flags alone decide, before anything is loaded or written."""
-    from ..cli import check_sampling_flags
-    from ..models._checks import check_float, check_int
+    from ..cli import cache_from_args, check_sampling_flags
+    from ..models._checks import check_int
 
     temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
     check_sampling_flags("eval_fid", args.steps, args.guidance, temperature)
-    if args.token_share is not None:
-        if not args.token_cache:
-            raise ValueError("eval_fid: --token-share is the token cache's; add --token-cache, or leave it out.")
-        check_float("eval_fid", "--token-share", args.token_share, 0.0, 1.0)
-    if args.cache_refresh_every is not None:
-        if not (args.token_cache or args.condition_cache):
-            raise ValueError(
-                "eval_fid: --cache-refresh-every paces the sampling caches; add --token-cache and/or "
-                "--condition-cache, or leave it out (exact sampling)."
-            )
-        check_int("eval_fid", "--cache-refresh-every", args.cache_refresh_every)
+    args.sampling_cache = cache_from_args("eval_fid", args)
     if args.num_samples is not None:
         check_int("eval_fid", "--num-samples", args.num_samples)
     if args.images_per_class is not None:
@@ -191,16 +168,7 @@ def _sampling(args, pipeline_class: str) -> dict:
                 "--seed and --compile)."
             )
         return {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
-    cache = None
-    if args.token_cache or args.condition_cache:
-        from ..pipeline_parscale_ear import SamplingCache
-
-        fields = {"token_cache": args.token_cache, "condition_cache": args.condition_cache}
-        if args.token_share is not None:
-            fields["token_share"] = args.token_share
-        if args.cache_refresh_every is not None:
-            fields["refresh_every"] = args.cache_refresh_every
-        cache = dataclasses.asdict(SamplingCache(**fields))  # its defaults recorded too
+    cache = args.sampling_cache and dataclasses.asdict(args.sampling_cache)  # its defaults recorded too
     return {
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
