@@ -349,6 +349,8 @@ def point_row(record: dict, results_file: str) -> dict:
         "sfid": inception.get("sfid"),
         "demo_fid": digit.get("demo_fid"),
         "seconds_per_image": record.get("seconds_per_image"),
+        "images_per_class": record["settings"].get("images_per_class"),
+        "seed": record["settings"].get("seed"),
         "results_file": results_file,
     }
 
@@ -790,6 +792,14 @@ def quality_table(m: dict) -> list[str]:
             f"| real `{floor['real_split']}` images (floor) | - | - | {_fmt(floor.get('fid_real'), '.4g')} | "
             f"{_fmt(floor.get('sfid_real'), '.4g')} | {_fmt(floor.get('demo_fid_real'), '.4g')} | - | - |"
         )
+    first = next(iter(points.values()))
+    lines += [
+        "",
+        f"{first.get('images_per_class', '?')} samples per class for every point, all from sampling seed "
+        f"{first.get('seed', '?')} (the same orders and noise for exact and cached): **one seed, no seed-to-seed "
+        "spread**, so a difference of a few percent between two rows may be noise. Seconds per image: the eval's "
+        "median over its batches of the pipeline calls alone (decoding included, feature extraction not).",
+    ]
     dit = m.get("quality/dit_status", {})
     if "absent" in dit:
         lines += ["", f"DiTPipeline: absent ({dit['absent']})."]

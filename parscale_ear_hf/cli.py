@@ -4,7 +4,8 @@ parscale-ear prepare-data --output data/mnist_demo
 parscale-ear train-vae --help
 parscale-ear cache-latents --vae outputs/vae_mnist/vae --dataset data/mnist_demo --output-dir outputs/latents_mnist
 parscale-ear train --latents data/latents --model-config cfg.json --output-dir runs/x --max-steps 1000
-parscale-ear generate --model models/mnist_demo --labels 0 1 2 --output grid.png
+parscale-ear train-dit --latents data/latents --output-dir runs/dit --max-steps 1000   # the DiT baseline
+parscale-ear generate --model models/mnist_demo --labels 0 1 2 --output grid.png [--token-cache --condition-cache]
 parscale-ear info --model models/mnist_demo
 parscale-ear eval --help
 parscale-ear card --model models/mnist_demo --results results/eval/mnist_demo.json
