@@ -31,6 +31,18 @@ def diffusion_head_pipeline():
     return pipe
 
 
+def full_pass_rows(pipe, monkeypatch) -> list:
+    """The batch rows of every full backbone pass (`transformer.forward`) from now on."""
+    rows, original = [], pipe.transformer.forward
+
+    def spy(tokens, labels, mask, cache=None):
+        rows.append(tokens.shape[0])
+        return original(tokens, labels, mask, cache)
+
+    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    return rows
+
+
 def test_both_caches_off_is_bit_identical_to_exact_sampling(pipe):
     exact = run(pipe)
     assert torch.equal(run(pipe, cache=SamplingCache(token_cache=False, condition_cache=False)), exact)
@@ -108,14 +120,7 @@ def test_token_cache_recomputes_only_the_chosen_positions(pipe, monkeypatch):
 
 
 def test_condition_cache_skips_the_unconditional_pass_between_refreshes(pipe, monkeypatch):
-    rows = []
-    original = pipe.transformer.forward
-
-    def spy(tokens, labels, mask, cache=None):
-        rows.append(tokens.shape[0])
-        return original(tokens, labels, mask, cache)
-
-    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    rows = full_pass_rows(pipe, monkeypatch)
     run(pipe, labels=(1, 2), steps=8, cache=SamplingCache(token_cache=False, refresh_every=4))
     # A refresh (steps 0 and 4) runs both passes (2 + 2 rows), the other steps the conditional one only.
     assert rows == [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
@@ -138,17 +143,11 @@ def test_image_is_the_same_alone_or_inside_a_batch_with_caches(parscale_n):
 
 
 def test_a_callback_with_new_tokens_refreshes_the_caches(pipe, monkeypatch):
-    rows = []
-    original = pipe.transformer.forward
-
-    def spy(tokens, labels, mask, cache=None):
-        rows.append(tokens.shape[0])
-        return original(tokens, labels, mask, cache)
+    rows = full_pass_rows(pipe, monkeypatch)
 
     def replace_at_step_1(pipe_, step, timestep, tensors):
         return {"tokens": tensors["tokens"].clone()} if step == 1 else tensors
 
-    monkeypatch.setattr(pipe.transformer, "forward", spy)
     run(
         pipe,
         labels=(1,),
