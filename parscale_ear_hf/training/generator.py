@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..models._checks import check_float, check_int
+from ..models.diffusion_head import DiffusionHead
 from ..models.ear_training import EARTrainingModel
 from ..models.ear_transformer import EARTransformer
 from ..models.energy_head import EnergyHead
@@ -38,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data.add_argument(
         "--model-config",
         required=True,
-        help="JSON with {'lite_hybrid': {...}, 'transformer': {...}, 'energy_head': {...}} config fields; "
-        "token channels, grid size and number of classes are taken from the latent cache",
+        help="JSON with {'lite_hybrid': {...}, 'transformer': {...}, 'energy_head': {...}} config fields, or "
+        "'diffusion_head' in place of 'energy_head' (MAR's head, the baseline EAR replaces); token channels, grid "
+        "size and number of classes are taken from the latent cache",
     )
     data.add_argument("--vae", default=None, help="VAE folder for the saved pipeline (default: the cache's VAE)")
     model = parser.add_argument_group("ablations (override the model config)")
@@ -66,8 +68,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def build_components(model_config: dict, info: dict, args) -> tuple[LiteHybrid, EARTransformer, EnergyHead]:
-    """Components from the JSON model config, filled in and checked against the latent cache."""
+def build_components(
+    model_config: dict, info: dict, args
+) -> tuple[LiteHybrid, EARTransformer, EnergyHead | DiffusionHead]:
+    """Components from the JSON model config, filled in and checked against the latent cache.
+
+    The token head is an :class:`EnergyHead` (section ``energy_head``, the default) or MAR's
+    :class:`DiffusionHead` (section ``diffusion_head``); a config may name one of them, not both.
+    """
+    if "energy_head" in model_config and "diffusion_head" in model_config:
+        raise ValueError("--model-config: give one token head, 'energy_head' or 'diffusion_head', not both.")
+    head_section = "diffusion_head" if "diffusion_head" in model_config else "energy_head"
     from_data = {
         "lite_hybrid": {"in_channels": info["latent_channels"], "grid_size": info["grid_size"]},
         "transformer": {
@@ -75,11 +86,12 @@ def build_components(model_config: dict, info: dict, args) -> tuple[LiteHybrid, 
             "grid_size": info["grid_size"],
             "num_classes": info["num_classes"],
         },
-        "energy_head": {"token_channels": info["latent_channels"]},
+        head_section: {"token_channels": info["latent_channels"]},
     }
     unknown = set(model_config) - set(from_data)
     if unknown:
-        raise ValueError(f"--model-config: unknown sections {sorted(unknown)}; accepted: {sorted(from_data)}.")
+        accepted = sorted({*from_data, "energy_head", "diffusion_head"})
+        raise ValueError(f"--model-config: unknown sections {sorted(unknown)}; accepted: {accepted}.")
     configs = {}
     for name, data_fields in from_data.items():
         config = dict(model_config.get(name, {}))
@@ -97,11 +109,12 @@ def build_components(model_config: dict, info: dict, args) -> tuple[LiteHybrid, 
         configs["lite_hybrid"]["use_coarse"] = False
     if args.no_fine:
         configs["lite_hybrid"]["use_fine"] = False
-    configs["energy_head"].setdefault("condition_dim", configs["transformer"].get("hidden_size", 768))
+    configs[head_section].setdefault("condition_dim", configs["transformer"].get("hidden_size", 768))
+    head_class = DiffusionHead if head_section == "diffusion_head" else EnergyHead
     return (
         LiteHybrid(**configs["lite_hybrid"]),
         EARTransformer(**configs["transformer"]),
-        EnergyHead(**configs["energy_head"]),
+        head_class(**configs[head_section]),
     )
 
 
@@ -174,7 +187,12 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     torch.manual_seed(args.seed)
     lite_hybrid, transformer, energy_head = build_components(model_config, info, args)
     model = EARTrainingModel(
-        lite_hybrid, transformer, energy_head, score_batch_mul=args.score_batch_mul, energy_lambda=args.energy_lambda
+        lite_hybrid,
+        transformer,
+        energy_head,
+        score_batch_mul=args.score_batch_mul,
+        energy_lambda=args.energy_lambda,
+        diffusion_batch_mul=args.diffusion_batch_mul,
     )
     groups = recipe.param_groups(model, args.param_groups, args.head_lr_scale, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=tuple(args.adam_betas))

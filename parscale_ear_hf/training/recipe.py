@@ -94,11 +94,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="copies of each target, each with its own pair of head samples (EAR's recipe: 2; 1 is one pair)",
     )
+    optim.add_argument(
+        "--diffusion-batch-mul",
+        type=int,
+        default=4,
+        help="with a 'diffusion_head' model config: timesteps drawn per target (MAR's --diffusion_batch_mul, 4)",
+    )
 
 
 def check_flags(args: argparse.Namespace) -> None:
     """The recipe checks that need only the flags (the epoch-based ones follow in :func:`resolve`)."""
-    for name in ("batch_size", "gradient_accumulation_steps", "score_batch_mul"):
+    for name in ("batch_size", "gradient_accumulation_steps", "score_batch_mul", "diffusion_batch_mul"):
         check_int("train", f"--{name.replace('_', '-')}", getattr(args, name))
     for name in ("max_steps", "epochs"):
         if getattr(args, name) is not None:

@@ -1,0 +1,868 @@
+"""The demo-scale evidence grid (`examples/experiments.py`): the method's claims over training seeds.
+
+Each **cell** is one model trained on the demo latents with the same steps, batch and optimiser
+settings; each cell runs once per **seed** (the training seed and the sampling seed both change),
+and each run is scored against the held-out digits:
+
+- A1 / A3, LiteHybrid: ``lh_off`` (plain EAR), ``lh_coarse``, ``lh_fine``, ``lh_both`` (the method);
+- ParScale: ``lh_both`` is P = 1, then ``p2``, ``p4``, beside P = 1 made wider (``p1_wide``) and deeper
+  (``p1_deep``) to about the backbone FLOPs of P = 4;
+- the token head: ``lh_both`` (EAR's energy head) against ``diffusion_head`` (MAR's, same backbone);
+- ``dit``: a diffusers ``DiTTransformer2DModel`` of about the same size on the same latents.
+
+A run is a folder ``<work-dir>/<cell>/seed<k>/`` (training, evaluation features, sample PNGs; git-ignored)
+and a results file ``<results-dir>/<cell>/seed<k>.json`` written after every stage: training (resumed from
+its last checkpoint when killed), parameters and FLOPs, then each sampling point (the eval driver with the
+FID Inception-v3, resumed from its saved features; demo-FID and class accuracy from the same samples).
+A run whose results file says ``complete`` is skipped; two drivers may share a grid (each run is locked by
+the process that works on it). :func:`report` turns the results files into tables and plots with the
+mean and the seed-to-seed standard deviation of every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GRID_STEPS = 600  # training steps per run: see `experiments_length` in the report, and the README
+SEEDS = (0, 1, 2)
+SAMPLING_SEED_OFFSET = 100  # sampling seed = training seed + 100: both change with the seed
+EVAL_STEPS = 16  # the grid's sampling point (autoregressive steps; a DiT's scheduler steps)
+CURVE_STEPS = (8, 32)  # extra points of the speed-quality curve, for the cells that draw one
+GUIDANCE, TEMPERATURE = 3.0, 0.7  # the demo model's evaluation settings
+DIT_GUIDANCE = 1.5  # the DiT baseline's (as in the sampling benchmark)
+
+# The recipe every EAR cell shares: EAR's defaults (reference param groups, score-batch-mul 2, head lr x 0.25,
+# AdamW betas 0.9 / 0.95, weight decay 0.02, clip 3) except the three that depend on the run's length: an
+# absolute lr (EAR's blr 1e-4 gives 2.5e-5 at batch 64, for 800 epochs), a 100-step warm-up, and an EMA rate of
+# 0.999 with diffusers' warm-up (EAR's 0.9999 from step 0 would leave a short run's EMA near its initial weights).
+EAR_RECIPE = ("--batch-size", "64", "--lr", "1e-3", "--warmup-steps", "100", "--ema-decay", "0.999", "--ema-warmup")
+# The DiT baseline (examples/train_demo.sh dit): 1.57M parameters against the generator's 1.54M; the same steps,
+# batch, lr, warm-up, EMA and clipping.
+DIT_RECIPE = (
+    "--num-layers", "5", "--num-attention-heads", "4", "--attention-head-dim", "30", "--patch-size", "1",
+    "--batch-size", "64", "--lr", "1e-3", "--warmup-steps", "100", "--ema-decay", "0.999", "--ema-warmup",
+    "--grad-clip", "3.0",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One configuration of the grid.
+
+    Args:
+        name: folder and key.
+        label: how tables name it.
+        kind: ``"ear"`` (``parscale-ear train``) or ``"dit"`` (``parscale-ear train-dit``).
+        flags: training flags beside the recipe (ablation flags).
+        config: changes to the base model config (`examples/configs/mnist_demo_generator.json`): section ->
+            fields; a section set to None is removed.
+        curve: also scored at :data:`CURVE_STEPS` (the speed-quality curve).
+    """
+
+    name: str
+    label: str
+    kind: str = "ear"
+    flags: tuple[str, ...] = ()
+    config: dict | None = None
+    curve: bool = False
+
+
+CELLS = (
+    Cell("lh_both", "LiteHybrid coarse + fine (the method; P = 1, energy head)", curve=True),
+    Cell("lh_off", "LiteHybrid off (plain EAR)", flags=("--no-coarse", "--no-fine")),
+    Cell("lh_coarse", "LiteHybrid coarse only", flags=("--no-fine",)),
+    Cell("lh_fine", "LiteHybrid fine only", flags=("--no-coarse",)),
+    Cell("p2", "ParScale P = 2", flags=("--parscale-n", "2")),
+    Cell("p4", "ParScale P = 4", flags=("--parscale-n", "4")),
+    Cell("p1_wide", "P = 1, width 256 (P = 4's FLOPs)", config={"transformer": {"hidden_size": 256, "num_heads": 8}}),
+    Cell("p1_deep", "P = 1, 24 layers (P = 4's FLOPs)", config={"transformer": {"num_layers": 24}}),
+    # MAR's head on the same backbone: its width and depth are the energy head's; MAR's 100 DDPM steps per token,
+    # 4 timesteps per target, and MAR's head lr (x 1: the x 0.25 is EAR's, for the energy score).
+    Cell(
+        "diffusion_head",
+        "MAR's diffusion head (same backbone)",
+        flags=("--head-lr-scale", "1.0", "--diffusion-batch-mul", "4"),
+        config={"energy_head": None, "diffusion_head": {"width": 128, "depth": 3, "num_sampling_steps": 100}},
+        curve=True,
+    ),
+    Cell("dit", "diffusers DiT (same latents, ~same parameters)", kind="dit", curve=True),
+)
+CELLS_BY_NAME = {cell.name: cell for cell in CELLS}
+GROUPS = {
+    "lite_hybrid": ("lh_off", "lh_coarse", "lh_fine", "lh_both"),
+    "parscale": ("lh_both", "p2", "p4", "p1_wide", "p1_deep"),
+    "head": ("lh_both", "diffusion_head", "dit"),
+}
+
+
+# ------------------------------------------------------------------------------ one run
+
+
+def model_config(cell: Cell, base: dict) -> dict:
+    """The base model config with the cell's changes (a section set to None is removed)."""
+    config = json.loads(json.dumps(base))
+    for section, fields in (cell.config or {}).items():
+        if fields is None:
+            config.pop(section, None)
+        else:
+            config.setdefault(section, {}).update(fields)
+    return config
+
+
+def train_command(cell: Cell, seed: int, args, train_dir: Path) -> list[str]:
+    """`parscale-ear train` / `train-dit` flags of one run (resuming when it has a checkpoint)."""
+    common = ["--latents", args.latents, "--output-dir", str(train_dir), "--max-steps", str(args.steps),
+              "--seed", str(seed), "--checkpoint-every", str(args.checkpoint_every), "--keep-checkpoints", "1",
+              "--sample-every", "0", "--cpu"]  # fmt: skip
+    if any((train_dir / "checkpoints").glob("checkpoint-*")):
+        common += ["--resume", "latest"]
+    if cell.kind == "dit":
+        return ["train-dit", *common, *DIT_RECIPE, "--sample-steps", str(EVAL_STEPS)]
+    config_path = train_dir.parent / "model_config.json"
+    base = json.loads(Path(args.base_config).read_text(encoding="utf-8"))
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(model_config(cell, base), indent=2) + "\n", encoding="utf-8")
+    return ["train", *common, "--model-config", str(config_path), *EAR_RECIPE, *cell.flags]
+
+
+def run_command(argv: list[str], log_path: Path) -> None:
+    """``python -m parscale_ear_hf.cli <argv>`` in a fresh process, its output appended to `log_path`.
+
+    Raises:
+        RuntimeError: it failed; the message has its last line of output and where the rest is.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n$ parscale-ear {' '.join(argv)}\n")
+        log.flush()
+        code = subprocess.call([sys.executable, "-m", "parscale_ear_hf.cli", *argv], stdout=log, stderr=log)
+    if code:
+        lines = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise RuntimeError(f"`parscale-ear {argv[0]}` failed (exit {code}): {lines[-1] if lines else ''} "
+                           f"(the whole output: {log_path})")  # fmt: skip
+
+
+def training_summary(train_dir: Path) -> dict:
+    """Steps, wall clock and the loss at the end of a finished run (mean of its last 10 % of log lines)."""
+    lines = [json.loads(line) for line in (train_dir / "train_log.jsonl").read_text(encoding="utf-8").splitlines()]
+    tail = lines[-max(1, len(lines) // 10) :]
+    return {
+        "steps": lines[-1]["step"],
+        "final_loss": float(np.mean([line["loss"] for line in tail])),
+        "seconds": lines[-1].get("seconds"),
+        "what": "final_loss: mean of the last 10% of the logged losses; seconds: the training loop's wall clock "
+        "(a resumed run: since its last start)",
+    }
+
+
+def sample_points(cell: Cell) -> tuple[int, ...]:
+    return (EVAL_STEPS, *CURVE_STEPS) if cell.curve else (EVAL_STEPS,)
+
+
+def point_guidance(cell: Cell) -> float:
+    return DIT_GUIDANCE if cell.kind == "dit" else GUIDANCE
+
+
+def load_grid_pipeline(path: Path):
+    """The run's saved pipeline (ours or a DiTPipeline), in fp32 on the CPU."""
+    from .evaluation.driver import _load_pipeline, pipeline_class_name
+    from .training import dit  # noqa: F401  (registers the DiT baseline's transformer class for from_pretrained)
+
+    pipe, _, modules = _load_pipeline(str(path), pipeline_class_name(str(path)), torch.device("cpu"), False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, modules
+
+
+def generative_parameters(pipe) -> int:
+    """Parameters of what generates tokens (the VAE, shared by every cell, excluded)."""
+    from .info import count_parameters
+
+    if hasattr(pipe, "lite_hybrid"):
+        return sum(count_parameters(m) for m in (pipe.lite_hybrid, pipe.transformer, pipe.energy_head))
+    return count_parameters(pipe.transformer)
+
+
+def flops_per_image(pipe, steps: int, guidance: float, num_classes: int) -> float:
+    """FLOPs of one image (one per class, averaged), VAE decoding included, as `torch.utils.flop_counter`
+    counts them (matrix products, convolutions and attention; element-wise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance}
+    if hasattr(pipe, "lite_hybrid"):
+        kwargs["temperature"] = TEMPERATURE
+    labels = list(range(num_classes))
+    generators = [torch.Generator().manual_seed(i) for i in labels]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        pipe(labels, generator=generators, output_type="pt", **kwargs)
+    return counter.get_total_flops() / num_classes
+
+
+def digit_scores(args, png_dir: Path, images_per_class: int, num_classes: int) -> dict:
+    """Demo-FID / precision / recall (the digit classifier's features) and class accuracy of the PNG samples
+    that the Inception evaluation wrote: the same images, not a second sampling."""
+    import PIL.Image
+
+    from .data import load_dataset_from_args
+    from .evaluation.extractors import load_extractor
+    from .evaluation.reference import load_reference, reference_cache_path, reference_from_dataset
+    from .evaluation.sampling import SampleFeatures, compute_metrics, sample_labels
+
+    labels = sample_labels(num_classes, images_per_class)
+    paths = [png_dir / f"{i:06d}.png" for i in range(len(labels))]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{png_dir} lacks {len(missing)} of the {len(labels)} samples (first: {missing[0]}).")
+    images = torch.from_numpy(np.stack([np.asarray(PIL.Image.open(p)) for p in paths]))
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    extractor = load_extractor("digit", classifier=args.classifier, device="cpu")
+    image_size = images.shape[-1]
+    extractor.check_images(images.shape[1], image_size)
+    ref_args = argparse.Namespace(**{**vars(args), "split": args.split})
+    reference_from_dataset(
+        lambda: load_dataset_from_args(ref_args, args.split),
+        dataset_name=args.dataset,
+        split=args.split,
+        image_size=image_size,
+        channels=images.shape[1],
+        extractor=extractor,
+        cache_dir=args.reference_cache_dir,
+        max_images=None,
+    )
+    reference = load_reference(
+        reference_cache_path(args.reference_cache_dir, args.dataset, args.split, image_size, extractor)
+    )
+    features, logits = [], []
+    for start in range(0, len(images), 250):
+        out = extractor(images[start : start + 250])
+        features.append(out.features.numpy())
+        logits.append(out.logits.numpy())
+    features, logits = np.concatenate(features), np.concatenate(logits)
+    metrics, _ = compute_metrics(SampleFeatures(features, logits, labels, None), reference, extractor, device="cpu")
+    metrics["class_accuracy"] = float((logits.argmax(axis=1) == labels).mean())
+    return metrics
+
+
+def score_point(args, cell: Cell, seed: int, pipeline: Path, steps: int, run_dir: Path) -> dict:
+    """One sampling point: `parscale-ear eval` with the FID Inception-v3 (or the extractor of --inception-extractor)
+    writing the samples as PNGs, then the digit scores of those PNGs."""
+    from .results import git_revision
+
+    work = run_dir / f"eval-s{steps}"
+    results_file = work / "inception.json"
+    flags = ["eval", "--model", str(pipeline), "--extractor", args.inception_extractor, "--dataset", args.dataset,
+             "--split", args.split, "--reference-cache-dir", args.reference_cache_dir,
+             "--images-per-class", str(args.images_per_class), "--batch-size", str(args.eval_batch_size),
+             "--steps", str(steps), "--guidance", str(point_guidance(cell)),
+             "--seed", str(seed + SAMPLING_SEED_OFFSET),
+             "--output-dir", str(work), "--results-file", str(results_file), "--write-png", "--cpu"]  # fmt: skip
+    if args.inception_extractor == "digit":  # the test suite's stand-in (no Inception weights needed)
+        flags += ["--classifier", args.classifier]
+    if cell.kind != "dit":
+        flags += ["--temperature", str(TEMPERATURE)]
+    run_command(flags, run_dir / "log.txt")
+    record = json.loads(results_file.read_text(encoding="utf-8"))
+    num_classes = record["samples"]["num_classes"]
+    digit = digit_scores(args, work / "png", args.images_per_class, num_classes)
+    timing = record["timing"]
+    return {
+        "steps": steps,
+        "guidance_scale": point_guidance(cell),
+        "temperature": None if cell.kind == "dit" else TEMPERATURE,
+        "sampling_seed": seed + SAMPLING_SEED_OFFSET,
+        "samples": record["samples"],
+        "metrics": {**record["metrics"], **digit},
+        "seconds_per_image": timing.get("median_batch_seconds_per_image"),
+        "timing": timing,
+        "extractor": record["extractor"]["name"],
+        "git_revision": git_revision(),
+        "eval_results": str(results_file),
+    }
+
+
+def run_one(args, cell: Cell, seed: int) -> dict:
+    """Train, measure and score one (cell, seed), resuming from whatever an earlier call left."""
+    from .results import git_revision, load_results, write_results
+
+    run_dir = Path(args.work_dir) / cell.name / f"seed{seed}"
+    train_dir = run_dir / "train"
+    results_path = Path(args.results_dir) / cell.name / f"seed{seed}.json"
+    record = load_results(results_path) or {
+        "cell": cell.name,
+        "label": cell.label,
+        "kind": cell.kind,
+        "seed": seed,
+        "training_seed": seed,
+        "settings": grid_settings(args),
+        "points": {},
+        "complete": False,
+    }
+    record.pop("provenance", None)
+    if record["settings"] != grid_settings(args):
+        raise ValueError(
+            f"{results_path} was written with other grid settings ({record['settings']}); this call has "
+            f"{grid_settings(args)}. Use another --results-dir / --work-dir, or delete that run."
+        )
+    pipeline = train_dir / "pipeline"
+
+    def save():
+        write_results(results_path, record)
+
+    if "train" not in record:
+        if not (pipeline / "model_index.json").is_file():
+            run_command(train_command(cell, seed, args, train_dir), run_dir / "log.txt")
+        command = "parscale-ear " + " ".join(train_command(cell, seed, args, train_dir))
+        record["train"] = {**training_summary(train_dir), "git_revision": git_revision(), "command": command}
+        save()
+    if "parameters" not in record:
+        pipe, _ = load_grid_pipeline(pipeline)
+        num_classes = pipe.transformer.config.num_classes if hasattr(pipe, "lite_hybrid") else 10
+        record["parameters"] = generative_parameters(pipe)
+        record["flops_per_image"] = {
+            str(k): flops_per_image(pipe, k, point_guidance(cell), num_classes) for k in sample_points(cell)
+        }
+        save()
+    for steps in sample_points(cell):
+        if str(steps) not in record["points"]:
+            record["points"][str(steps)] = score_point(args, cell, seed, pipeline, steps, run_dir)
+            save()
+    record["complete"] = True
+    save()
+    return record
+
+
+def grid_settings(args) -> dict:
+    """What every run of one grid shares; a run written with other settings is refused, not mixed in."""
+    return {
+        "training_steps": args.steps,
+        "latents": args.latents,
+        "base_config": args.base_config,
+        "images_per_class": args.images_per_class,
+        "dataset": args.dataset,
+        "split": args.split,
+        "inception_extractor": args.inception_extractor,
+    }
+
+
+# ------------------------------------------------------------------------------ locking and the loop
+
+
+class RunLock:
+    """An exclusive lock file (``O_EXCL``) holding the owner's pid: two drivers never work on one run. A lock
+    whose process is gone (a killed driver) is taken over."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.held = False
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    return False
+                self.path.unlink(missing_ok=True)  # stale: its driver was killed
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return True
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_grid(args) -> dict:
+    """Every (seed, cell) asked for, seed by seed (a partial grid has whole seeds); returns what each did."""
+    from .results import load_results
+
+    outcome = {}
+    for seed in args.seeds:
+        for name in args.cells:
+            cell = CELLS_BY_NAME[name]
+            results_path = Path(args.results_dir) / name / f"seed{seed}.json"
+            key = f"{name}/seed{seed}"
+            done = load_results(results_path)
+            if done and done.get("complete"):
+                outcome[key] = "complete earlier, skipped"
+                continue
+            lock = RunLock(Path(args.work_dir) / name / f"seed{seed}.lock")
+            if not lock.acquire():
+                outcome[key] = "another driver holds it, skipped"
+                print(f"[experiments] {key}: {outcome[key]}", flush=True)
+                continue
+            try:
+                start = time.time()
+                print(f"[experiments] {key}: running", flush=True)
+                run_one(args, cell, seed)
+                outcome[key] = f"done in {time.time() - start:.0f} s"
+                print(f"[experiments] {key}: {outcome[key]}", flush=True)
+            finally:
+                lock.release()
+    return outcome
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def load_grid(results_dir: str | os.PathLike) -> dict[str, list[dict]]:
+    """The complete runs per cell (partial runs are left out of every table)."""
+    grid = {}
+    for cell in CELLS:
+        runs = []
+        for path in sorted(Path(results_dir, cell.name).glob("seed*.json")):
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if record.get("complete"):
+                runs.append(record)
+        grid[cell.name] = runs
+    return grid
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the sample standard deviation (n - 1); None for one value (no spread)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return math.nan, None
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def figure(runs: list[dict], steps: int, key: str) -> tuple[float, float | None, int]:
+    """Mean, std and count over the runs of one figure at one sampling point; keys as in the tables."""
+    values = []
+    for run in runs:
+        point = run["points"].get(str(steps))
+        if point is None:
+            continue
+        if key == "seconds_per_image":
+            values.append(point["seconds_per_image"])
+        elif key == "gflops_per_image":
+            values.append(run["flops_per_image"][str(steps)] / 1e9)
+        elif key == "parameters":
+            values.append(run["parameters"])
+        else:
+            values.append(point["metrics"].get(key))
+    mean, std = mean_std(values)
+    return mean, std, len([v for v in values if v is not None])
+
+
+def differs(a: tuple, b: tuple) -> bool | None:
+    """Whether two cells' means differ by more than the seed-to-seed spread: |mean_a - mean_b| > std_a + std_b
+    (None when either has fewer than two seeds: no spread to compare with)."""
+    if a[1] is None or b[1] is None:
+        return None
+    return abs(a[0] - b[0]) > a[1] + b[1]
+
+
+# Columns of the main table: (key, header, format); keys as :func:`figure` reads them.
+COLUMNS = (
+    ("fid", "FID", ".1f"),
+    ("sfid", "sFID", ".1f"),
+    ("precision", "precision", ".3f"),
+    ("recall", "recall", ".3f"),
+    ("demo_fid", "demo-FID", ".3f"),
+    ("class_accuracy", "class acc.", ".3f"),
+    ("seconds_per_image", "s / image", ".4f"),
+    ("gflops_per_image", "GFLOPs / image", ".2f"),
+    ("parameters", "parameters", ",.0f"),
+)
+
+
+def _cell_text(value: tuple, fmt: str) -> str:
+    mean, std, n = value
+    if n == 0 or math.isnan(mean):
+        return "–"
+    if std is None:
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(std, fmt)}"
+
+
+def main_table(grid: dict, steps: int = EVAL_STEPS) -> list[str]:
+    header = "| cell | seeds | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    lines = [header, "|---|---:|" + "---:|" * len(COLUMNS)]
+    for cell in CELLS:
+        runs = grid.get(cell.name, [])
+        n = len(runs)
+        cells = [_cell_text(figure(runs, steps, key), fmt) for key, _, fmt in COLUMNS] if n else ["–"] * len(COLUMNS)
+        lines.append(f"| {cell.label} (`{cell.name}`) | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def floor_row(results_dir: str | os.PathLike) -> str | None:
+    """The real-data floor (the demo's train digits against the held-out ones) from the sampling benchmark's
+    files, with the digit classifier's held-out accuracy."""
+    from .results import load_results
+
+    inception = load_results(Path(results_dir, "sampling_quality", "floor_inception.json"))
+    digit = load_results(Path(results_dir, "sampling_quality", "floor_digit.json"))
+    classifier = load_results(Path(results_dir, "digit_classifier.json"))
+    if inception is None and digit is None:
+        return None
+    values = {}
+    for record in (inception, digit):
+        for key, value in (record or {}).get("metrics", {}).items():
+            if key.endswith("_real_train"):
+                values[key.removesuffix("_real_train")] = value
+    accuracy = (classifier or {}).get("metrics", {}).get("heldout_accuracy") if classifier else None
+    texts = {
+        "fid": values.get("fid"),
+        "sfid": values.get("sfid"),
+        "precision": values.get("precision"),
+        "recall": values.get("recall"),
+        "demo_fid": values.get("demo_fid"),
+        "class_accuracy": accuracy,
+    }
+    cells = [format(texts[key], fmt) if texts.get(key) is not None else "–" for key, _, fmt in COLUMNS]
+    return "| real train digits vs held-out (the floor) | – | " + " | ".join(cells) + " |"
+
+
+# The comparisons the README states; each: (claim, metric, cell a, cell b, what would support the claim).
+COMPARISONS = (
+    ("A1: LiteHybrid costs no quality", "fid", "lh_both", "lh_off", "lh_both not worse"),
+    ("A3: the coarse branch contributes", "fid", "lh_both", "lh_fine", "lh_both better"),
+    ("A3: the fine branch contributes", "fid", "lh_both", "lh_coarse", "lh_both better"),
+    ("A3: coarse + fine improve FID by 15% over off", "fid", "lh_both", "lh_off", "15% better"),
+    ("ParScale: P = 2 beats P = 1", "fid", "p2", "lh_both", "p2 better"),
+    ("ParScale: P = 4 beats P = 1", "fid", "p4", "lh_both", "p4 better"),
+    ("ParScale: P = 4 beats P = 1 made wider to its FLOPs", "fid", "p4", "p1_wide", "p4 better"),
+    ("ParScale: P = 4 beats P = 1 made deeper to its FLOPs", "fid", "p4", "p1_deep", "p4 better"),
+    ("EAR: the energy head matches the diffusion head", "fid", "lh_both", "diffusion_head", "lh_both not worse"),
+    ("EAR against a same-size DiT", "fid", "lh_both", "dit", "lh_both not worse"),
+)
+
+
+def verdict(grid: dict, metric: str, a: str, b: str, support: str, steps: int = EVAL_STEPS) -> dict:
+    """One comparison: both means and spreads, the difference, whether it exceeds the spread, and the
+    verdict on the claim (lower is better for FID-like metrics)."""
+    fa, fb = figure(grid.get(a, []), steps, metric), figure(grid.get(b, []), steps, metric)
+    row = {"a": fa, "b": fb}
+    if fa[2] == 0 or fb[2] == 0:
+        return {**row, "verdict": "not measured yet"}
+    beyond = differs(fa, fb)
+    change = (fa[0] - fb[0]) / fb[0]
+    row.update(change=change, beyond_spread=beyond)
+    if beyond is None:
+        return {**row, "verdict": "one seed only: no spread to judge by"}
+    if support == "15% better":
+        ok = change <= -0.15 and beyond
+        return {**row, "verdict": "supported" if ok else "not supported at this scale"}
+    if support.endswith("not worse"):  # worse by more than the spread refutes it; within the spread supports it
+        return {**row, "verdict": "supported (within the spread, or better)" if not (beyond and change > 0)
+                else "not supported at this scale (worse beyond the spread)"}  # fmt: skip
+    ok = beyond and change < 0
+    return {**row, "verdict": "supported" if ok else
+            ("within the seed-to-seed spread: not supported" if not beyond else "not supported (worse)")}  # fmt: skip
+
+
+def claims_table(grid: dict) -> list[str]:
+    lines = ["| claim | A | B | FID of A | FID of B | A vs B | beyond the spread? | verdict |",
+             "|---|---|---|---:|---:|---:|---|---|"]  # fmt: skip
+    for claim, metric, a, b, support in COMPARISONS:
+        v = verdict(grid, metric, a, b, support)
+        change = f"{v['change']:+.1%}" if "change" in v else "–"
+        beyond = {True: "yes", False: "no", None: "–"}[v.get("beyond_spread")]
+        lines.append(
+            f"| {claim} | `{a}` | `{b}` | {_cell_text(v['a'], '.1f')} | {_cell_text(v['b'], '.1f')} | {change} | "
+            f"{beyond} | {v['verdict']} |"
+        )
+    return lines
+
+
+def curve_table(grid: dict) -> list[str]:
+    lines = ["| model | steps | seeds | s / image | FID | demo-FID |", "|---|---:|---:|---:|---:|---:|"]
+    for name in GROUPS["head"]:
+        for steps in sorted({EVAL_STEPS, *CURVE_STEPS}):
+            runs = grid.get(name, [])
+            sec, fid, dfid = (figure(runs, steps, key) for key in ("seconds_per_image", "fid", "demo_fid"))
+            if fid[2]:
+                lines.append(f"| `{name}` | {steps} | {fid[2]} | {_cell_text(sec, '.4f')} | "
+                             f"{_cell_text(fid, '.1f')} | {_cell_text(dfid, '.3f')} |")  # fmt: skip
+    return lines
+
+
+def plot_report(grid: dict, path: Path) -> bool:
+    """Three panels: A3 bars with error bars; FID against seconds per image (each head and DiT, at their step
+    counts); FID against P beside FID against backbone FLOPs (P = 1, 2, 4, wider, deeper). False: nothing yet."""
+    if not any(grid.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    names = GROUPS["lite_hybrid"]
+    stats = [figure(grid.get(n, []), EVAL_STEPS, "fid") for n in names]
+    xs = np.arange(len(names))
+    ax.bar(xs, [s[0] if s[2] else 0 for s in stats], yerr=[s[1] or 0 for s in stats], capsize=4, color="#4c72b0")
+    ax.set_xticks(xs, ["off", "coarse", "fine", "both"])
+    ax.set_ylabel(f"Inception FID (mean ± std, {EVAL_STEPS} steps)")
+    ax.set_title("A3: LiteHybrid branches")
+    ax = axes[1]
+    for name, marker in zip(GROUPS["head"], "osD"):
+        pts = []
+        for steps in sorted({EVAL_STEPS, *CURVE_STEPS}):
+            sec, fid = figure(grid.get(name, []), steps, "seconds_per_image"), figure(grid.get(name, []), steps, "fid")
+            if fid[2]:
+                pts.append((sec, fid, steps))
+        if pts:
+            ax.errorbar([p[0][0] for p in pts], [p[1][0] for p in pts], xerr=[p[0][1] or 0 for p in pts],
+                        yerr=[p[1][1] or 0 for p in pts], marker=marker, capsize=3, label=name)  # fmt: skip
+            for sec, fid, steps in pts:
+                ax.annotate(str(steps), (sec[0], fid[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("sampling seconds per image (CPU, batch of the evaluation)")
+    ax.set_ylabel("Inception FID")
+    ax.set_title("speed-quality (labels: steps)")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    series = [("lh_both", 1), ("p2", 2), ("p4", 4)]
+    pts = [(figure(grid.get(n, []), EVAL_STEPS, "gflops_per_image"), figure(grid.get(n, []), EVAL_STEPS, "fid"), p)
+           for n, p in series]  # fmt: skip
+    pts = [p for p in pts if p[1][2]]
+    if pts:
+        ax.errorbar([p[0][0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] or 0 for p in pts], marker="o",
+                    capsize=3, label="ParScale P = 1, 2, 4")  # fmt: skip
+        for flops, fid, p in pts:
+            ax.annotate(f"P={p}", (flops[0], fid[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for name, marker, label in (("p1_wide", "s", "P = 1 wider"), ("p1_deep", "^", "P = 1 deeper")):
+        runs = grid.get(name, [])
+        flops, fid = figure(runs, EVAL_STEPS, "gflops_per_image"), figure(runs, EVAL_STEPS, "fid")
+        if fid[2]:
+            ax.errorbar([flops[0]], [fid[0]], yerr=[fid[1] or 0], marker=marker, capsize=3, linestyle="none",
+                        label=label)  # fmt: skip
+    ax.set_xlabel(f"GFLOPs per image ({EVAL_STEPS} steps, guidance)")
+    ax.set_ylabel("Inception FID")
+    ax.set_title("P streams against width and depth")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def provenance_lines(grid: dict) -> list[str]:
+    revisions = sorted({r["provenance"]["git_revision"][:12] for runs in grid.values() for r in runs})
+    machines = sorted({f"{r['provenance']['machine']['cpu']} ({r['provenance']['machine']['cpu_count']} cores)"
+                       for runs in grid.values() for r in runs})  # fmt: skip
+    return [f"Revisions: {', '.join(revisions) or '–'}; machines: {', '.join(machines) or '–'}."]
+
+
+def report_markdown(results_dir: str | os.PathLike, png_name: str = "experiments.png") -> str:
+    grid = load_grid(Path(results_dir, "experiments"))
+    total = sum(len(runs) for runs in grid.values())
+    settings = next((r["settings"] for runs in grid.values() for r in runs), None)
+    lines = [
+        f"_{total} of {len(CELLS) * len(SEEDS)} runs complete ({len(CELLS)} cells x {len(SEEDS)} seeds); "
+        "each figure is the mean ± the sample standard deviation over the complete seeds of its cell. "
+        "Written by `python examples/experiments.py --report` from `results/experiments/<cell>/seed<k>.json`._",
+        "",
+    ]
+    if settings:
+        lines += [f"Every run: {settings['training_steps']} training steps at batch 64 on `{settings['latents']}`; "
+                  f"{settings['images_per_class']} samples per class at {EVAL_STEPS} steps (guidance {GUIDANCE}, "
+                  f"temperature {TEMPERATURE}; the DiT: its scheduler's steps, guidance {DIT_GUIDANCE}) against "
+                  f"`{settings['dataset']}` [{settings['split']}]. FID, sFID, precision and recall: the FID "
+                  "Inception-v3; demo-FID and class accuracy: the digit classifier, on the same samples. Seconds "
+                  "per image: the median batch of the evaluation, one CPU thread, beside a second grid worker.",
+                  ""]  # fmt: skip
+    lines += main_table(grid)
+    floor = floor_row(results_dir)
+    if floor:
+        lines.append(floor)
+    lines += ["", "A difference **exceeds the seed-to-seed spread** when the two means are further apart than the "
+              "sum of the two standard deviations.", ""]  # fmt: skip
+    lines += claims_table(grid)
+    lines += ["", "Speed against quality:", ""] + curve_table(grid)
+    lines += ["", f"![the grid's plots]({png_name})", ""] + provenance_lines(grid)
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results_dir: str | os.PathLike) -> str:
+    """`results/experiments.md` and `results/experiments.png` from the results files; returns the markdown."""
+    grid = load_grid(Path(results_dir, "experiments"))
+    has_plot = plot_report(grid, Path(results_dir, "experiments.png"))
+    text = report_markdown(results_dir, png_name="experiments.png" if has_plot else "")
+    if not has_plot:
+        text = text.replace("![the grid's plots]()\n", "")
+    Path(results_dir, "experiments.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def readme_section(results_dir: str | os.PathLike) -> str:
+    """The README's `experiments` block: the report with the plot's path from the repository root."""
+    grid = load_grid(Path(results_dir, "experiments"))
+    text = report_markdown(results_dir, png_name=f"{Path(results_dir).name}/experiments.png")
+    if not any(grid.values()):
+        return "_No run of the grid is complete yet: `python examples/experiments.py` runs it._\n"
+    return text
+
+
+# ------------------------------------------------------------------------------ choosing the length
+
+
+def pipeline_from_checkpoint(train_dir: Path, checkpoint: Path):
+    """A :class:`~parscale_ear_hf.ParScaleEARPipeline` holding the EMA weights of one training checkpoint."""
+    from safetensors.torch import load_file
+
+    from .models.ear_training import EARTrainingModel
+    from .pipeline_parscale_ear import ParScaleEARPipeline
+    from .training.generator import build_components
+    from .training.latent_cache import load_vae
+
+    run_config = json.loads((train_dir / "run_config.json").read_text(encoding="utf-8"))
+    flags = run_config["args"]
+    info = run_config["latent_cache"]
+    ablation = argparse.Namespace(**{k: flags[k] for k in ("parscale_n", "no_coarse", "no_fine", "latents")})
+    model = EARTrainingModel(*build_components(run_config["model_config"], info, ablation))
+    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    shadow = load_file(checkpoint / "ema.safetensors")
+    params = list(model.parameters())
+    if len(shadow) != len(params):
+        raise ValueError(f"{checkpoint}: {len(shadow)} EMA tensors for a model of {len(params)} parameters.")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(shadow[str(i)])
+    id2label = {int(k): v for k, v in info["id2label"].items()} if info.get("id2label") else None
+    parts = [m.float().eval() for m in (model.lite_hybrid, model.transformer, model.energy_head)]
+    return ParScaleEARPipeline(load_vae(flags["vae"] or info["vae"]), *parts, id2label=id2label)
+
+
+def length_curve(args) -> dict:
+    """The pilot run behind :data:`GRID_STEPS`: ``lh_both`` at seed 0 trained for ``--pilot-steps`` with a checkpoint
+    every ``--pilot-every`` steps (all kept), each checkpoint's EMA weights scored by demo-FID (the digit classifier,
+    ``--images-per-class`` per class, exact sampling at the grid's point); `<results-dir>/../experiments_length.json`
+    holds the loss and demo-FID curves. Resumable like a grid run."""
+    from .results import load_results, write_results
+
+    cell = CELLS_BY_NAME["lh_both"]
+    train_dir = Path(args.work_dir) / "length" / "train"
+    results_path = Path(args.results_dir).parent / "experiments_length.json"
+    record = load_results(results_path) or {"points": {}}
+    record.pop("provenance", None)
+    pilot = argparse.Namespace(**{**vars(args), "steps": args.pilot_steps, "checkpoint_every": args.pilot_every})
+    command = train_command(cell, 0, pilot, train_dir)
+    keep = command.index("--keep-checkpoints") + 1
+    command[keep] = str(args.pilot_steps // args.pilot_every + 1)
+    if not (train_dir / "pipeline" / "model_index.json").is_file():
+        run_command(command, train_dir.parent / "log.txt")
+    record["command"] = "parscale-ear " + " ".join(command)
+    record["loss"] = [(line["step"], line["loss"]) for line in map(json.loads, (train_dir / "train_log.jsonl").open())]
+    for checkpoint in sorted((train_dir / "checkpoints").glob("checkpoint-*")):
+        step = int(checkpoint.name.split("-")[1])
+        if str(step) in record["points"]:
+            continue
+        folder = train_dir.parent / f"pipeline-{step}"
+        if not (folder / "model_index.json").is_file():
+            pipeline_from_checkpoint(train_dir, checkpoint).save_pretrained(folder)
+        work = train_dir.parent / f"eval-{step}"
+        run_command(["eval", "--model", str(folder), "--extractor", "digit", "--classifier", args.classifier,
+                     "--dataset", args.dataset, "--split", args.split,
+                     "--reference-cache-dir", args.reference_cache_dir,
+                     "--images-per-class", str(args.images_per_class), "--batch-size", str(args.eval_batch_size),
+                     "--steps", str(EVAL_STEPS), "--guidance", str(GUIDANCE), "--temperature", str(TEMPERATURE),
+                     "--seed", str(SAMPLING_SEED_OFFSET), "--output-dir", str(work), "--cpu"],
+                    train_dir.parent / "log.txt")  # fmt: skip
+        metrics = json.loads((work / "results.json").read_text(encoding="utf-8"))["metrics"]
+        record["points"][str(step)] = {"demo_fid": metrics["demo_fid"], "demo_precision": metrics["demo_precision"],
+                                       "demo_recall": metrics["demo_recall"]}  # fmt: skip
+        write_results(results_path, record)
+    record["what"] = ("loss: (step, training loss) of every logged step; points: demo-FID of the EMA weights at each "
+                      "checkpoint, one sampling seed")  # fmt: skip
+    return write_results(results_path, record)
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .data import add_dataset_arguments
+
+    parser.add_argument("--cells", nargs="+", choices=list(CELLS_BY_NAME), default=list(CELLS_BY_NAME))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--steps", type=int, default=GRID_STEPS, help="training steps of every run")
+    parser.add_argument("--latents", default="runs/demo_latents", help="the latent cache every cell trains on")
+    parser.add_argument("--base-config", default="examples/configs/mnist_demo_generator.json")
+    parser.add_argument("--work-dir", default="runs/experiments", help="training and evaluation folders")
+    parser.add_argument("--results-dir", default="results/experiments", help="one JSON per (cell, seed)")
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--images-per-class", type=int, default=100)
+    parser.add_argument("--eval-batch-size", type=int, default=100)
+    parser.add_argument("--classifier", default="models/digit_classifier")
+    parser.add_argument("--reference-cache-dir", default="runs/fid_refs")
+    parser.add_argument(
+        "--inception-extractor",
+        choices=("inception", "digit"),
+        default="inception",
+        help="the extractor of the FID columns: the FID Inception-v3 (the grid), or the digit classifier "
+        "(fast tests; the figures are then named demo_*)",
+    )
+    parser.add_argument("--report", action="store_true", help="only write results/experiments.{md,png}")
+    parser.add_argument(
+        "--length-curve",
+        action="store_true",
+        help="the pilot that chose the training length: lh_both, seed 0, --pilot-steps long, demo-FID per checkpoint",
+    )
+    parser.add_argument("--pilot-steps", type=int, default=2000)
+    parser.add_argument("--pilot-every", type=int, default=250)
+    add_dataset_arguments(parser, labels=False)
+    for action in parser._actions:  # the held-out demo digits unless told otherwise
+        if action.dest == "dataset":
+            action.required = False
+    parser.set_defaults(dataset="data/mnist_demo", split="heldout")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    from .models._checks import check_int
+
+    results_root = Path(args.results_dir).parent
+    if args.report:
+        print(write_report(results_root))
+        return {}
+    for name in ("steps", "checkpoint_every", "images_per_class", "eval_batch_size"):
+        check_int("experiments", f"--{name.replace('_', '-')}", getattr(args, name))
+    for seed in args.seeds:
+        check_int("experiments", "--seeds", seed, minimum=0)
+    if not Path(args.latents, "cache_info.json").is_file():
+        raise FileNotFoundError(
+            f"experiments: --latents {args.latents!r} holds no latent cache (cache_info.json); "
+            "`bash examples/train_demo.sh data vae latents` makes the demo's."
+        )
+    if not Path(args.classifier, "config.json").is_file():
+        raise FileNotFoundError(f"experiments: --classifier {args.classifier!r} holds no DigitClassifier.")
+    if args.length_curve:
+        return length_curve(args)
+    outcome = run_grid(args)
+    write_report(results_root)
+    return outcome
