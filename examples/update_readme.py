@@ -6,7 +6,7 @@ python examples/update_readme.py
 import argparse
 from pathlib import Path
 
-from parscale_ear_hf import bench_sampling
+from parscale_ear_hf import bench_sampling, experiments
 from parscale_ear_hf.benchmark import performance_section, write_reports
 from parscale_ear_hf.cli import run_script
 from parscale_ear_hf.info import parameter_table
@@ -42,6 +42,8 @@ def main(args: argparse.Namespace) -> None:
             bench_sampling.write_report(Path(args.results_dir, f"benchmark_{profile}.json"))
     update_readme(args.readme, "performance", performance_section(args.results_dir))
     update_readme(args.readme, "sampling-speed", bench_sampling.readme_section(args.results_dir))
+    experiments.write_report(args.results_dir)
+    update_readme(args.readme, "experiments", experiments.readme_section(args.results_dir))
     print(f"updated {args.readme} from {args.results_dir}/")
 
 

@@ -643,7 +643,8 @@ def plot_report(grid: dict, path: Path) -> bool:
     ax.set_xlabel("sampling seconds per image (CPU, batch of the evaluation)")
     ax.set_ylabel("Inception FID")
     ax.set_title("speed-quality (labels: steps)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax = axes[2]
     series = [("lh_both", 1), ("p2", 2), ("p4", 4)]
     pts = [(figure(grid.get(n, []), EVAL_STEPS, "gflops_per_image"), figure(grid.get(n, []), EVAL_STEPS, "fid"), p)
@@ -663,7 +664,8 @@ def plot_report(grid: dict, path: Path) -> bool:
     ax.set_xlabel(f"GFLOPs per image ({EVAL_STEPS} steps, guidance)")
     ax.set_ylabel("Inception FID")
     ax.set_title("P streams against width and depth")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -676,6 +678,28 @@ def provenance_lines(grid: dict) -> list[str]:
     machines = sorted({f"{r['provenance']['machine']['cpu']} ({r['provenance']['machine']['cpu_count']} cores)"
                        for runs in grid.values() for r in runs})  # fmt: skip
     return [f"Revisions: {', '.join(revisions) or '–'}; machines: {', '.join(machines) or '–'}."]
+
+
+def length_lines(results_dir: str | os.PathLike) -> list[str]:
+    """The pilot's loss and demo-FID by training step (`results/experiments_length.json`), if it ran."""
+    from .results import load_results, short_revision
+
+    pilot = load_results(Path(results_dir, "experiments_length.json"))
+    if pilot is None or not pilot.get("points"):
+        return []
+    losses = dict((int(step), loss) for step, loss in pilot["loss"])
+    lines = ["How the training length was chosen: one pilot run of `lh_both` (seed 0), its EMA weights scored "
+             f"at every checkpoint (demo-FID, {EVAL_STEPS} steps, one sampling seed; "
+             f"`python examples/experiments.py --length-curve`, {short_revision(pilot)}):", "",
+             "| training step | loss (mean of the logged steps since the last checkpoint) | demo-FID |",
+             "|---:|---:|---:|"]  # fmt: skip
+    previous = 0
+    for step in sorted(int(k) for k in pilot["points"]):
+        window = [loss for s, loss in losses.items() if previous < s <= step]
+        loss = f"{np.mean(window):.3f}" if window else "–"
+        lines.append(f"| {step} | {loss} | {pilot['points'][str(step)]['demo_fid']:.3f} |")
+        previous = step
+    return lines + [""]
 
 
 def report_markdown(results_dir: str | os.PathLike, png_name: str = "experiments.png") -> str:
@@ -704,7 +728,8 @@ def report_markdown(results_dir: str | os.PathLike, png_name: str = "experiments
               "sum of the two standard deviations.", ""]  # fmt: skip
     lines += claims_table(grid)
     lines += ["", "Speed against quality:", ""] + curve_table(grid)
-    lines += ["", f"![the grid's plots]({png_name})", ""] + provenance_lines(grid)
+    lines += ["", f"![the grid's plots]({png_name})", ""] + provenance_lines(grid) + [""]
+    lines += length_lines(results_dir)
     return "\n".join(lines) + "\n"
 
 
@@ -722,10 +747,10 @@ def write_report(results_dir: str | os.PathLike) -> str:
 def readme_section(results_dir: str | os.PathLike) -> str:
     """The README's `experiments` block: the report with the plot's path from the repository root."""
     grid = load_grid(Path(results_dir, "experiments"))
-    text = report_markdown(results_dir, png_name=f"{Path(results_dir).name}/experiments.png")
     if not any(grid.values()):
-        return "_No run of the grid is complete yet: `python examples/experiments.py` runs it._\n"
-    return text
+        return "\n".join(["_No run of the grid is complete yet: `python examples/experiments.py` runs it._", "",
+                          *length_lines(results_dir)])  # fmt: skip
+    return report_markdown(results_dir, png_name=f"{Path(results_dir).name}/experiments.png")
 
 
 # ------------------------------------------------------------------------------ choosing the length

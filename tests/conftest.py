@@ -140,3 +140,31 @@ def torch_fidelity_state_dict(model) -> dict:
     state_dict["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.01
     state_dict["fc.bias"] = torch.randn(1008, generator=generator)
     return state_dict
+
+
+def make_latent_workspace(root, count: int, names=None, scale: float = 1.5, shift: float = 0.1) -> None:
+    """In `root`: a tiny VAE (`vae/`), `count` random 16x16 RGB images with labels ``i % 10`` (`data/`, a
+    save_to_disk folder), their latent cache (`latents/`, 4x4x4) and a small DigitClassifier (`clf/`) whose
+    untrained features are spread out, so that the metrics computed with it are far from 0."""
+    import datasets
+    import numpy as np
+    import PIL.Image
+
+    from parscale_ear_hf.digit_classifier import DigitClassifier
+    from parscale_ear_hf.training.latent_cache import encode_to_cache, write_cache_info
+
+    names = names or [str(i) for i in range(10)]
+    torch.manual_seed(0)
+    LiteVAE(**TINY_VAE_CONFIG).eval().save_pretrained(root / "vae")
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(count)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    data = datasets.Dataset.from_dict({"image": images, "label": [i % 10 for i in range(count)]}, features=features)
+    data.save_to_disk(root / "data")
+    encode_to_cache(LiteVAE.from_pretrained(root / "vae"), data, root / "latents", image_size=16, channels=3)
+    write_cache_info(root / "latents", 1, vae=str(root / "vae"), scaling_factor=scale, shift_factor=shift,
+                     hflip=False, dataset="synthetic", split="train", image_size=16)  # fmt: skip
+    classifier = DigitClassifier(in_channels=3, image_size=16, width=4, feature_dim=6, dropout=0.0)
+    with torch.no_grad():
+        classifier.to_features.weight.mul_(30)
+    classifier.save_pretrained(root / "clf")

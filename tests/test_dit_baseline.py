@@ -6,9 +6,7 @@ import argparse
 import dataclasses
 import json
 
-import datasets
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from diffusers import DiTPipeline, DiTTransformer2DModel
@@ -17,13 +15,11 @@ from safetensors.torch import load_file
 
 from parscale_ear_hf import LiteVAE, ParScaleEARPipeline, cli
 from parscale_ear_hf import evaluation as ev
-from parscale_ear_hf.digit_classifier import DigitClassifier
 from parscale_ear_hf.info import count_parameters
 from parscale_ear_hf.training import checkpointing, dit, latent_cache
 from parscale_ear_hf.training.checkpointing import JsonlLog
-from parscale_ear_hf.training.latent_cache import encode_to_cache, write_cache_info
 
-from conftest import TINY_VAE_CONFIG, tiny_pipeline
+from conftest import make_latent_workspace, tiny_pipeline
 
 NAMES = [f"digit {i}" for i in range(10)]
 SCALE, SHIFT = 1.5, 0.1
@@ -34,21 +30,8 @@ def workspace(tmp_path_factory):
     """A tiny VAE and a latent cache of 40 random 16x16 images (4x4x4 latents, 10 named classes); a tiny
     ParScaleEARPipeline to compare parameters with; a digit-classifier extractor and reference images."""
     root = tmp_path_factory.mktemp("dit")
-    torch.manual_seed(0)
-    LiteVAE(**TINY_VAE_CONFIG).eval().save_pretrained(root / "vae")
-    rng = np.random.default_rng(0)
-    images = [PIL.Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(40)]
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)})
-    data = datasets.Dataset.from_dict({"image": images, "label": [i % 10 for i in range(40)]}, features=features)
-    data.save_to_disk(root / "data")
-    encode_to_cache(LiteVAE.from_pretrained(root / "vae"), data, root / "latents", image_size=16, channels=3)
-    write_cache_info(root / "latents", 1, vae=str(root / "vae"), scaling_factor=SCALE, shift_factor=SHIFT,
-                     hflip=False, dataset="synthetic", split="train", image_size=16)  # fmt: skip
+    make_latent_workspace(root, 40, names=NAMES, scale=SCALE, shift=SHIFT)
     tiny_pipeline().save_pretrained(root / "ours")
-    classifier = DigitClassifier(in_channels=3, image_size=16, width=4, feature_dim=6, dropout=0.0)
-    with torch.no_grad():  # spread the untrained features out, so that the metrics are far from 0
-        classifier.to_features.weight.mul_(30)
-    classifier.save_pretrained(root / "clf")
     return root
 
 
