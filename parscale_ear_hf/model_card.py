@@ -199,6 +199,8 @@ def build_model_card(
     datasets: list[str] | None = None,
     license: str = "apache-2.0",
     template_path: str | os.PathLike | None = None,
+    grid_cell: str | None = None,
+    grid_results_dir: str | os.PathLike = "results",
 ) -> ModelCard:
     """The model card of a saved pipeline, with its evaluation results.
 
@@ -211,6 +213,9 @@ def build_model_card(
         datasets: training data, as Hub dataset ids or names, for the metadata and the card.
         license: the license id in the metadata.
         template_path: a Jinja card template (default: :func:`default_template_path`).
+        grid_cell: a cell of the evidence grid (`examples/experiments.py`) this pipeline's configuration is:
+            the card then shows that cell's scores over seeds and the grid's claims, from the files under
+            ``grid_results_dir``.
 
     Returns:
         The card (``card.data`` holds the metadata, ``str(card)`` the README).
@@ -288,7 +293,43 @@ def build_model_card(
         ],
         datasets=datasets or [],
         training=_training_summary(pipeline_dir),
+        grid_section=cell_card_section(grid_results_dir, grid_cell) if grid_cell else None,
     )
+
+
+def cell_card_section(results_dir: str | os.PathLike, cell: str) -> str:
+    """A card's evidence-grid section: the cell's scores (mean ± std over its complete seeds) and the grid's
+    claims, from `<results_dir>/experiments/` (:mod:`parscale_ear_hf.experiments`)."""
+    from . import experiments
+
+    if cell not in experiments.CELLS_BY_NAME:
+        raise ValueError(f"--grid-cell: unknown cell {cell!r}; accepted: {sorted(experiments.CELLS_BY_NAME)}.")
+    grid = experiments.load_grid(Path(results_dir, "experiments"))
+    runs = grid.get(cell, [])
+    if not runs:
+        raise FileNotFoundError(
+            f"--grid-cell {cell}: {os.fspath(Path(results_dir, 'experiments', cell))} holds no complete run; run "
+            f"`python examples/experiments.py --cells {cell}` first."
+        )
+    steps = runs[0]["settings"]["training_steps"]
+    table = experiments.main_table(grid)
+    row = next(line for line in table if f"(`{cell}`)" in line)
+    lines = [
+        f"The same configuration trained with the grid's recipe for {steps} steps, once per seed, and scored "
+        f"against the held-out split (mean ± standard deviation over {len(runs)} seeds; training and sampling "
+        "seed both change). These runs are not this model: they show how much its figures move between seeds.",
+        "",
+        *table[:2],
+        row,
+        "",
+        "The grid's claims (a difference exceeds the spread when the means are further apart than the sum of the "
+        "two standard deviations):",
+        "",
+        *experiments.claims_table(grid),
+        "",
+        *experiments.provenance_lines({cell: runs}),
+    ]
+    return "\n".join(lines)
 
 
 def _would_lose(path: Path, card: ModelCard) -> str | None:
@@ -317,6 +358,8 @@ def write_model_card(
     license: str = "apache-2.0",
     template_path: str | os.PathLike | None = None,
     force: bool = False,
+    grid_cell: str | None = None,
+    grid_results_dir: str | os.PathLike = "results",
 ) -> ModelCard:
     """Load results JSONs, build the card (:func:`build_model_card`) and write ``<pipeline_dir>/README.md``.
 
@@ -328,7 +371,8 @@ def write_model_card(
         pipeline_dir: a folder written by ``ParScaleEARPipeline.save_pretrained``.
         results_files: results JSONs written by ``examples/eval_fid.py`` for this pipeline; a
             missing, unreadable or foreign file is an error naming it.
-        model_id, datasets, license, template_path: as in :func:`build_model_card`.
+        model_id, datasets, license, template_path, grid_cell, grid_results_dir: as in
+            :func:`build_model_card`.
         force: replace an existing README.md whatever it holds.
 
     Returns:
@@ -336,7 +380,14 @@ def write_model_card(
     """
     results = [check_result(read_eval_results(p), os.fspath(p), pipeline_dir, model_id) for p in results_files]
     card = build_model_card(
-        pipeline_dir, results, model_id=model_id, datasets=datasets, license=license, template_path=template_path
+        pipeline_dir,
+        results,
+        model_id=model_id,
+        datasets=datasets,
+        license=license,
+        template_path=template_path,
+        grid_cell=grid_cell,
+        grid_results_dir=grid_results_dir,
     )
     path = Path(pipeline_dir) / "README.md"
     loss = None if force or not path.is_file() else _would_lose(path, card)
@@ -366,6 +417,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--force", action="store_true", help="replace an existing README.md even if the new card drops its results"
     )
+    parser.add_argument(
+        "--grid-cell",
+        default=None,
+        help="the evidence grid's cell this configuration is (examples/experiments.py): adds its scores over seeds",
+    )
+    parser.add_argument("--grid-results-dir", default="results", help="holds experiments/<cell>/seed<k>.json")
     return parser
 
 
@@ -379,6 +436,8 @@ def run(args: argparse.Namespace) -> ModelCard:
         license=args.license,
         template_path=args.template,
         force=args.force,
+        grid_cell=args.grid_cell,
+        grid_results_dir=args.grid_results_dir,
     )
     print(f"wrote {os.path.join(args.model, 'README.md')}: {len(card.data.eval_results or [])} eval results")
     return card

@@ -320,3 +320,27 @@ def test_the_report_is_generated_from_the_files_with_spread_and_plots(tmp_path):
     assert "| -46.0% | yes |" in a1 and "supported" in a1
     assert ex.readme_section(root).count("results/experiments.png") == 1
     assert "No run of the grid" in ex.readme_section(tmp_path / "empty")
+
+
+def test_a_model_card_carries_its_cells_scores_over_seeds(tmp_path):
+    from parscale_ear_hf.model_card import build_model_card
+
+    from conftest import tiny_pipeline
+
+    root = tmp_path / "results"
+    for cell, fids in (("lh_both", (10.0, 12.0, 11.0)), ("lh_off", (20.0, 21.0, 22.0))):
+        for seed, fid in enumerate(fids):
+            path = root / "experiments" / cell / f"seed{seed}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**fake_run(cell, seed, fid), "settings": {"training_steps": 600}}))
+    tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    card = str(build_model_card(tmp_path / "pipe", [], grid_cell="lh_both", grid_results_dir=root))
+    section = card[card.index("### This configuration over seeds") :]
+    assert "for 600 steps" in section and "over 3 seeds" in section
+    assert "| 3 | 11.2 ± 1.0 |" in section and "`lh_off`) |" not in section  # its own row only
+    assert "| A1: LiteHybrid costs no quality |" in section
+    assert "over seeds" not in str(build_model_card(tmp_path / "pipe", []))
+    with pytest.raises(ValueError, match="unknown cell 'nope'"):
+        build_model_card(tmp_path / "pipe", [], grid_cell="nope", grid_results_dir=root)
+    with pytest.raises(FileNotFoundError, match="holds no complete run"):
+        build_model_card(tmp_path / "pipe", [], grid_cell="p4", grid_results_dir=root)
