@@ -168,6 +168,10 @@ def test_every_run_is_complete_with_provenance_and_its_scores(workspace, grid):
             m = point["metrics"]
             assert np.isfinite(m["demo_fid"]) and 0 <= m["class_accuracy"] <= 1 and point["seconds_per_image"] > 0
             assert point["samples"]["total"] == 10
+            # The digit scores of the PNGs are those of the driver's in-memory samples (here its extractor is the
+            # digit classifier too): the PNGs are the evaluated images, not a second sampling.
+            driver = json.loads(open(point["eval_results"]).read())["metrics"]
+            assert m["demo_fid"] == pytest.approx(driver["demo_fid"], rel=1e-4, abs=1e-6)
         assert r["parameters"] > 0 and all(f > 0 for f in r["flops_per_image"].values())
     assert record(workspace, "dit", 0)["points"]["2"]["guidance_scale"] == ex.DIT_GUIDANCE
     pipe = ParScaleEARPipeline.from_pretrained(workspace / "runs" / "diffusion_head" / "seed0" / "train" / "pipeline")
