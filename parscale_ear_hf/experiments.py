@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-GRID_STEPS = 600  # training steps per run: see `experiments_length` in the report, and the README
+GRID_STEPS = 600  # training steps per run, chosen from the pilot (`--length-curve`): see the README
 SEEDS = (0, 1, 2)
 SAMPLING_SEED_OFFSET = 100  # sampling seed = training seed + 100: both change with the seed
 EVAL_STEPS = 16  # the grid's sampling point (autoregressive steps; a DiT's scheduler steps)
