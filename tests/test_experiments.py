@@ -161,6 +161,7 @@ def test_every_run_is_complete_with_provenance_and_its_scores(workspace, grid):
         r = record(workspace, cell, seed)
         assert r["complete"] and r["seed"] == seed and r["provenance"]["git_revision"]
         assert r["train"]["steps"] == 2 and "--seed " + str(seed) in r["train"]["command"]
+        assert "--resume" not in r["train"]["command"]  # the command of a fresh start, though checkpoints exist
         steps = {"2", "1"} if cell != "lh_off" else {"2"}
         assert set(r["points"]) == steps and set(r["flops_per_image"]) == steps
         for point in r["points"].values():
