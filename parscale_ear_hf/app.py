@@ -211,8 +211,8 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None):
             with gr.Column():
                 status = gr.Markdown("Ready.", elem_id="status")
                 gallery = gr.Gallery(label="Images", columns=4, height=320, elem_id="gallery", format="png")
-                settings = gr.JSON(label="Settings", elem_id="settings")
                 snippet = gr.Code(label="Copy as Python", language="python", elem_id="snippet")
+                settings = gr.JSON(label="Settings", elem_id="settings")
 
         requests = iter(range(1, 1 << 62))  # numbers each answer, so that two alike still differ in the page
 
