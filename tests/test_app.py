@@ -2,6 +2,7 @@
 reproduces the page's images, errors that name the control, the sampling caches, and the queue."""
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from parscale_ear_hf import ParScaleEARPipeline, cli
 from parscale_ear_hf.app import DemoApp, Request, build_app, parse_classes
 
 from conftest import ID2LABEL, tiny_pipeline
+from test_loading import offline, populate_hub_cache  # noqa: F401  (offline: a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +129,12 @@ def test_a_second_request_waits_for_the_first_and_both_are_answered(model, monke
     assert sorted(r[0].split(":")[0] for r in results) == ["Request 1", "Request 2"]
     assert all("2 images in" in r[0] for r in results)
     assert len(spans) == 2 and sorted(spans)[0][1] <= sorted(spans)[1][0]  # one after the other, none dropped
+
+
+def test_a_hub_repo_id_in_the_local_cache_loads_offline(model, offline):  # noqa: F811
+    populate_hub_cache(offline, Path(model), repo_id="parscale-tests/app-demo")
+    out = DemoApp("parscale-tests/app-demo").generate(request("parscale-tests/app-demo"))
+    assert out["settings"]["model"] == "parscale-tests/app-demo" and len(out["images"]) == 4
+    assert "from_pretrained('parscale-tests/app-demo')" in out["snippet"]
+    with pytest.raises(ValueError, match="Model: cannot load 'parscale-tests/absent'.*not in the Hugging Face cache"):
+        DemoApp(model).generate(request("parscale-tests/absent"))
