@@ -328,7 +328,8 @@ def run_one(args, cell: Cell, seed: int) -> dict:
         save()
     if "parameters" not in record:
         pipe, _ = load_grid_pipeline(pipeline)
-        num_classes = pipe.transformer.config.num_classes if hasattr(pipe, "lite_hybrid") else 10
+        config = pipe.transformer.config  # ours: num_classes; a DiT: its label table (num_embeds_ada_norm)
+        num_classes = config.num_classes if hasattr(pipe, "lite_hybrid") else config.num_embeds_ada_norm
         record["parameters"] = generative_parameters(pipe)
         record["flops_per_image"] = {
             str(k): flops_per_image(pipe, k, point_guidance(cell), num_classes) for k in sample_points(cell)
