@@ -138,3 +138,15 @@ def test_a_hub_repo_id_in_the_local_cache_loads_offline(model, offline):  # noqa
     assert "from_pretrained('parscale-tests/app-demo')" in out["snippet"]
     with pytest.raises(ValueError, match="Model: cannot load 'parscale-tests/absent'.*not in the Hugging Face cache"):
         DemoApp(model).generate(request("parscale-tests/absent"))
+
+
+def test_the_spaces_app_py_builds_the_page_for_its_model(model, monkeypatch):
+    import runpy
+
+    import gradio as gr
+
+    monkeypatch.setenv("MODEL", model)
+    page = runpy.run_path(str(Path(__file__).resolve().parents[1] / "app.py"))["demo"]  # not launched: no __main__
+    assert isinstance(page, gr.Blocks)
+    textboxes = {b.elem_id: b.value for b in page.blocks.values() if getattr(b, "elem_id", None)}
+    assert textboxes["model"] == model and textboxes["classes"] == "3, 7"
