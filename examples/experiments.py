@@ -7,6 +7,7 @@ Two workers on a 2-core machine (each run is locked by the worker on it):
     OMP_NUM_THREADS=1 python examples/experiments.py & OMP_NUM_THREADS=1 python examples/experiments.py
 Some cells or seeds:       python examples/experiments.py --cells lh_off lh_both --seeds 0
 Tables and plots only:     python examples/experiments.py --report     (results/experiments.{md,png})
+The shipped demo model:    python examples/experiments.py --ship       (the best energy-head cell, 4,000 steps)
 """
 
 import argparse

@@ -830,6 +830,71 @@ def length_curve(args) -> dict:
     return write_results(results_path, record)
 
 
+# ------------------------------------------------------------------------------ the shipped model
+
+SHIP_CANDIDATES = ("lh_off", "lh_coarse", "lh_fine", "lh_both", "p2", "p4", "p1_wide", "p1_deep")  # energy-head EAR
+
+
+def best_cell(grid: dict) -> dict:
+    """The energy-head cell with the lowest mean Inception FID (exact sampling, the grid's point), among cells
+    complete for every seed; with each candidate's mean and spread, and whether the winner's lead over the
+    runner-up exceeds the seed-to-seed spread.
+
+    Raises:
+        ValueError: a candidate is not complete for every seed yet (a winner could still change).
+    """
+    missing = [f"{n} ({len(grid.get(n, []))} of {len(SEEDS)} seeds)" for n in SHIP_CANDIDATES
+               if len(grid.get(n, [])) < len(SEEDS)]  # fmt: skip
+    if missing:
+        raise ValueError(f"the grid is not complete: {', '.join(missing)}; run examples/experiments.py first.")
+    scores = {n: figure(grid[n], EVAL_STEPS, "fid") for n in SHIP_CANDIDATES}
+    ranked = sorted(scores, key=lambda n: scores[n][0])
+    best, second = ranked[0], ranked[1]
+    return {
+        "cell": best,
+        "fid": {n: {"mean": scores[n][0], "std": scores[n][1]} for n in ranked},
+        "runner_up": second,
+        "lead_exceeds_spread": differs(scores[best], scores[second]),
+    }
+
+
+def ship(args) -> dict:
+    """Retrain the grid's best exact configuration (:func:`best_cell`, or ``--ship-cell``) with the grid's recipe
+    for ``--ship-steps`` (seed 0, two threads welcome) and save it as the shipped demo model ``--ship-to`` (an atomic
+    save; its model card and training logs folder are carried over, then the logs replaced). Writes
+    ``<results-dir>/../experiments_ship.json``; the model's scores and card come from `train_demo.sh`'s stages."""
+    import shutil
+
+    from .pipeline_parscale_ear import ParScaleEARPipeline
+    from .results import write_results
+
+    grid = load_grid(Path(args.results_dir))
+    choice = {"cell": args.ship_cell, "chosen_by": "--ship-cell"} if args.ship_cell else best_cell(grid)
+    cell = CELLS_BY_NAME[choice["cell"]]
+    if cell.name not in SHIP_CANDIDATES:
+        raise ValueError(f"--ship-cell: {cell.name!r} is not an energy-head cell; accepted: {list(SHIP_CANDIDATES)}.")
+    train_dir = Path(args.work_dir) / "ship" / cell.name / "train"
+    shipped = argparse.Namespace(**{**vars(args), "steps": args.ship_steps, "checkpoint_every": 500})
+    command = train_command(cell, 0, shipped, train_dir)
+    if not (train_dir / "pipeline" / "model_index.json").is_file():
+        run_command(command, train_dir.parent / "log.txt")
+    ParScaleEARPipeline.from_pretrained(train_dir / "pipeline").save_pretrained(args.ship_to)
+    logs = Path(args.ship_to) / "training"
+    logs.mkdir(exist_ok=True)
+    for name in ("train_log.jsonl", "run_config.json"):
+        shutil.copyfile(train_dir / name, logs / name)
+    fresh = [a for a in command if a not in ("--resume", "latest")]
+    return write_results(
+        Path(args.results_dir).parent / "experiments_ship.json",
+        {
+            **choice,
+            "model": args.ship_to,
+            "training_steps": args.ship_steps,
+            "command": "parscale-ear " + " ".join(fresh),
+        },
+    )
+
+
 # ------------------------------------------------------------------------------ the command
 
 
@@ -861,6 +926,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="the pilot that chose the training length: lh_both, seed 0, --pilot-steps long, demo-FID per checkpoint",
     )
+    parser.add_argument(
+        "--ship",
+        action="store_true",
+        help="retrain the grid's best energy-head cell for --ship-steps and save it as --ship-to (the demo model)",
+    )
+    parser.add_argument("--ship-cell", default=None, choices=SHIP_CANDIDATES, help="this cell, not the grid's best")
+    parser.add_argument("--ship-steps", type=int, default=4000)
+    parser.add_argument("--ship-to", default="models/mnist_demo")
     parser.add_argument("--pilot-steps", type=int, default=2000)
     parser.add_argument("--pilot-every", type=int, default=250)
     add_dataset_arguments(parser, labels=False)
@@ -891,6 +964,8 @@ def run(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"experiments: --classifier {args.classifier!r} holds no DigitClassifier.")
     if args.length_curve:
         return length_curve(args)
+    if args.ship:
+        return ship(args)
     outcome = run_grid(args)
     write_report(results_root)
     return outcome

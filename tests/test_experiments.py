@@ -222,7 +222,6 @@ def test_finished_runs_are_skipped_and_a_lost_point_is_scored_again_without_retr
     assert again["train"] == kept["train"]
 
 
-
 def test_a_run_written_with_other_settings_is_refused(workspace, grid):
     args = grid_args(workspace, "--cells", "lh_off", "--seeds", "0", "--images-per-class", "2")
     path = workspace / "results" / "experiments" / "lh_off" / "seed0.json"
@@ -360,3 +359,36 @@ def test_a_model_card_carries_its_cells_scores_over_seeds(tmp_path):
         build_model_card(tmp_path / "pipe", [], grid_cell="nope", grid_results_dir=root)
     with pytest.raises(FileNotFoundError, match="holds no complete run"):
         build_model_card(tmp_path / "pipe", [], grid_cell="p4", grid_results_dir=root)
+
+
+def test_the_best_cell_is_the_lowest_mean_fid_among_complete_energy_head_cells():
+    fids = {"lh_off": 30, "lh_coarse": 25, "lh_fine": 26, "lh_both": 20, "p2": 19.5, "p4": 22, "p1_wide": 40,
+            "p1_deep": 41}  # fmt: skip
+    grid = {n: [fake_run(n, s, f + s) for s in range(3)] for n, f in fids.items()}
+    grid["dit"] = [fake_run("dit", s, 1.0) for s in range(3)]  # not a candidate: not our method
+    best = ex.best_cell(grid)
+    assert best["cell"] == "p2" and best["runner_up"] == "lh_both" and best["lead_exceeds_spread"] is False
+    assert list(best["fid"])[:2] == ["p2", "lh_both"] and best["fid"]["p2"]["std"] == pytest.approx(1.0)
+    del grid["p1_deep"][2]
+    with pytest.raises(ValueError, match=r"not complete: p1_deep \(2 of 3 seeds\)"):
+        ex.best_cell(grid)
+
+
+def test_ship_trains_the_cell_and_saves_it_as_the_demo_model_keeping_its_card(workspace, tmp_path):
+    target = tmp_path / "models" / "demo"
+    target.mkdir(parents=True)
+    (target / "README.md").write_text("the old card")
+    args = grid_args(workspace, "--ship", "--ship-cell", "lh_fine", "--ship-steps", "2", "--ship-to", str(target),
+                     "--work-dir", str(tmp_path / "w"),
+                     "--results-dir", str(tmp_path / "r" / "experiments"))  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ex, "run_command", in_process)
+        record = ex.run(args)
+    pipe = ParScaleEARPipeline.from_pretrained(target)
+    assert pipe.lite_hybrid.config.use_coarse is False and pipe.lite_hybrid.config.use_fine is True
+    assert (target / "README.md").read_text() == "the old card"
+    assert json.loads((target / "training" / "run_config.json").read_text())["args"]["max_steps"] == 2
+    assert record["cell"] == "lh_fine" and record["chosen_by"] == "--ship-cell" and "--no-coarse" in record["command"]
+    assert (tmp_path / "r" / "experiments_ship.json").is_file()
+    with pytest.raises(ValueError, match="the grid is not complete"):
+        ex.run(grid_args(workspace, "--ship", "--results-dir", str(tmp_path / "r" / "experiments")))
