@@ -333,6 +333,7 @@ def test_the_report_is_generated_from_the_files_with_spread_and_plots(tmp_path):
     assert "| 0 | –" in next(line for line in text.splitlines() if "`p2`) |" in line)  # partial runs left out
     a1 = next(line for line in text.splitlines() if line.startswith("| A1"))
     assert "| -46.0% | yes |" in a1 and "supported" in a1
+    assert a1.endswith("| -46.3% (yes) |")  # demo-FID: 1.1 against 2.05
     assert ex.readme_section(root).count("results/experiments.png") == 1
     assert "No run of the grid" in ex.readme_section(tmp_path / "empty")
 
