@@ -6,6 +6,7 @@ Run the whole grid (resumable: run it again after a kill; finished runs are skip
 Two workers on a 2-core machine (each run is locked by the worker on it):
     OMP_NUM_THREADS=1 python examples/experiments.py & OMP_NUM_THREADS=1 python examples/experiments.py
 Some cells or seeds:       python examples/experiments.py --cells lh_off lh_both --seeds 0
+Sampling timed alone:      python examples/experiments.py --retime     (once the grid is done; nothing else running)
 Tables and plots only:     python examples/experiments.py --report     (results/experiments.{md,png})
 The shipped demo model:    python examples/experiments.py --ship       (the best energy-head cell, 4,000 steps)
 """

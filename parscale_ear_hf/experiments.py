@@ -465,8 +465,8 @@ def figure(runs: list[dict], steps: int, key: str) -> tuple[float, float | None,
         point = run["points"].get(str(steps))
         if point is None:
             continue
-        if key == "seconds_per_image":
-            values.append(point["seconds_per_image"])
+        if key == "seconds_per_image":  # timed alone (--retime) where it was, else beside a second worker
+            values.append(point.get("quiet_timing", point)["seconds_per_image"])
         elif key == "gflops_per_image":
             values.append(run["flops_per_image"][str(steps)] / 1e9)
         elif key == "parameters":
@@ -709,6 +709,21 @@ def length_lines(results_dir: str | os.PathLike) -> list[str]:
     return lines + [""]
 
 
+def timing_note(grid: dict) -> str:
+    """Where the table's seconds per image come from: timed alone (`--retime`) or beside a second worker."""
+    points = [p for runs in grid.values() for r in runs for p in r["points"].values()]
+    quiet = [p["quiet_timing"] for p in points if "quiet_timing" in p]
+    if quiet and len(quiet) == len(points):
+        q = quiet[0]
+        return (f"every point timed alone by `--retime` (median of {q['repeats']} calls of a batch of {q['batch']}, "
+                f"{q['threads']} thread(s), {q['machine']['cpu']})")  # fmt: skip
+    alone = f"; {len(quiet)} of {len(points)} points timed alone by `--retime`" if quiet else ""
+    return (
+        "the median batch of each evaluation, one CPU thread, beside a second grid worker: noisy (run "
+        f"`--retime` with the grid stopped){alone}"
+    )
+
+
 def report_markdown(results_dir: str | os.PathLike, png_name: str = "experiments.png") -> str:
     grid = load_grid(Path(results_dir, "experiments"))
     total = sum(len(runs) for runs in grid.values())
@@ -724,8 +739,8 @@ def report_markdown(results_dir: str | os.PathLike, png_name: str = "experiments
                   f"{settings['images_per_class']} samples per class at {EVAL_STEPS} steps (guidance {GUIDANCE}, "
                   f"temperature {TEMPERATURE}; the DiT: its scheduler's steps, guidance {DIT_GUIDANCE}) against "
                   f"`{settings['dataset']}` [{settings['split']}]. FID, sFID, precision and recall: the FID "
-                  "Inception-v3; demo-FID and class accuracy: the digit classifier, on the same samples. Seconds "
-                  "per image: the median batch of the evaluation, one CPU thread, beside a second grid worker.",
+                  "Inception-v3; demo-FID and class accuracy: the digit classifier, on the same samples. "
+                  f"Seconds per image: {timing_note(grid)}.",
                   ""]  # fmt: skip
     lines += main_table(grid)
     floor = floor_row(results_dir)
@@ -834,6 +849,58 @@ def length_curve(args) -> dict:
     return write_results(results_path, record)
 
 
+# ------------------------------------------------------------------------------ timing alone
+
+
+def retime(args) -> dict:
+    """Time every complete run's sampling points again with nothing else of the grid running: the grid's workers
+    time their evaluations beside each other, which is too noisy to rank samplers by. Each point: one warm-up call,
+    then the median of ``--retime-repeats`` calls of one evaluation batch (``--eval-batch-size`` images, the classes
+    in turn, output as tensors), in this process's threads; stored as the point's ``quiet_timing`` (used by the
+    report where present). Points timed already are skipped."""
+    from .results import git_revision, load_results, machine_description, write_results
+
+    done = {}
+    for cell in CELLS:
+        for seed in SEEDS:
+            path = Path(args.results_dir) / cell.name / f"seed{seed}.json"
+            record = load_results(path)
+            if not record or not record.get("complete"):
+                continue
+            todo = [k for k, point in record["points"].items() if "quiet_timing" not in point]
+            if not todo:
+                continue
+            pipe, _ = load_grid_pipeline(Path(args.work_dir) / cell.name / f"seed{seed}" / "train" / "pipeline")
+            config = pipe.transformer.config
+            num_classes = config.num_classes if hasattr(pipe, "lite_hybrid") else config.num_embeds_ada_norm
+            labels = [i % num_classes for i in range(args.eval_batch_size)]
+            for steps in todo:
+                kwargs = {"num_inference_steps": int(steps), "guidance_scale": point_guidance(cell)}
+                if hasattr(pipe, "lite_hybrid"):
+                    kwargs["temperature"] = TEMPERATURE
+                times = []
+                for repeat in range(args.retime_repeats + 1):
+                    generators = [torch.Generator().manual_seed(i) for i in range(len(labels))]
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        pipe(labels, generator=generators, output_type="pt", **kwargs)
+                    if repeat:  # the first call warms up
+                        times.append(time.perf_counter() - start)
+                record["points"][steps]["quiet_timing"] = {
+                    "seconds_per_image": float(np.median(times)) / len(labels),
+                    "batch": len(labels),
+                    "repeats": len(times),
+                    "threads": torch.get_num_threads(),
+                    "git_revision": git_revision(),
+                    "machine": machine_description(),
+                }
+                record.pop("provenance", None)
+                write_results(path, record)
+                done[f"{cell.name}/seed{seed}/s{steps}"] = record["points"][steps]["quiet_timing"]["seconds_per_image"]
+                print(f"[experiments] retimed {cell.name}/seed{seed} at {steps} steps", flush=True)
+    return done
+
+
 # ------------------------------------------------------------------------------ the shipped model
 
 SHIP_CANDIDATES = ("lh_off", "lh_coarse", "lh_fine", "lh_both", "p2", "p4", "p1_wide", "p1_deep")  # energy-head EAR
@@ -926,6 +993,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--report", action="store_true", help="only write results/experiments.{md,png}")
     parser.add_argument(
+        "--retime",
+        action="store_true",
+        help="time the sampling of every complete run again, alone (run it with no grid worker running)",
+    )
+    parser.add_argument("--retime-repeats", type=int, default=3)
+    parser.add_argument(
         "--length-curve",
         action="store_true",
         help="the pilot that chose the training length: lh_both, seed 0, --pilot-steps long, demo-FID per checkpoint",
@@ -970,6 +1043,10 @@ def run(args: argparse.Namespace) -> dict:
         return length_curve(args)
     if args.ship:
         return ship(args)
+    if args.retime:
+        done = retime(args)
+        write_report(results_root)
+        return done
     outcome = run_grid(args)
     write_report(results_root)
     return outcome

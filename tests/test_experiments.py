@@ -393,3 +393,19 @@ def test_ship_trains_the_cell_and_saves_it_as_the_demo_model_keeping_its_card(wo
     assert (tmp_path / "r" / "experiments_ship.json").is_file()
     with pytest.raises(ValueError, match="the grid is not complete"):
         ex.run(grid_args(workspace, "--ship", "--results-dir", str(tmp_path / "r" / "experiments")))
+
+
+def test_retime_times_every_point_alone_once_and_the_report_says_so(workspace, grid):
+    args = grid_args(workspace, "--retime", "--retime-repeats", "1")
+    done = ex.run(args)
+    assert set(done) == {"lh_off/seed0/s2", "lh_off/seed1/s2", "diffusion_head/seed0/s2", "diffusion_head/seed0/s1",
+                         "dit/seed0/s2", "dit/seed0/s1"}  # fmt: skip
+    r = record(workspace, "dit", 0)
+    quiet = r["points"]["1"]["quiet_timing"]
+    assert quiet["batch"] == 5 and quiet["repeats"] == 1 and quiet["seconds_per_image"] > 0
+    assert r["complete"] and r["points"]["1"]["seconds_per_image"] > 0  # the evaluation's timing is kept
+    assert ex.run(args) == {}  # timed once
+    assert ex.figure([r], 1, "seconds_per_image")[0] == quiet["seconds_per_image"]
+    assert "every point timed alone by `--retime` (median of 1 calls of a batch of 5" in ex.timing_note(
+        ex.load_grid(workspace / "results" / "experiments")
+    )
