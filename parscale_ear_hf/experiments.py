@@ -184,6 +184,12 @@ def load_grid_pipeline(path: Path):
     return pipe, modules
 
 
+def pipeline_classes(pipe) -> int:
+    """Number of classes: ours in the transformer's config, a DiT's in its label table (`num_embeds_ada_norm`)."""
+    config = pipe.transformer.config
+    return config.num_classes if hasattr(pipe, "lite_hybrid") else config.num_embeds_ada_norm
+
+
 def generative_parameters(pipe) -> int:
     """Parameters of what generates tokens (the VAE, shared by every cell, excluded)."""
     from .info import count_parameters
@@ -328,8 +334,7 @@ def run_one(args, cell: Cell, seed: int) -> dict:
         save()
     if "parameters" not in record:
         pipe, _ = load_grid_pipeline(pipeline)
-        config = pipe.transformer.config  # ours: num_classes; a DiT: its label table (num_embeds_ada_norm)
-        num_classes = config.num_classes if hasattr(pipe, "lite_hybrid") else config.num_embeds_ada_norm
+        num_classes = pipeline_classes(pipe)
         record["parameters"] = generative_parameters(pipe)
         record["flops_per_image"] = {
             str(k): flops_per_image(pipe, k, point_guidance(cell), num_classes) for k in sample_points(cell)
@@ -871,9 +876,7 @@ def retime(args) -> dict:
             if not todo:
                 continue
             pipe, _ = load_grid_pipeline(Path(args.work_dir) / cell.name / f"seed{seed}" / "train" / "pipeline")
-            config = pipe.transformer.config
-            num_classes = config.num_classes if hasattr(pipe, "lite_hybrid") else config.num_embeds_ada_norm
-            labels = [i % num_classes for i in range(args.eval_batch_size)]
+            labels = [i % pipeline_classes(pipe) for i in range(args.eval_batch_size)]
             for steps in todo:
                 kwargs = {"num_inference_steps": int(steps), "guidance_scale": point_guidance(cell)}
                 if hasattr(pipe, "lite_hybrid"):
