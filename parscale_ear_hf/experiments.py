@@ -636,6 +636,9 @@ def plot_report(grid: dict, path: Path) -> bool:
     stats = [figure(grid.get(n, []), EVAL_STEPS, "fid") for n in names]
     xs = np.arange(len(names))
     ax.bar(xs, [s[0] if s[2] else 0 for s in stats], yerr=[s[1] or 0 for s in stats], capsize=4, color="#4c72b0")
+    for x, stat in zip(xs, stats):
+        if not stat[2]:
+            ax.annotate("not run yet", (x, 0), ha="center", va="bottom", fontsize=8, rotation=90)
     ax.set_xticks(xs, ["off", "coarse", "fine", "both"])
     ax.set_ylabel(f"Inception FID (mean ± std, {EVAL_STEPS} steps)")
     ax.set_title("A3: LiteHybrid branches")
@@ -652,7 +655,7 @@ def plot_report(grid: dict, path: Path) -> bool:
             for sec, fid, steps in pts:
                 ax.annotate(str(steps), (sec[0], fid[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("sampling seconds per image (CPU, batch of the evaluation)")
+    ax.set_xlabel("sampling seconds per image (CPU; see the table for how timed)")
     ax.set_ylabel("Inception FID")
     ax.set_title("speed-quality (labels: steps)")
     if ax.get_legend_handles_labels()[0]:
