@@ -563,8 +563,11 @@ COMPARISONS = (
     ("ParScale: P = 4 beats P = 1 made wider to its FLOPs", "fid", "p4", "p1_wide", "p4 better"),
     ("ParScale: P = 4 beats P = 1 made deeper to its FLOPs", "fid", "p4", "p1_deep", "p4 better"),
     ("EAR: the energy head matches the diffusion head", "fid", "lh_both", "diffusion_head", "lh_both not worse"),
+    ("EAR: the energy head samples faster than the diffusion head", "seconds_per_image", "lh_both",
+     "diffusion_head", "lh_both better"),
     ("EAR against a same-size DiT", "fid", "lh_both", "dit", "lh_both not worse"),
-)
+)  # fmt: skip
+METRIC_NAMES = {"fid": ("FID", ".1f"), "seconds_per_image": ("s / image", ".4f")}
 
 
 def verdict(grid: dict, metric: str, a: str, b: str, support: str, steps: int = EVAL_STEPS) -> dict:
@@ -591,18 +594,19 @@ def verdict(grid: dict, metric: str, a: str, b: str, support: str, steps: int = 
 
 
 def claims_table(grid: dict) -> list[str]:
-    """One row per claim: both cells' FID (mean ± std), the relative change, whether it exceeds the spread, the
-    verdict (on FID, the field's metric), and the same change in demo-FID beside it (the stand-in extractor)."""
-    lines = ["| claim | A | B | FID of A | FID of B | A vs B | beyond the spread? | verdict | demo-FID A vs B "
-             "(beyond?) |", "|---|---|---|---:|---:|---:|---|---|---:|"]  # fmt: skip
+    """One row per claim: its metric, both cells' mean ± std, the relative change, whether it exceeds the spread,
+    the verdict, and for FID claims the same change in demo-FID beside it (the stand-in extractor)."""
+    lines = ["| claim | metric | A | B | A's | B's | A vs B | beyond the spread? | verdict | demo-FID A vs B "
+             "(beyond?) |", "|---|---|---|---|---:|---:|---:|---|---|---:|"]  # fmt: skip
     yes_no = {True: "yes", False: "no", None: "–"}
     for claim, metric, a, b, support in COMPARISONS:
+        name, fmt = METRIC_NAMES[metric]
         v = verdict(grid, metric, a, b, support)
-        d = verdict(grid, "demo_fid", a, b, support)
+        d = verdict(grid, "demo_fid", a, b, support) if metric == "fid" else {}
         change = f"{v['change']:+.1%}" if "change" in v else "–"
         demo = f"{d['change']:+.1%} ({yes_no[d.get('beyond_spread')]})" if "change" in d else "–"
         lines.append(
-            f"| {claim} | `{a}` | `{b}` | {_cell_text(v['a'], '.1f')} | {_cell_text(v['b'], '.1f')} | {change} | "
+            f"| {claim} | {name} | `{a}` | `{b}` | {_cell_text(v['a'], fmt)} | {_cell_text(v['b'], fmt)} | {change} | "
             f"{yes_no[v.get('beyond_spread')]} | {v['verdict']} | {demo} |"
         )
     return lines

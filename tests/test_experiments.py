@@ -312,6 +312,11 @@ def test_mean_and_spread_and_which_differences_exceed_it():
     assert ex.verdict(grid, "fid", "lh_both", "lh_fine", "lh_both better")["verdict"].startswith("within the seed")
     assert ex.verdict(grid, "fid", "p4", "lh_both", "p4 better")["verdict"].startswith("one seed only")
     assert ex.verdict(grid, "fid", "p2", "lh_both", "p2 better")["verdict"] == "not measured yet"
+    grid["diffusion_head"] = [fake_run("diffusion_head", s, 10.0, seconds=0.5 + s / 100) for s in range(3)]
+    faster = ex.verdict(grid, "seconds_per_image", "lh_both", "diffusion_head", "lh_both better")
+    assert faster["verdict"] == "supported" and faster["change"] == pytest.approx(0.1 / 0.51 - 1)
+    row = next(line for line in ex.claims_table(grid) if "samples faster" in line)
+    assert "| s / image | `lh_both` | `diffusion_head` | 1.6000 ± 0.0000 | 8.1600 ± 0.1600 |" in row
 
 
 def test_the_report_is_generated_from_the_files_with_spread_and_plots(tmp_path):
