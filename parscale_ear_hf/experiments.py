@@ -199,14 +199,20 @@ def generative_parameters(pipe) -> int:
     return count_parameters(pipe.transformer)
 
 
+def sampling_kwargs(pipe, steps: int, guidance: float) -> dict:
+    """A grid point's call arguments: steps and guidance, and our pipeline's temperature (a DiT has none)."""
+    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance}
+    if hasattr(pipe, "lite_hybrid"):
+        kwargs["temperature"] = TEMPERATURE
+    return kwargs
+
+
 def flops_per_image(pipe, steps: int, guidance: float, num_classes: int) -> float:
     """FLOPs of one image (one per class, averaged), VAE decoding included, as `torch.utils.flop_counter`
     counts them (matrix products, convolutions and attention; element-wise work is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance}
-    if hasattr(pipe, "lite_hybrid"):
-        kwargs["temperature"] = TEMPERATURE
+    kwargs = sampling_kwargs(pipe, steps, guidance)
     labels = list(range(num_classes))
     generators = [torch.Generator().manual_seed(i) for i in labels]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -234,9 +240,8 @@ def digit_scores(args, png_dir: Path, images_per_class: int, num_classes: int) -
     extractor = load_extractor("digit", classifier=args.classifier, device="cpu")
     image_size = images.shape[-1]
     extractor.check_images(images.shape[1], image_size)
-    ref_args = argparse.Namespace(**{**vars(args), "split": args.split})
     reference_from_dataset(
-        lambda: load_dataset_from_args(ref_args, args.split),
+        lambda: load_dataset_from_args(args, args.split),
         dataset_name=args.dataset,
         split=args.split,
         image_size=image_size,
@@ -885,9 +890,7 @@ def retime(args) -> dict:
             pipe, _ = load_grid_pipeline(Path(args.work_dir) / cell.name / f"seed{seed}" / "train" / "pipeline")
             labels = [i % pipeline_classes(pipe) for i in range(args.eval_batch_size)]
             for steps in todo:
-                kwargs = {"num_inference_steps": int(steps), "guidance_scale": point_guidance(cell)}
-                if hasattr(pipe, "lite_hybrid"):
-                    kwargs["temperature"] = TEMPERATURE
+                kwargs = sampling_kwargs(pipe, int(steps), point_guidance(cell))
                 times = []
                 for repeat in range(args.retime_repeats + 1):
                     generators = [torch.Generator().manual_seed(i) for i in range(len(labels))]
