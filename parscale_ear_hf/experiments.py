@@ -15,8 +15,9 @@ and a results file ``<results-dir>/<cell>/seed<k>.json`` written after every sta
 its last checkpoint when killed), parameters and FLOPs, then each sampling point (the eval driver with the
 FID Inception-v3, resumed from its saved features; demo-FID and class accuracy from the same samples).
 A run whose results file says ``complete`` is skipped; two drivers may share a grid (each run is locked by
-the process that works on it). :func:`report` turns the results files into tables and plots with the
-mean and the seed-to-seed standard deviation of every figure.
+the process that works on it). A run left unscored in an earlier sitting whose folder is gone (a new clone) is
+trained again, and its record says whether the training reproduced. :func:`report` turns the results files
+into tables and plots with the mean and the seed-to-seed standard deviation of every figure.
 """
 
 from __future__ import annotations
@@ -329,13 +330,20 @@ def run_one(args, cell: Cell, seed: int) -> dict:
     def save():
         write_results(results_path, record)
 
+    trained = (pipeline / "model_index.json").is_file()
+    unscored = "parameters" not in record or any(str(k) not in record["points"] for k in sample_points(cell))
+    lost = record.pop("train") if "train" in record and unscored and not trained else None
     if "train" not in record:
-        if not (pipeline / "model_index.json").is_file():
+        if not trained:  # a fresh run, or one whose work folder is gone (a new clone): trained again
             run_command(train_command(cell, seed, args, train_dir), run_dir / "log.txt")
         # The run's command as a fresh start gives it (a resume adds --resume latest and trains the same weights).
         argv = [a for a in train_command(cell, seed, args, train_dir) if a not in ("--resume", "latest")]
         command = "parscale-ear " + " ".join(argv)
         record["train"] = {**training_summary(train_dir), "git_revision": git_revision(), "command": command}
+        if lost is not None:
+            record["train"]["retrained"] = retrained_note(lost, record["train"])
+            if not record["train"]["retrained"]["reproduced"]:
+                record["points"] = {}  # scores of the lost weights are not mixed with the new weights' scores
         save()
     if "parameters" not in record:
         pipe, _ = load_grid_pipeline(pipeline)
@@ -352,6 +360,19 @@ def run_one(args, cell: Cell, seed: int) -> dict:
     record["complete"] = True
     save()
     return record
+
+
+def retrained_note(lost: dict, summary: dict) -> dict:
+    """What a run trained again (its work folder gone before its points were scored) says about the first
+    training: whether the same command reproduced it (the same final loss, to the last bit: seeded CPU training is
+    deterministic on one machine and torch build; another CPU may round differently)."""
+    return {
+        "reproduced": lost["final_loss"] == summary["final_loss"],
+        "lost_final_loss": lost["final_loss"],
+        "lost_git_revision": lost.get("git_revision"),
+        "what": "the first training's folder was lost before every point was scored, so the run was trained "
+        "again; when the final loss differs, the points scored from the lost weights were dropped and scored again",
+    }
 
 
 def grid_settings(args) -> dict:

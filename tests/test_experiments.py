@@ -222,6 +222,38 @@ def test_finished_runs_are_skipped_and_a_lost_point_is_scored_again_without_retr
     assert again["train"] == kept["train"]
 
 
+@pytest.mark.parametrize("same_loss", [True, False])
+def test_a_run_whose_work_folder_is_gone_is_trained_again_and_checked_against_its_record(
+    workspace, grid, tmp_path, same_loss
+):
+    """A new sitting on a fresh clone has the results files but not the runs' folders: an unscored run trains
+    again; its points are kept only when the new training reproduces the recorded final loss."""
+    kept = record(workspace, "lh_off", 1)
+    recorded = {key: value for key, value in kept.items() if key not in ("parameters", "flops_per_image")}
+    recorded["complete"] = False  # killed after its point was scored, before its parameters were counted
+    if not same_loss:
+        recorded["train"] = {**kept["train"], "final_loss": kept["train"]["final_loss"] + 1e-3}
+    path = tmp_path / "r" / "experiments" / "lh_off" / "seed1.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(recorded))
+    args = grid_args(workspace, "--cells", "lh_off", "--seeds", "1", "--work-dir", str(tmp_path / "w"),
+                     "--results-dir", str(path.parent.parent))  # fmt: skip
+    ran = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ex, "EVAL_STEPS", 2)
+        mp.setattr(ex, "run_command", lambda argv, log: ran.append(argv[0]) or in_process(argv, log))
+        assert ex.run_grid(args)["lh_off/seed1"].startswith("done")
+    again = json.loads(path.read_text())
+    note = again["train"].pop("retrained")
+    assert note["reproduced"] is same_loss and note["lost_final_loss"] == recorded["train"]["final_loss"]
+    assert again["complete"] and again["train"]["final_loss"] == kept["train"]["final_loss"]
+    assert again["parameters"] == kept["parameters"] and again["flops_per_image"] == kept["flops_per_image"]
+    # The point scored from the lost weights is kept only when the training reproduced, else scored again; seeded
+    # CPU training is deterministic on one machine, so the retrained weights give the first run's samples.
+    assert ran == (["train"] if same_loss else ["train", "eval"])
+    assert again["points"]["2"]["metrics"] == kept["points"]["2"]["metrics"]
+
+
 def test_a_run_written_with_other_settings_is_refused(workspace, grid):
     args = grid_args(workspace, "--cells", "lh_off", "--seeds", "0", "--images-per-class", "2")
     path = workspace / "results" / "experiments" / "lh_off" / "seed0.json"
