@@ -101,6 +101,11 @@ for stage in $STAGES; do
         --images-per-class 50 --steps 16 --guidance 3.0 --temperature 0.7 --seed 0 \
         --results-file results/demo_class_accuracy.json ;;
     grid)  # the evidence grid (examples/experiments.py): two one-thread workers share it; resumable, finished runs skipped
+      [ -f data/mnist_demo/dataset_dict.json ] || PY=$PY bash examples/train_demo.sh data
+      # On a fresh clone, the latents come from the shipped model's VAE: the weights that the vae stage trained
+      # (a 20-step run on these latents logs the length pilot's losses to the bit), without retraining it.
+      [ -f runs/demo_latents/cache_info.json ] || $PY examples/cache_latents.py --vae models/mnist_demo \
+        --vae-subfolder vae --dataset data/mnist_demo --split train --output-dir runs/demo_latents --image-size 32 --no-hflip
       OMP_NUM_THREADS=1 $PY examples/experiments.py & OMP_NUM_THREADS=1 $PY examples/experiments.py; wait
       $PY examples/experiments.py --retime ;;  # the sampling timed again, alone
     ship)  # the grid's best energy-head cell retrained with the grid's recipe (4,000 steps) as models/mnist_demo
