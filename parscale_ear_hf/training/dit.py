@@ -38,9 +38,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import functools
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -230,37 +229,18 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
     Returns the trained model (the live weights; the saved pipeline holds the EMA weights).
     """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
-    from ..data import batch_indices, derived_seed
+    from ..data import derived_seed
     from ..info import count_parameters
-    from .checkpointing import (
-        JsonlLog,
-        check_supported,
-        list_checkpoints,
-        load_checkpoint,
-        resolve_resume,
-        save_checkpoint,
-        write_json_atomic,
-    )
-    from .latent_cache import load_latent_cache, load_vae, sample_latents
+    from . import loop
+    from .checkpointing import JsonlLog
+    from .latent_cache import load_vae
 
     _validate(args)
     output_dir = Path(args.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
-    resume_from = resolve_resume(args.resume, checkpoint_dir)  # fails before any work when nothing to resume
-    if resume_from is None and list_checkpoints(checkpoint_dir):
-        raise FileExistsError(
-            f"{checkpoint_dir} already holds checkpoints; pass --resume latest to continue that run, or another "
-            "--output-dir (a fresh start would overwrite them)."
-        )
+    resume_from = loop.resume_point(args.resume, output_dir)
     compared = compared_parameters(args.compare_parameters) if args.compare_parameters else None
-    dataset, info = load_latent_cache(args.latents)
-    if args.batch_size > len(dataset):
-        raise ValueError(
-            f"train-dit: `--batch-size` must be at most the {len(dataset)} examples of the latent cache "
-            f"{args.latents!r}, got {args.batch_size}."
-        )
+    dataset, info = loop.load_latents("train-dit", args.latents, args.batch_size)
     schedule = recipe.Recipe(
         lr=args.lr,
         effective_batch_size=args.batch_size,
@@ -271,12 +251,7 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
         min_lr=args.min_lr,
     )
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu or not torch.cuda.is_available())
-    check_supported(accelerator)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if args.batch_size % world:
-        raise ValueError(
-            f"train-dit: `--batch-size` must be divisible by the {world} processes, got {args.batch_size}."
-        )
+    loop.check_processes("train-dit", accelerator, args.batch_size)
     vae = load_vae(args.vae or info["vae"])  # loaded up front: a wrong path fails now, not after training
     torch.manual_seed(args.seed)
     model = DiTTrainingModel(build_transformer(info, args), args.class_dropout_prob)
@@ -287,6 +262,7 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     parts = {"model": model, "optimizer": optimizer, "ema": ema}
+    sample = functools.partial(_ema_pipeline, unwrapped, ema, vae, info, args)
 
     log = JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
     parameters = {"dit_transformer": count_parameters(unwrapped.transformer)}
@@ -295,59 +271,30 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
         parameters["ratio_to_compared"] = parameters["dit_transformer"] / compared["generator_total"]
     # `parscale-ear train-dit` puts its handler function in the namespace (`set_defaults(func=...)`).
     this_run = {"args": {k: v for k, v in vars(args).items() if not callable(v)}}
-    start_step = 0
+    start_step = loop.load_resume(accelerator, resume_from, log, parts)
     if resume_from is not None:
-        with recipe.flags_win(optimizer, ema):
-            start_step = load_checkpoint(accelerator, resume_from, **parts)["step"]
-        log.truncate_after(start_step)
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config_path = output_dir / "run_config.json"
-        run_config = {
-            **this_run,
-            "transformer": {k: v for k, v in unwrapped.transformer.config.items() if not k.startswith("_")},
-            "noise_schedule": NOISE_SCHEDULE,
-            "latent_scaling": LATENT_SCALING,
-            "parameters": parameters,
-            "latent_cache": info,
-        }
-        if resume_from is None:
-            log.path.unlink(missing_ok=True)
-        elif config_path.is_file():
-            run_config = json.loads(config_path.read_text(encoding="utf-8"))
-            earlier = [r for r in run_config.get("resumes", []) if r["step"] < start_step]
-            run_config["resumes"] = [*earlier, {"step": start_step, **this_run}]
-        write_json_atomic(config_path, run_config)
+    details = {
+        "transformer": {k: v for k, v in unwrapped.transformer.config.items() if not k.startswith("_")},
+        "noise_schedule": NOISE_SCHEDULE,
+        "latent_scaling": LATENT_SCALING,
+        "parameters": parameters,
+        "latent_cache": info,
+    }
+    loop.write_run_config(accelerator, output_dir, log, this_run, details, start_step, resumed=resume_from is not None)
     accelerator.print(
         f"DiT: {parameters['dit_transformer']:,} parameters"
         + (f"; compared generator: {compared['generator_total']:,}" if compared else "")
     )
 
-    per_rank = args.batch_size // world
-    scale = info["scaling_factor"]
-    hflip = bool(info.get("hflip"))
-    progress = tqdm(
-        range(start_step, schedule.max_steps),
-        initial=start_step,
-        total=schedule.max_steps,
-        disable=not accelerator.is_main_process,
-        desc="train-dit",
-    )
-    start_time = time.perf_counter()
-    for step in progress:
+    steps = loop.Steps(accelerator, args, log, parts, sample, start_step, schedule.max_steps, "train-dit")
+    for step in steps:
         model.train()
         lr = schedule.lr_at(step)
         recipe.set_lr(optimizer, lr)
-        generator = torch.Generator().manual_seed(derived_seed(args.seed, step, 0, rank))
-        global_batch = batch_indices(len(dataset), args.batch_size, step, args.seed)
-        batch = dataset[global_batch[rank * per_rank : (rank + 1) * per_rank].tolist()]
-        moments = batch["moments"]
-        if hflip:  # each example: the flipped image's moments with probability 1/2
-            flip = torch.rand(per_rank, generator=generator) < 0.5
-            moments = torch.where(flip[:, None, None, None], batch["moments_flip"], moments)
-        latents = sample_latents(moments, scale, 0.0, generator).to(accelerator.device)  # see LATENT_SCALING
-        labels = batch["label"].long().to(accelerator.device)
+        generator = torch.Generator().manual_seed(derived_seed(args.seed, step, 0, accelerator.process_index))
+        # shift_factor 0.0: the DiT learns z * scaling_factor (LATENT_SCALING)
+        latents, labels = loop.read_batch(accelerator, dataset, info, step, generator, args.batch_size, args.seed, 0.0)
         loss = model(latents, labels, generator=generator)  # the prepared model autocasts (bf16)
         accelerator.backward(loss)
         if args.grad_clip > 0:
@@ -356,26 +303,9 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
         optimizer.zero_grad(set_to_none=True)
         ema.step(unwrapped.parameters())
         step_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-        done = step + 1
-        progress.set_postfix(loss=f"{step_loss:.4f}")
-        if done % args.log_every == 0 or done == schedule.max_steps or done == start_step + 1:
-            log.write(
-                {"step": done, "loss": step_loss, "lr": lr, "seconds": round(time.perf_counter() - start_time, 3)}
-            )
-        if done % args.checkpoint_every == 0 or done == schedule.max_steps:
-            save_checkpoint(
-                accelerator, checkpoint_dir, done, {"log": str(log.path)}, **parts, keep=args.keep_checkpoints
-            )
-        if args.sample_every and done % args.sample_every == 0 and accelerator.is_main_process:
-            _ema_pipeline(unwrapped, ema, vae, info, args, output_dir / "samples" / f"step-{done:08d}.png")
-        accelerator.wait_for_everyone()
+        steps.end(step, step_loss, {"lr": lr})
 
-    if accelerator.is_main_process:
-        pipe = _ema_pipeline(unwrapped, ema, vae, info, args, output_dir / "samples" / "final.png")
-        pipe.save_pretrained(output_dir / "pipeline")
-        accelerator.print(f"saved the EMA DiTPipeline to {output_dir / 'pipeline'}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    loop.save_final_pipeline(accelerator, sample, output_dir, "DiTPipeline")
     return unwrapped
 
 
@@ -383,7 +313,7 @@ def _ema_pipeline(model: DiTTrainingModel, ema, vae, info: dict, args, grid_path
     """A DiTPipeline holding a copy of the EMA weights, and a sample grid (one image per class) from it."""
     from diffusers import DiTPipeline, DPMSolverMultistepScheduler
 
-    from ..image_grid import labelled_grid
+    from .loop import save_sample_grid
 
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
@@ -394,13 +324,6 @@ def _ema_pipeline(model: DiTTrainingModel, ema, vae, info: dict, args, grid_path
     pipe = DiTPipeline(transformer, vae.to(transformer.device).eval(), scheduler, id2label=id2label)
     if id2label is not None:  # DiTPipeline takes id2label but does not register it: saved only this way
         pipe.register_to_config(id2label=id2label)
-    pipe.set_progress_bar_config(disable=True)
-    labels = list(range(min(10, info["num_classes"])))
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(labels))]
-    images = pipe(
-        labels, num_inference_steps=args.sample_steps, guidance_scale=args.sample_guidance, generator=generators
-    ).images
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
-    names = [id2label[i].split(",")[0] if id2label else str(i) for i in labels]
-    labelled_grid(images, names).save(grid_path)
+    caption = (lambda i: id2label[i].split(",")[0]) if id2label else str
+    save_sample_grid(pipe, info["num_classes"], args, grid_path, caption)
     return pipe

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -140,37 +140,18 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     Returns the trained model (the live weights; the saved pipeline holds the EMA weights).
     """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
-    from ..data import batch_indices, derived_seed
-    from .checkpointing import (
-        JsonlLog,
-        check_supported,
-        list_checkpoints,
-        load_checkpoint,
-        resolve_resume,
-        save_checkpoint,
-        write_json_atomic,
-    )
-    from .latent_cache import load_latent_cache, load_vae, sample_latents
+    from ..data import derived_seed
+    from . import loop
+    from .checkpointing import JsonlLog
+    from .latent_cache import load_vae
 
     _validate(args)
     output_dir = Path(args.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
-    resume_from = resolve_resume(args.resume, checkpoint_dir)  # fails before any work when nothing to resume
-    if resume_from is None and list_checkpoints(checkpoint_dir):
-        raise FileExistsError(
-            f"{checkpoint_dir} already holds checkpoints; pass --resume latest to continue that run, or another "
-            "--output-dir (a fresh start would overwrite them)."
-        )
+    resume_from = loop.resume_point(args.resume, output_dir)
     with open(args.model_config, encoding="utf-8") as f:
         model_config = json.load(f)
-    dataset, info = load_latent_cache(args.latents)
-    if args.batch_size > len(dataset):
-        raise ValueError(
-            f"train: `--batch-size` must be at most the {len(dataset)} examples of the latent cache {args.latents!r}, "
-            f"got {args.batch_size}."
-        )
+    dataset, info = loop.load_latents("train", args.latents, args.batch_size)
     schedule = recipe.resolve(args, len(dataset))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -179,10 +160,7 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
         # would train alone as rank 0.
         cpu=args.cpu or not torch.cuda.is_available(),
     )
-    check_supported(accelerator)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if args.batch_size % world:
-        raise ValueError(f"train: `--batch-size` must be divisible by the {world} processes, got {args.batch_size}.")
+    loop.check_processes("train", accelerator, args.batch_size)
     vae = load_vae(args.vae or info["vae"])  # loaded up front: a wrong path fails now, not after training
     torch.manual_seed(args.seed)
     lite_hybrid, transformer, energy_head = build_components(model_config, info, args)
@@ -200,6 +178,7 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     parts = {"model": model, "optimizer": optimizer, "ema": ema}
+    sample = functools.partial(_save_ema_pipeline, unwrapped, ema, vae, info, args)
 
     log = JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
     # `parscale-ear train` puts its handler function in the namespace (`set_defaults(func=...)`).
@@ -207,58 +186,29 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
         "args": {k: v for k, v in vars(args).items() if not callable(v)},
         "resolved": dataclasses.asdict(schedule),
     }
-    start_step = 0
+    start_step = loop.load_resume(accelerator, resume_from, log, parts)
     if resume_from is not None:
-        with recipe.flags_win(optimizer, ema):
-            start_step = load_checkpoint(accelerator, resume_from, **parts)["step"]
-        log.truncate_after(start_step)
         accelerator.print(
             f"resumed from {resume_from} at step {start_step}: lr {schedule.lr_at(start_step):.3g} "
             f"(peak {schedule.lr:.3g}), energy lambda {args.energy_lambda}"
         )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config_path = output_dir / "run_config.json"
-        run_config = {**this_run, "model_config": model_config, "latent_cache": info}
-        if resume_from is None:
-            log.path.unlink(missing_ok=True)
-        elif config_path.is_file():  # each resume adds its flags: EAR's second phase is a resume with new ones
-            run_config = json.loads(config_path.read_text(encoding="utf-8"))
-            earlier = [r for r in run_config.get("resumes", []) if r["step"] < start_step]
-            run_config["resumes"] = [*earlier, {"step": start_step, **this_run}]
-        write_json_atomic(config_path, run_config)
+    details = {"model_config": model_config, "latent_cache": info}
+    loop.write_run_config(accelerator, output_dir, log, this_run, details, start_step, resumed=resume_from is not None)
 
-    per_rank = args.batch_size // world
-    scale, shift = info["scaling_factor"], info["shift_factor"]
-    hflip = bool(info.get("hflip"))
-    progress = tqdm(
-        range(start_step, schedule.max_steps),
-        initial=start_step,
-        total=schedule.max_steps,
-        disable=not accelerator.is_main_process,
-        desc="train",
-    )
-    start_time = time.perf_counter()
-    for step in progress:
+    steps = loop.Steps(accelerator, args, log, parts, sample, start_step, schedule.max_steps, "train")
+    for step in steps:
         model.train()
         lr = schedule.lr_at(step)
         recipe.set_lr(optimizer, lr)
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(args.gradient_accumulation_steps):
-            seed = derived_seed(args.seed, step, micro, rank)
+            seed = derived_seed(args.seed, step, micro, accelerator.process_index)
             torch.manual_seed(seed)  # dropout draws from the global generator
             generator = torch.Generator().manual_seed(seed)
-            # This rank's slice of the global batch; the order is a function of (seed, batch index).
-            global_batch = batch_indices(
-                len(dataset), args.batch_size, step * args.gradient_accumulation_steps + micro, args.seed
+            index = step * args.gradient_accumulation_steps + micro  # each micro-batch is a global batch of its own
+            latents, labels = loop.read_batch(
+                accelerator, dataset, info, index, generator, args.batch_size, args.seed, info["shift_factor"]
             )
-            batch = dataset[global_batch[rank * per_rank : (rank + 1) * per_rank].tolist()]
-            moments = batch["moments"]
-            if hflip:  # each example: the flipped image's moments with probability 1/2
-                flip = torch.rand(per_rank, generator=generator) < 0.5
-                moments = torch.where(flip[:, None, None, None], batch["moments_flip"], moments)
-            latents = sample_latents(moments, scale, shift, generator).to(accelerator.device)
-            labels = batch["label"].long().to(accelerator.device)
             with accelerator.accumulate(model):
                 loss = model(latents, labels, generator=generator)  # the prepared model autocasts (bf16)
                 accelerator.backward(loss)
@@ -269,39 +219,17 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
             step_loss += loss.detach() / args.gradient_accumulation_steps
         ema.step(unwrapped.parameters())
         step_loss = accelerator.reduce(step_loss, reduction="mean").item()
-        done = step + 1
-        progress.set_postfix(loss=f"{step_loss:.4f}")
-        if done % args.log_every == 0 or done == schedule.max_steps or done == start_step + 1:
-            log.write(
-                {
-                    "step": done,
-                    "loss": step_loss,
-                    "lr": lr,  # of this update, before the groups' scales (the head's: lr * --head-lr-scale)
-                    "energy_lambda": args.energy_lambda,
-                    "seconds": round(time.perf_counter() - start_time, 3),
-                }
-            )
-        if done % args.checkpoint_every == 0 or done == schedule.max_steps:
-            save_checkpoint(
-                accelerator, checkpoint_dir, done, {"log": str(log.path)}, **parts, keep=args.keep_checkpoints
-            )
-        if args.sample_every and done % args.sample_every == 0 and accelerator.is_main_process:
-            _save_ema_pipeline(unwrapped, ema, vae, info, args, output_dir / "samples" / f"step-{done:08d}.png")
-        accelerator.wait_for_everyone()
+        # lr: of this update, before the groups' scales (the head's: lr * --head-lr-scale).
+        steps.end(step, step_loss, {"lr": lr, "energy_lambda": args.energy_lambda})
 
-    if accelerator.is_main_process:
-        pipe = _save_ema_pipeline(unwrapped, ema, vae, info, args, output_dir / "samples" / "final.png")
-        pipe.save_pretrained(output_dir / "pipeline")
-        accelerator.print(f"saved the EMA pipeline to {output_dir / 'pipeline'}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    loop.save_final_pipeline(accelerator, sample, output_dir, "pipeline")
     return unwrapped
 
 
 def _save_ema_pipeline(model: EARTrainingModel, ema, vae, info: dict, args, grid_path: Path):
     """A pipeline holding copies of the EMA weights, and a sample grid (one image per class) from it."""
-    from ..image_grid import labelled_grid
     from ..pipeline_parscale_ear import ParScaleEARPipeline
+    from .loop import save_sample_grid
 
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
@@ -309,12 +237,6 @@ def _save_ema_pipeline(model: EARTrainingModel, ema, vae, info: dict, args, grid
     ema.restore(model.parameters())
     id2label = {int(k): v for k, v in info["id2label"].items()} if info.get("id2label") else None
     pipe = ParScaleEARPipeline(vae.to(parts[0].device), *parts, id2label=id2label)
-    pipe.set_progress_bar_config(disable=True)
-    labels = list(range(min(10, info["num_classes"])))
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(labels))]
-    images = pipe(
-        labels, num_inference_steps=args.sample_steps, guidance_scale=args.sample_guidance, generator=generators
-    ).images
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
-    labelled_grid(images, [pipe.id2label[i] if pipe.id2label else str(i) for i in labels]).save(grid_path)
+    caption = (lambda i: pipe.id2label[i]) if pipe.id2label else str
+    save_sample_grid(pipe, info["num_classes"], args, grid_path, caption)
     return pipe

@@ -1,0 +1,221 @@
+"""The steps that generator training (``generator.run``) and the DiT baseline (``dit.run``) share around their
+own models and losses: where a run starts (fresh or ``--resume``), the latent cache and this rank's slice of
+each global batch, the run's record, and what follows each optimizer update (log, checkpoint, sample grid).
+
+``owner`` names the command in error messages (``train``, ``train-dit``). Every random draw comes from a
+generator the caller seeds from (seed, step, ...), so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import batch_indices
+from ..image_grid import labelled_grid
+from . import latent_cache, recipe
+from .checkpointing import (
+    JsonlLog,
+    check_supported,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    write_json_atomic,
+)
+
+
+def checkpoint_dir(output_dir: Path) -> Path:
+    """Where a run in ``output_dir`` keeps its checkpoints."""
+    return output_dir / "checkpoints"
+
+
+def resume_point(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint that ``--resume`` names, or None for a fresh start.
+
+    Raises before any work when there is nothing to resume, and for a fresh start over a run's checkpoints.
+    """
+    checkpoints = checkpoint_dir(output_dir)
+    resume_from = resolve_resume(resume, checkpoints)
+    if resume_from is None and list_checkpoints(checkpoints):
+        raise FileExistsError(
+            f"{checkpoints} already holds checkpoints; pass --resume latest to continue that run, or another "
+            "--output-dir (a fresh start would overwrite them)."
+        )
+    return resume_from
+
+
+def load_latents(owner: str, latents: str, batch_size: int):
+    """The latent cache at ``latents``, ``(dataset, info)``; raises when it has fewer than ``batch_size`` examples."""
+    dataset, info = latent_cache.load_latent_cache(latents)
+    if batch_size > len(dataset):
+        raise ValueError(
+            f"{owner}: `--batch-size` must be at most the {len(dataset)} examples of the latent cache {latents!r}, "
+            f"got {batch_size}."
+        )
+    return dataset, info
+
+
+def check_processes(owner: str, accelerator, batch_size: int) -> None:
+    """Raise for a sharded distributed type, and when the processes cannot split ``batch_size`` evenly."""
+    check_supported(accelerator)
+    world = accelerator.num_processes
+    if batch_size % world:
+        raise ValueError(f"{owner}: `--batch-size` must be divisible by the {world} processes, got {batch_size}.")
+
+
+def load_resume(accelerator, resume_from: Path | None, log: JsonlLog, parts: dict) -> int:
+    """The step to start from: 0, or that of ``resume_from`` after loading it into ``parts``.
+
+    Args:
+        parts: ``model``, ``optimizer`` and ``ema``, as :func:`~.checkpointing.load_checkpoint` takes them; this
+            run's flags win over the checkpoint's lr and EMA rate (:func:`~.recipe.flags_win`).
+    """
+    if resume_from is None:
+        return 0
+    with recipe.flags_win(parts["optimizer"], parts["ema"]):
+        start_step = load_checkpoint(accelerator, resume_from, **parts)["step"]
+    log.truncate_after(start_step)  # the later steps are trained again
+    return start_step
+
+
+def write_run_config(
+    accelerator, output_dir: Path, log: JsonlLog, this_run: dict, details: dict, start_step: int, resumed: bool
+) -> None:
+    """Write ``<output_dir>/run_config.json`` (main process only): ``{**this_run, **details}`` on a fresh start,
+    which also clears an old log; on a resume, the first run's record with ``this_run`` appended to its
+    ``resumes`` (each resume adds its flags: EAR's second phase is a resume with new ones).
+
+    Args:
+        this_run: ``{"args": ...}`` and whatever else the flags resolve to.
+        details: what the run is (model config, latent cache, ...).
+    """
+    if not accelerator.is_main_process:
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = output_dir / "run_config.json"
+    run_config = {**this_run, **details}
+    if not resumed:
+        log.path.unlink(missing_ok=True)
+    elif config_path.is_file():
+        run_config = json.loads(config_path.read_text(encoding="utf-8"))
+        earlier = [r for r in run_config.get("resumes", []) if r["step"] < start_step]
+        run_config["resumes"] = [*earlier, {"step": start_step, **this_run}]
+    write_json_atomic(config_path, run_config)
+
+
+def read_batch(
+    accelerator,
+    dataset,
+    info: dict,
+    index: int,
+    generator: torch.Generator,
+    batch_size: int,
+    seed: int,
+    shift_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's slice of global batch ``index``, as sampled latents and labels.
+
+    The global batch is :func:`~parscale_ear_hf.data.batch_indices` of ``(seed, index)``; process ``r`` of ``world``
+    reads its ``r``-th ``batch_size // world`` examples. ``generator`` draws, in this order, the h-flips (when the
+    cache has them) and the posterior noise.
+
+    Returns:
+        latents `(batch_size // world, C, h, w)`, ``(z - shift_factor) * info["scaling_factor"]``, and labels
+        `(batch_size // world,)`, both on the accelerator's device.
+    """
+    per_rank, rank = batch_size // accelerator.num_processes, accelerator.process_index
+    global_batch = batch_indices(len(dataset), batch_size, index, seed)
+    batch = dataset[global_batch[rank * per_rank : (rank + 1) * per_rank].tolist()]
+    moments = batch["moments"]
+    if info.get("hflip"):  # each example: the flipped image's moments with probability 1/2
+        flip = torch.rand(per_rank, generator=generator) < 0.5
+        moments = torch.where(flip[:, None, None, None], batch["moments_flip"], moments)
+    latents = latent_cache.sample_latents(moments, info["scaling_factor"], shift_factor, generator)
+    return latents.to(accelerator.device), batch["label"].long().to(accelerator.device)
+
+
+class Steps:
+    """The optimizer updates ``start_step .. max_steps - 1`` of a run, with a progress bar on the main process, and
+    what is due after each (:meth:`end`).
+
+    Args:
+        args: the flags ``--output-dir``, ``--log-every``, ``--checkpoint-every``, ``--keep-checkpoints`` and
+            ``--sample-every``.
+        log: the run's training log.
+        parts: ``model``, ``optimizer`` and ``ema``, as :func:`~.checkpointing.save_checkpoint` takes them.
+        sample: ``sample(grid_path)`` makes a pipeline of the EMA weights and saves its sample grid there.
+        desc: the progress bar's label.
+    """
+
+    def __init__(self, accelerator, args, log: JsonlLog, parts: dict, sample, start_step: int, max_steps: int, desc):
+        self.accelerator, self.args, self.log, self.parts, self.sample = accelerator, args, log, parts, sample
+        self.start_step, self.max_steps = start_step, max_steps
+        self.progress = tqdm(
+            range(start_step, max_steps),
+            initial=start_step,
+            total=max_steps,
+            disable=not accelerator.is_main_process,
+            desc=desc,
+        )
+        self.start_time = time.perf_counter()
+
+    def __iter__(self):
+        return iter(self.progress)
+
+    def end(self, step: int, loss: float, record: dict) -> None:
+        """After update ``step``: the log line, the checkpoint and the sample grid that are due; then wait for every
+        process.
+
+        A line ``{"step": step + 1, "loss": loss, **record, "seconds": ...}`` every ``--log-every`` updates and at the
+        first and last; a checkpoint every ``--checkpoint-every`` and at the last; a sample grid every
+        ``--sample-every`` when that is set.
+        """
+        accelerator, args, done = self.accelerator, self.args, step + 1
+        output_dir = Path(args.output_dir)
+        self.progress.set_postfix(loss=f"{loss:.4f}")
+        if done % args.log_every == 0 or done == self.max_steps or done == self.start_step + 1:
+            seconds = round(time.perf_counter() - self.start_time, 3)
+            self.log.write({"step": done, "loss": loss, **record, "seconds": seconds})
+        if done % args.checkpoint_every == 0 or done == self.max_steps:
+            checkpoints = checkpoint_dir(output_dir)
+            save_checkpoint(
+                accelerator, checkpoints, done, {"log": str(self.log.path)}, **self.parts, keep=args.keep_checkpoints
+            )
+        if args.sample_every and done % args.sample_every == 0 and accelerator.is_main_process:
+            self.sample(output_dir / "samples" / f"step-{done:08d}.png")
+        accelerator.wait_for_everyone()
+
+
+def save_sample_grid(pipe, num_classes: int, args, grid_path: Path, caption) -> None:
+    """Save a grid of one image for each of the first (up to 10) classes to ``grid_path``.
+
+    Image ``i`` is sampled from generator ``args.seed + i`` with ``--sample-steps`` and ``--sample-guidance``, so
+    the grids of a run show how the same draws change as it trains; ``caption(class_id)`` is written under it.
+    """
+    pipe.set_progress_bar_config(disable=True)
+    labels = list(range(min(10, num_classes)))
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(labels))]
+    images = pipe(
+        labels, num_inference_steps=args.sample_steps, guidance_scale=args.sample_guidance, generator=generators
+    ).images
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    labelled_grid(images, [caption(i) for i in labels]).save(grid_path)
+
+
+def save_final_pipeline(accelerator, sample, output_dir: Path, name: str) -> None:
+    """Save the EMA pipeline that ``sample`` makes (with its last grid) to ``<output_dir>/pipeline``; end training.
+
+    Args:
+        name: what the saved pipeline is called in the message ("pipeline", "DiTPipeline").
+    """
+    if accelerator.is_main_process:
+        pipe = sample(output_dir / "samples" / "final.png")
+        pipe.save_pretrained(output_dir / "pipeline")
+        accelerator.print(f"saved the EMA {name} to {output_dir / 'pipeline'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
