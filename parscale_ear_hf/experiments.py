@@ -489,8 +489,8 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
-def figure(runs: list[dict], steps: int, key: str) -> tuple[float, float | None, int]:
-    """Mean, std and count over the runs of one figure at one sampling point; keys as in the tables."""
+def seed_values(runs: list[dict], steps: int, key: str) -> list[float]:
+    """One figure at one sampling point, one value per run that has it; keys as in the tables."""
     values = []
     for run in runs:
         point = run["points"].get(str(steps))
@@ -504,8 +504,14 @@ def figure(runs: list[dict], steps: int, key: str) -> tuple[float, float | None,
             values.append(run["parameters"])
         else:
             values.append(point["metrics"].get(key))
+    return [v for v in values if v is not None]
+
+
+def figure(runs: list[dict], steps: int, key: str) -> tuple[float, float | None, int]:
+    """Mean, std and count over the runs of one figure at one sampling point (:func:`seed_values`)."""
+    values = seed_values(runs, steps, key)
     mean, std = mean_std(values)
-    return mean, std, len([v for v in values if v is not None])
+    return mean, std, len(values)
 
 
 def differs(a: tuple, b: tuple) -> bool | None:
@@ -665,12 +671,17 @@ def plot_report(grid: dict, path: Path) -> bool:
     names = GROUPS["lite_hybrid"]
     stats = [figure(grid.get(n, []), EVAL_STEPS, "fid") for n in names]
     xs = np.arange(len(names))
-    ax.bar(xs, [s[0] if s[2] else 0 for s in stats], yerr=[s[1] or 0 for s in stats], capsize=4, color="#4c72b0")
-    for x, stat in zip(xs, stats):
-        if not stat[2]:
-            ax.annotate("not run yet", (x, 0), ha="center", va="bottom", fontsize=8, rotation=90)
+    # An error bar only where there is a spread (two seeds or more); each seed's own FID drawn over its bar.
+    yerr = [s[1] if s[1] is not None else np.nan for s in stats]
+    ax.bar(xs, [s[0] if s[2] else 0 for s in stats], yerr=yerr, capsize=4, color="#4c72b0")
+    for x, name, stat in zip(xs, names, stats):
+        seeds = seed_values(grid.get(name, []), EVAL_STEPS, "fid")
+        ax.plot([x] * len(seeds), seeds, "o", color="black", markersize=3)
+        text = f"n = {stat[2]}" if stat[2] else "not run yet"
+        ax.annotate(text, (x, 0), xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=8,
+                    color="white" if stat[2] else "black", rotation=0 if stat[2] else 90)  # fmt: skip
     ax.set_xticks(xs, ["off", "coarse", "fine", "both"])
-    ax.set_ylabel(f"Inception FID (mean ± std, {EVAL_STEPS} steps)")
+    ax.set_ylabel(f"Inception FID (mean ± std, dots: seeds; {EVAL_STEPS} steps)")
     ax.set_title("A3: LiteHybrid branches")
     ax = axes[1]
     for name, marker in zip(GROUPS["head"], "osD"):
