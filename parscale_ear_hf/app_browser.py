@@ -10,10 +10,11 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from .cli import cli_process
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -44,9 +45,12 @@ def serve(model: str, port: int, log_path: str | os.PathLike, timeout: float = 1
         RuntimeError: the server exited or did not answer within `timeout`; the message has its log's tail.
     """
     log = open(log_path, "w", encoding="utf-8")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    argv, env = cli_process(
+        "app", "--model", model, "--port", str(port),
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
     process = subprocess.Popen(
-        [sys.executable, "-m", "parscale_ear_hf.cli", "app", "--model", model, "--port", str(port)],
+        argv,
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

@@ -42,6 +42,7 @@ from typing import Callable
 
 import torch
 
+from .cli import cli_process
 from .reference_ear import DEMO_CONFIG, MID_CONFIG, ReferenceUnavailable
 
 GUIDANCE, TEMPERATURE = 3.0, 0.7
@@ -397,9 +398,8 @@ def run_cli(command: str, flags: list[str]) -> dict:
     Raises:
         RuntimeError: it failed; the message has its last line of error output.
     """
-    with subprocess.Popen(
-        [sys.executable, "-m", "parscale_ear_hf.cli", command, *flags], stderr=subprocess.PIPE, text=True
-    ) as process:
+    argv, env = cli_process(command, *flags)
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env) as process:
         last = ""
         for line in process.stderr:
             sys.stderr.write(line)

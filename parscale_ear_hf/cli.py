@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import PIL.Image
 import torch
@@ -34,6 +35,23 @@ from .models._checks import check_float, check_int
 # Errors whose message says what to fix; anything else (AttributeError, TypeError, a RuntimeError
 # from torch, ...) is more likely a bug, and its one line says how to get the traceback.
 USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def cli_process(*argv: str, env: dict | None = None) -> tuple[list[str], dict]:
+    """The command line and environment that run ``parscale-ear <argv>`` in a fresh process on this very code.
+
+    ``python -m`` alone puts the working directory first on ``sys.path``: a driver started from one checkout,
+    in another checkout's folder, would train and score with the other's code while recording its own
+    revision. ``-P`` keeps the working directory off the path and this package's root leads ``PYTHONPATH``.
+
+    Args:
+        argv: the subcommand and its flags.
+        env: the environment to start from (default: this process's).
+    """
+    env = dict(os.environ if env is None else env)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    return [sys.executable, "-P", "-m", "parscale_ear_hf.cli", *argv], env
 
 
 def error_line(error: BaseException) -> str:

@@ -28,12 +28,13 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .cli import cli_process
 
 GRID_STEPS = 600  # training steps per run, chosen from the pilot (`--length-curve`): see the README
 SEEDS = (0, 1, 2)
@@ -138,7 +139,8 @@ def train_command(cell: Cell, seed: int, args, train_dir: Path) -> list[str]:
 
 
 def run_command(argv: list[str], log_path: Path) -> None:
-    """``python -m parscale_ear_hf.cli <argv>`` in a fresh process, its output appended to `log_path`.
+    """``parscale-ear <argv>`` in a fresh process on this code (:func:`cli_process`), its output appended to
+    `log_path`.
 
     Raises:
         RuntimeError: it failed; the message has its last line of output and where the rest is.
@@ -147,7 +149,8 @@ def run_command(argv: list[str], log_path: Path) -> None:
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n$ parscale-ear {' '.join(argv)}\n")
         log.flush()
-        code = subprocess.call([sys.executable, "-m", "parscale_ear_hf.cli", *argv], stdout=log, stderr=log)
+        command, env = cli_process(*argv)
+        code = subprocess.call(command, stdout=log, stderr=log, env=env)
     if code:
         lines = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         raise RuntimeError(f"`parscale-ear {argv[0]}` failed (exit {code}): {lines[-1] if lines else ''} "

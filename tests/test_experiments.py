@@ -446,3 +446,16 @@ def test_retime_times_every_point_alone_once_and_the_report_says_so(workspace, g
     assert "every point timed alone by `--retime` (median of 1 calls of a batch of 5" in ex.timing_note(
         ex.load_grid(workspace / "results" / "experiments")
     )
+
+
+def test_runs_use_the_drivers_code_not_a_package_in_the_working_directory(tmp_path, monkeypatch):
+    """A driver started in another checkout's folder trains with its own code (the revision it records)."""
+    impostor = tmp_path / "parscale_ear_hf"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("")
+    (impostor / "cli.py").write_text("print('the impostor ran')\nraise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "log.txt"
+    ex.run_command(["info", "--help"], log)
+    text = log.read_text()
+    assert "impostor" not in text and "--model" in text
