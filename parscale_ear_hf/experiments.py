@@ -739,6 +739,20 @@ def provenance_lines(grid: dict) -> list[str]:
     return [f"Revisions: {', '.join(revisions) or '–'}; machines: {', '.join(machines) or '–'}."]
 
 
+def compute_line(grid: dict) -> str | None:
+    """The grid's compute so far: training and sampling hours summed over the complete runs that record them."""
+    runs = [r for runs in grid.values() for r in runs if "train" in r]
+    if not runs:
+        return None
+    train = sum(r["train"]["seconds"] for r in runs)
+    sampling = sum(p["timing"]["sampling_seconds"] for r in runs for p in r["points"].values())
+    these = f"these {len(runs)} runs" if len(runs) > 1 else "this 1 run"
+    return (f"Compute of {these}: {train / 3600:.1f} h of training and {sampling / 3600:.1f} h of "
+            "sampling, summed over runs (each on one CPU thread beside a second worker: two workers take about "
+            "half the sum in wall-clock time; a run resumed after a kill counts from its last start; loading and "
+            "feature extraction not included).")  # fmt: skip
+
+
 def length_lines(results_dir: str | os.PathLike) -> list[str]:
     """The pilot's loss and demo-FID by training step (`results/experiments_length.json`), if it ran."""
     from .results import load_results, short_revision
@@ -803,6 +817,9 @@ def report_markdown(results_dir: str | os.PathLike, png_name: str = "experiments
     lines += claims_table(grid)
     lines += ["", "Speed against quality:", ""] + curve_table(grid)
     lines += ["", f"![the grid's plots]({png_name})", ""] + provenance_lines(grid) + [""]
+    compute = compute_line(grid)
+    if compute:
+        lines += [compute, ""]
     lines += length_lines(results_dir)
     return "\n".join(lines) + "\n"
 

@@ -358,19 +358,23 @@ def test_the_report_is_generated_from_the_files_with_spread_and_plots(tmp_path):
             path = root / "experiments" / cell / f"seed{seed}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(fake_run(cell, seed, fid, steps=(8, 16, 32))))
+    timed = {**fake_run("lh_off", 2, 22.0), "train": {"seconds": 5400.0}}
+    timed["points"]["16"]["timing"] = {"sampling_seconds": 1800.0}
+    (root / "experiments" / "lh_off" / "seed2.json").write_text(json.dumps(timed))
     partial = {**fake_run("p2", 0, 1.0), "complete": False}
     (root / "experiments" / "p2").mkdir()
     (root / "experiments" / "p2" / "seed0.json").write_text(json.dumps(partial))
     text = ex.write_report(root)
     assert (root / "experiments.png").stat().st_size > 0 and "![the grid's plots](experiments.png)" in text
-    assert "5 of 30 runs complete" in text
+    assert "6 of 30 runs complete" in text
+    assert "Compute of this 1 run: 1.5 h of training and 0.5 h of sampling" in text  # only runs that record it
     both = next(line for line in text.splitlines() if "`lh_both`) |" in line)
     assert "| 2 | 11.2 ± 1.4 |" in both  # mean and sample std of 10.16 and 12.16
     assert "| 1 | 8.2 |" in next(line for line in text.splitlines() if "`dit`) |" in line)  # one seed: no ±
     assert "| 0 | –" in next(line for line in text.splitlines() if "`p2`) |" in line)  # partial runs left out
     a1 = next(line for line in text.splitlines() if line.startswith("| A1"))
-    assert "| -46.0% | yes |" in a1 and "supported" in a1
-    assert a1.endswith("| -46.3% (yes) |")  # demo-FID: 1.1 against 2.05
+    assert "| -47.3% | yes |" in a1 and "supported" in a1
+    assert a1.endswith("| -47.6% (yes) |")  # demo-FID: 1.1 against 2.1
     assert ex.readme_section(root).count("results/experiments.png") == 1
     assert "No run of the grid" in ex.readme_section(tmp_path / "empty")
 
