@@ -753,6 +753,24 @@ def compute_line(grid: dict) -> str | None:
             "feature extraction not included).")  # fmt: skip
 
 
+def retrained_line(grid: dict) -> str | None:
+    """The runs trained a second time whose final loss did not reproduce the lost first training's."""
+    runs = [
+        r for runs in grid.values() for r in runs if r.get("train", {}).get("retrained", {}).get("reproduced") is False
+    ]
+    if not runs:
+        return None
+    items = []
+    for r in runs:
+        lost = r["train"]["retrained"]
+        items.append(f"`{r['cell']}` seed {r['seed']} ({r['train']['final_loss']:.5f} against "
+                     f"{lost['lost_final_loss']:.5f} at {lost['lost_git_revision'][:12]})")  # fmt: skip
+    return (
+        "Trained again after the first training's folder was lost, with a final loss that differs from the "
+        f"lost one's (the figures are the second training's): {'; '.join(items)}."
+    )
+
+
 def length_lines(results_dir: str | os.PathLike) -> list[str]:
     """The pilot's loss and demo-FID by training step (`results/experiments_length.json`), if it ran."""
     from .results import load_results, short_revision
@@ -817,9 +835,9 @@ def report_markdown(results_dir: str | os.PathLike, png_name: str = "experiments
     lines += claims_table(grid)
     lines += ["", "Speed against quality:", ""] + curve_table(grid)
     lines += ["", f"![the grid's plots]({png_name})", ""] + provenance_lines(grid) + [""]
-    compute = compute_line(grid)
-    if compute:
-        lines += [compute, ""]
+    for line in (compute_line(grid), retrained_line(grid)):
+        if line:
+            lines += [line, ""]
     lines += length_lines(results_dir)
     return "\n".join(lines) + "\n"
 

@@ -358,7 +358,8 @@ def test_the_report_is_generated_from_the_files_with_spread_and_plots(tmp_path):
             path = root / "experiments" / cell / f"seed{seed}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(fake_run(cell, seed, fid, steps=(8, 16, 32))))
-    timed = {**fake_run("lh_off", 2, 22.0), "train": {"seconds": 5400.0}}
+    retrained = {"reproduced": False, "lost_final_loss": 1.2, "lost_git_revision": "0123456789abcdef"}
+    timed = {**fake_run("lh_off", 2, 22.0), "train": {"seconds": 5400.0, "final_loss": 1.3, "retrained": retrained}}
     timed["points"]["16"]["timing"] = {"sampling_seconds": 1800.0}
     (root / "experiments" / "lh_off" / "seed2.json").write_text(json.dumps(timed))
     partial = {**fake_run("p2", 0, 1.0), "complete": False}
@@ -368,6 +369,8 @@ def test_the_report_is_generated_from_the_files_with_spread_and_plots(tmp_path):
     assert (root / "experiments.png").stat().st_size > 0 and "![the grid's plots](experiments.png)" in text
     assert "6 of 30 runs complete" in text
     assert "Compute of this 1 run: 1.5 h of training and 0.5 h of sampling" in text  # only runs that record it
+    assert "`lh_off` seed 2 (1.30000 against 1.20000 at 0123456789ab)" in text
+    assert "with a final loss that differs" not in ex.report_markdown(tmp_path / "none")
     both = next(line for line in text.splitlines() if "`lh_both`) |" in line)
     assert "| 2 | 11.2 ± 1.4 |" in both  # mean and sample std of 10.16 and 12.16
     assert "| 1 | 8.2 |" in next(line for line in text.splitlines() if "`dit`) |" in line)  # one seed: no ±
