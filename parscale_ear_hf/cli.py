@@ -50,7 +50,8 @@ def cli_process(*argv: str, env: dict | None = None) -> tuple[list[str], dict]:
     """
     env = dict(os.environ if env is None else env)
     root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    env["PYTHONPATH"] = os.pathsep.join([root, *rest])
     return [sys.executable, "-P", "-m", "parscale_ear_hf.cli", *argv], env
 
 

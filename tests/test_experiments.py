@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -466,3 +467,12 @@ def test_runs_use_the_drivers_code_not_a_package_in_the_working_directory(tmp_pa
     ex.run_command(["info", "--help"], log)
     text = log.read_text()
     assert "impostor" not in text and "--model" in text
+
+
+def test_the_package_root_leads_pythonpath_once_and_the_rest_is_kept():
+    from parscale_ear_hf.cli import cli_process
+
+    root = str(Path(ex.__file__).resolve().parents[1])
+    argv, env = cli_process("info", env={"PYTHONPATH": os.pathsep.join(["/elsewhere", root])})
+    assert argv[1:] == ["-P", "-m", "parscale_ear_hf.cli", "info"]
+    assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
