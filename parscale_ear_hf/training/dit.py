@@ -187,17 +187,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     optim.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: no clipping)")
     optim.add_argument("--ema-decay", type=float, default=0.9999, help="EMA rate (constant from a copy, as DiT)")
     optim.add_argument("--ema-warmup", action="store_true", help="ramp the rate as diffusers' EMAModel does")
-    run_args = parser.add_argument_group("runtime")
-    run_args.add_argument("--seed", type=int, default=0)
-    run_args.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="bf16 autocast")
-    run_args.add_argument("--cpu", action="store_true", help="force CPU (gloo between processes)")
-    run_args.add_argument("--checkpoint-every", type=int, default=500)
-    run_args.add_argument("--keep-checkpoints", type=int, default=2)
-    run_args.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    run_args.add_argument("--log-every", type=int, default=10)
-    run_args.add_argument("--sample-every", type=int, default=0, help="sample grid every N steps (0: only at the end)")
-    run_args.add_argument("--sample-steps", type=int, default=25, help="DPM-Solver steps of the sample grids")
-    run_args.add_argument("--sample-guidance", type=float, default=3.0, help="CFG scale of the sample grids (>= 1)")
+    recipe.add_runtime_arguments(
+        parser,
+        mixed_precision={"bf16": "(GPU or CPU)"},
+        sample_steps=25,
+        sample_steps_help="DPM-Solver steps of the sample grids",
+    )
     return parser
 
 

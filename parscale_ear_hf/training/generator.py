@@ -49,22 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--no-coarse", action="store_true", help="LiteHybrid without its coarse branch")
     model.add_argument("--no-fine", action="store_true", help="LiteHybrid without its fine branch")
     recipe.add_arguments(parser)
-    run_args = parser.add_argument_group("runtime")
-    run_args.add_argument("--seed", type=int, default=0)
-    run_args.add_argument(
-        "--mixed-precision",
-        choices=("no", "bf16", "fp16"),
-        default="no",
-        help="autocast: bf16 (GPU or CPU), or fp16 with a gradient scaler (GPU only; EAR's)",
+    recipe.add_runtime_arguments(
+        parser,
+        mixed_precision={"bf16": "(GPU or CPU)", "fp16": "with a gradient scaler (GPU only; EAR's)"},
+        sample_steps=16,
+        sample_steps_help="autoregressive steps of the sample grids",
     )
-    run_args.add_argument("--cpu", action="store_true", help="force CPU (gloo between processes)")
-    run_args.add_argument("--checkpoint-every", type=int, default=500)
-    run_args.add_argument("--keep-checkpoints", type=int, default=2)
-    run_args.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    run_args.add_argument("--log-every", type=int, default=10)
-    run_args.add_argument("--sample-every", type=int, default=0, help="sample grid every N steps (0: only at the end)")
-    run_args.add_argument("--sample-steps", type=int, default=16, help="autoregressive steps of the sample grids")
-    run_args.add_argument("--sample-guidance", type=float, default=3.0, help="CFG scale of the sample grids (>= 1)")
     return parser
 
 

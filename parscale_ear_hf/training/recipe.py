@@ -102,6 +102,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_runtime_arguments(
+    parser: argparse.ArgumentParser, *, mixed_precision: dict[str, str], sample_steps: int, sample_steps_help: str
+) -> None:
+    """The runtime flags every generator trainer shares (seed, precision, checkpoints, logs, sample grids).
+
+    ``mixed_precision``: the accepted ``--mixed-precision`` values after ``no``, each with its help.
+    """
+    run_args = parser.add_argument_group("runtime")
+    run_args.add_argument("--seed", type=int, default=0)
+    run_args.add_argument(
+        "--mixed-precision",
+        choices=("no", *mixed_precision),
+        default="no",
+        help="autocast: " + ", or ".join(f"{name} {why}" for name, why in mixed_precision.items()),
+    )
+    run_args.add_argument("--cpu", action="store_true", help="force CPU (gloo between processes)")
+    run_args.add_argument("--checkpoint-every", type=int, default=500)
+    run_args.add_argument("--keep-checkpoints", type=int, default=2)
+    run_args.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    run_args.add_argument("--log-every", type=int, default=10)
+    run_args.add_argument("--sample-every", type=int, default=0, help="sample grid every N steps (0: only at the end)")
+    run_args.add_argument("--sample-steps", type=int, default=sample_steps, help=sample_steps_help)
+    run_args.add_argument("--sample-guidance", type=float, default=3.0, help="CFG scale of the sample grids (>= 1)")
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """The recipe checks that need only the flags (the epoch-based ones follow in :func:`resolve`)."""
     for name in ("batch_size", "gradient_accumulation_steps", "score_batch_mul", "diffusion_batch_mul"):
