@@ -537,13 +537,16 @@ COLUMNS = (
     ("gflops_per_image", "GFLOPs / image", ".2f"),
     ("parameters", "parameters", ",.0f"),
 )
+# Columns the architecture fixes (the same for every seed): one value, no "± 0"; a spread would still show.
+ARCHITECTURE_COLUMNS = frozenset({"gflops_per_image", "parameters"})
 
 
-def _cell_text(value: tuple, fmt: str) -> str:
+def _cell_text(value: tuple, fmt: str, fixed: bool = False) -> str:
+    """``mean ± std`` of a :func:`figure`; the mean alone with one seed, or when ``fixed`` and the seeds agree."""
     mean, std, n = value
     if n == 0 or math.isnan(mean):
         return "–"
-    if std is None:
+    if std is None or (fixed and std == 0.0):
         return format(mean, fmt)
     return f"{format(mean, fmt)} ± {format(std, fmt)}"
 
@@ -554,7 +557,9 @@ def main_table(grid: dict, steps: int = EVAL_STEPS) -> list[str]:
     for cell in CELLS:
         runs = grid.get(cell.name, [])
         n = len(runs)
-        cells = [_cell_text(figure(runs, steps, key), fmt) for key, _, fmt in COLUMNS] if n else ["–"] * len(COLUMNS)
+        cells = ["–"] * len(COLUMNS)
+        if n:
+            cells = [_cell_text(figure(runs, steps, key), fmt, key in ARCHITECTURE_COLUMNS) for key, _, fmt in COLUMNS]
         lines.append(f"| {cell.label} (`{cell.name}`) | {n} | " + " | ".join(cells) + " |")
     return lines
 

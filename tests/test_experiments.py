@@ -375,6 +375,9 @@ def test_the_report_is_generated_from_the_files_with_spread_and_plots(tmp_path):
     assert ex.retrained_line({"lh_off": [reproduced]}) is None  # a run that reproduced is not named
     both = next(line for line in text.splitlines() if "`lh_both`) |" in line)
     assert "| 2 | 11.2 ± 1.4 |" in both  # mean and sample std of 10.16 and 12.16
+    assert both.endswith("| 2.00 | 1,000 |")  # GFLOPs and parameters: fixed by the architecture, no "± 0"
+    grown = {"lh_both": [fake_run("lh_both", 0, 10.0), {**fake_run("lh_both", 1, 10.0), "parameters": 1100}]}
+    assert ex.main_table(grown)[2].endswith("| 2.00 | 1,050 ± 71 |")  # seeds that disagree keep their spread
     assert "| 1 | 8.2 |" in next(line for line in text.splitlines() if "`dit`) |" in line)  # one seed: no ±
     assert "| 0 | –" in next(line for line in text.splitlines() if "`p2`) |" in line)  # partial runs left out
     a1 = next(line for line in text.splitlines() if line.startswith("| A1"))
