@@ -1037,7 +1037,7 @@ def ship(args) -> dict:
     if cell.name not in SHIP_CANDIDATES:
         raise ValueError(f"--ship-cell: {cell.name!r} is not an energy-head cell; accepted: {list(SHIP_CANDIDATES)}.")
     train_dir = Path(args.work_dir) / "ship" / cell.name / "train"
-    shipped = argparse.Namespace(**{**vars(args), "steps": args.ship_steps, "checkpoint_every": 500})
+    shipped = argparse.Namespace(**{**vars(args), "steps": args.ship_steps})
     command = train_command(cell, 0, shipped, train_dir)
     if not (train_dir / "pipeline" / "model_index.json").is_file():
         run_command(command, train_dir.parent / "log.txt")

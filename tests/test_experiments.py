@@ -437,7 +437,8 @@ def test_ship_trains_the_cell_and_saves_it_as_the_demo_model_keeping_its_card(wo
     pipe = ParScaleEARPipeline.from_pretrained(target)
     assert pipe.lite_hybrid.config.use_coarse is False and pipe.lite_hybrid.config.use_fine is True
     assert (target / "README.md").read_text() == "the old card"
-    assert json.loads((target / "training" / "run_config.json").read_text())["args"]["max_steps"] == 2
+    shipped_args = json.loads((target / "training" / "run_config.json").read_text())["args"]
+    assert shipped_args["max_steps"] == 2 and shipped_args["checkpoint_every"] == 1  # the grid's --checkpoint-every
     assert record["cell"] == "lh_fine" and record["chosen_by"] == "--ship-cell" and "--no-coarse" in record["command"]
     assert (tmp_path / "r" / "experiments_ship.json").is_file()
     with pytest.raises(ValueError, match="the grid is not complete"):
