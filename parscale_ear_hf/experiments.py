@@ -80,8 +80,18 @@ class Cell:
     curve: bool = False
 
 
+# The base config (the shipped demo model's) pins three settings of the demo models' older architecture: the tanh
+# GELU, head LayerNorms without affine, and a temperature that also scales the head's last layer. Every energy-head
+# cell inherits them; these are EAR's own values (the classes' defaults), which the `lh_both_exact` control trains
+# with, and which the shipped model is retrained with (`--ship`).
+EXACT_ARCHITECTURE = {
+    "transformer": {"mlp_activation": "gelu"},
+    "energy_head": {"block_norm_affine": True, "temperature_scales_final_layer": False},
+}
+
 CELLS = (
     Cell("lh_both", "LiteHybrid coarse + fine (the method; P = 1, energy head)", curve=True),
+    Cell("lh_both_exact", "lh_both with EAR's exact architecture (no demo pins)", config=EXACT_ARCHITECTURE),
     Cell("lh_off", "LiteHybrid off (plain EAR)", flags=("--no-coarse", "--no-fine")),
     Cell("lh_coarse", "LiteHybrid coarse only", flags=("--no-fine",)),
     Cell("lh_fine", "LiteHybrid fine only", flags=("--no-coarse",)),
@@ -606,6 +616,7 @@ COMPARISONS = (
     ("EAR: the energy head samples faster than the diffusion head", "seconds_per_image", "lh_both",
      "diffusion_head", "lh_both better"),
     ("EAR against a same-size DiT", "fid", "lh_both", "dit", "lh_both not worse"),
+    ("Control: the demo pins cost EAR nothing", "fid", "lh_both", "lh_both_exact", "lh_both not worse"),
 )  # fmt: skip
 METRIC_NAMES = {"fid": ("FID", ".1f"), "seconds_per_image": ("s / image", ".4f")}
 
@@ -995,7 +1006,8 @@ def retime(args) -> dict:
 
 # ------------------------------------------------------------------------------ the shipped model
 
-SHIP_CANDIDATES = ("lh_off", "lh_coarse", "lh_fine", "lh_both", "p2", "p4", "p1_wide", "p1_deep")  # energy-head EAR
+# The energy-head EAR cells.
+SHIP_CANDIDATES = ("lh_off", "lh_coarse", "lh_fine", "lh_both", "lh_both_exact", "p2", "p4", "p1_wide", "p1_deep")
 
 
 def best_cell(grid: dict) -> dict:
@@ -1021,11 +1033,20 @@ def best_cell(grid: dict) -> dict:
     }
 
 
+def exact_variant(cell: Cell) -> Cell:
+    """The cell at EAR's exact architecture: its config changes with :data:`EXACT_ARCHITECTURE` on top."""
+    config = {section: dict(fields) for section, fields in (cell.config or {}).items() if fields is not None}
+    for section, fields in EXACT_ARCHITECTURE.items():
+        config.setdefault(section, {}).update(fields)
+    return dataclasses.replace(cell, config=config)
+
+
 def ship(args) -> dict:
     """Retrain the grid's best exact configuration (:func:`best_cell`, or ``--ship-cell``) with the grid's recipe
-    for ``--ship-steps`` (seed 0, two threads welcome) and save it as the shipped demo model ``--ship-to`` (an atomic
-    save; its model card and training logs folder are carried over, then the logs replaced). Writes
-    ``<results-dir>/../experiments_ship.json``; the model's scores and card come from `train_demo.sh`'s stages."""
+    at EAR's exact architecture (:func:`exact_variant`: the demo pins dropped) for ``--ship-steps`` (seed 0, two
+    threads welcome) and save it as the shipped demo model ``--ship-to`` (an atomic save; its model card and
+    training logs folder are carried over, then the logs replaced). Writes ``<results-dir>/../experiments_ship.json``;
+    the model's scores and card come from `train_demo.sh`'s stages."""
     import shutil
 
     from .pipeline_parscale_ear import ParScaleEARPipeline
@@ -1038,7 +1059,7 @@ def ship(args) -> dict:
         raise ValueError(f"--ship-cell: {cell.name!r} is not an energy-head cell; accepted: {list(SHIP_CANDIDATES)}.")
     train_dir = Path(args.work_dir) / "ship" / cell.name / "train"
     shipped = argparse.Namespace(**{**vars(args), "steps": args.ship_steps})
-    command = train_command(cell, 0, shipped, train_dir)
+    command = train_command(exact_variant(cell), 0, shipped, train_dir)
     if not (train_dir / "pipeline" / "model_index.json").is_file():
         run_command(command, train_dir.parent / "log.txt")
     ParScaleEARPipeline.from_pretrained(train_dir / "pipeline").save_pretrained(args.ship_to)
@@ -1053,6 +1074,7 @@ def ship(args) -> dict:
             **choice,
             "model": args.ship_to,
             "training_steps": args.ship_steps,
+            "architecture": f"the cell's, at EAR's exact architecture: {json.dumps(EXACT_ARCHITECTURE)}",
             "command": "parscale-ear " + " ".join(fresh),
         },
     )

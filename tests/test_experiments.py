@@ -3,6 +3,7 @@ locking between two drivers, the length pilot, and the report's means, spreads a
 DiffusionHead trained by `parscale-ear train`."""
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from parscale_ear_hf import DiffusionHead, EnergyHead, ParScaleEARPipeline
+from parscale_ear_hf import DiffusionHead, EARTransformer, EnergyHead, ParScaleEARPipeline
 from parscale_ear_hf import experiments as ex
 from parscale_ear_hf.models.ear_training import EARTrainingModel
 from parscale_ear_hf.training import generator
@@ -85,10 +86,14 @@ def record(workspace, cell, seed):
 
 def test_cells_cover_the_issue_and_differ_only_where_they_should():
     names = {c.name for c in ex.CELLS}
-    assert names == {"lh_off", "lh_coarse", "lh_fine", "lh_both", "p2", "p4", "p1_wide", "p1_deep",
-                     "diffusion_head", "dit"}  # fmt: skip
+    assert names == {"lh_off", "lh_coarse", "lh_fine", "lh_both", "lh_both_exact", "p2", "p4", "p1_wide",
+                     "p1_deep", "diffusion_head", "dit"}  # fmt: skip
     base = json.loads(open("examples/configs/mnist_demo_generator.json").read())
     assert ex.model_config(ex.CELLS_BY_NAME["lh_both"], base) == base
+    exact = ex.model_config(ex.CELLS_BY_NAME["lh_both_exact"], base)
+    for section, fields in ex.EXACT_ARCHITECTURE.items():
+        assert {k: base[section][k] for k in fields} != fields  # each a pin of the base config, changed
+        assert exact[section] == {**base[section], **fields}  # and nothing else
     wide = ex.model_config(ex.CELLS_BY_NAME["p1_wide"], base)
     assert wide["transformer"]["hidden_size"] == 256 and wide["transformer"]["num_layers"] == 6
     assert ex.model_config(ex.CELLS_BY_NAME["p1_deep"], base)["transformer"]["num_layers"] == 24
@@ -368,7 +373,7 @@ def test_the_report_is_generated_from_the_files_with_spread_and_plots(tmp_path):
     (root / "experiments" / "p2" / "seed0.json").write_text(json.dumps(partial))
     text = ex.write_report(root)
     assert (root / "experiments.png").stat().st_size > 0 and "![the grid's plots](experiments.png)" in text
-    assert "6 of 30 runs complete" in text
+    assert "6 of 33 runs complete (11 cells x 3 seeds)" in text
     assert "Compute of this 1 run: 1.5 h of training and 0.5 h of sampling" in text  # only runs that record it
     assert "`lh_off` seed 2 (1.30000 against 1.20000 at 0123456789ab)" in text
     reproduced = {**timed, "train": {**timed["train"], "retrained": {**retrained, "reproduced": True}}}
@@ -411,9 +416,17 @@ def test_a_model_card_carries_its_cells_scores_over_seeds(tmp_path):
         build_model_card(tmp_path / "pipe", [], grid_cell="p4", grid_results_dir=root)
 
 
+def test_exact_architecture_is_the_classes_defaults():
+    """What the control cell and the shipped model train with is what a new EARTransformer / EnergyHead gets."""
+    classes = {"transformer": EARTransformer, "energy_head": EnergyHead}
+    for section, fields in ex.EXACT_ARCHITECTURE.items():
+        defaults = inspect.signature(classes[section].__init__).parameters
+        assert {k: defaults[k].default for k in fields} == fields
+
+
 def test_the_best_cell_is_the_lowest_mean_fid_among_complete_energy_head_cells():
-    fids = {"lh_off": 30, "lh_coarse": 25, "lh_fine": 26, "lh_both": 20, "p2": 19.5, "p4": 22, "p1_wide": 40,
-            "p1_deep": 41}  # fmt: skip
+    fids = {"lh_off": 30, "lh_coarse": 25, "lh_fine": 26, "lh_both": 20, "lh_both_exact": 21, "p2": 19.5, "p4": 22,
+            "p1_wide": 40, "p1_deep": 41}  # fmt: skip
     grid = {n: [fake_run(n, s, f + s) for s in range(3)] for n, f in fids.items()}
     grid["dit"] = [fake_run("dit", s, 1.0) for s in range(3)]  # not a candidate: not our method
     best = ex.best_cell(grid)
@@ -436,6 +449,8 @@ def test_ship_trains_the_cell_and_saves_it_as_the_demo_model_keeping_its_card(wo
         record = ex.run(args)
     pipe = ParScaleEARPipeline.from_pretrained(target)
     assert pipe.lite_hybrid.config.use_coarse is False and pipe.lite_hybrid.config.use_fine is True
+    assert pipe.transformer.config.mlp_activation == "gelu" and pipe.energy_head.config.block_norm_affine
+    assert not pipe.energy_head.config.temperature_scales_final_layer  # EAR's architecture, not the demo pins
     assert (target / "README.md").read_text() == "the old card"
     shipped_args = json.loads((target / "training" / "run_config.json").read_text())["args"]
     assert shipped_args["max_steps"] == 2 and shipped_args["checkpoint_every"] == 1  # the grid's --checkpoint-every
