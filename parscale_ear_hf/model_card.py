@@ -293,13 +293,38 @@ def build_model_card(
         ],
         datasets=datasets or [],
         training=_training_summary(pipeline_dir),
-        grid_section=cell_card_section(grid_results_dir, grid_cell) if grid_cell else None,
+        grid_section=cell_card_section(grid_results_dir, grid_cell, pipe) if grid_cell else None,
     )
 
 
-def cell_card_section(results_dir: str | os.PathLike, cell: str) -> str:
+def cell_config_differences(pipe, cell: str, base_config: str | os.PathLike) -> list[str]:
+    """Where ``pipe``'s component configs differ from the grid cell's model config (its changes on the runs'
+    base config): ``"section.key: ours here, theirs in the grid's runs"``, one per differing field."""
+    import json
+
+    from . import experiments
+
+    path = Path(base_config)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--grid-cell {cell}: the grid's base config {os.fspath(path)!r} (named in its results files) is not "
+            "there; build the card from the repository's root."
+        )
+    config = experiments.model_config(experiments.CELLS_BY_NAME[cell], json.loads(path.read_text(encoding="utf-8")))
+    differences = []
+    for section, fields in config.items():
+        component = getattr(pipe, section, None)
+        for key, theirs in fields.items():
+            ours = component.config.get(key) if component is not None else None
+            if ours != theirs:
+                differences.append(f"{section}.{key}: {ours!r} here, {theirs!r} in the grid's runs")
+    return differences
+
+
+def cell_card_section(results_dir: str | os.PathLike, cell: str, pipe) -> str:
     """A card's evidence-grid section: the cell's scores (mean ± std over its complete seeds) and the grid's
-    claims, from `<results_dir>/experiments/` (:mod:`parscale_ear_hf.experiments`)."""
+    claims, from `<results_dir>/experiments/` (:mod:`parscale_ear_hf.experiments`), and where ``pipe``'s
+    configuration differs from the cell's (:func:`cell_config_differences`)."""
     from . import experiments
 
     if cell not in experiments.CELLS_BY_NAME:
@@ -312,16 +337,28 @@ def cell_card_section(results_dir: str | os.PathLike, cell: str) -> str:
             f"`python examples/experiments.py --cells {cell}` first."
         )
     steps = runs[0]["settings"]["training_steps"]
+    differences = cell_config_differences(pipe, cell, runs[0]["settings"]["base_config"])
     table = experiments.main_table(grid)
     row = next(line for line in table if f"(`{cell}`)" in line)
+    what = "The same configuration" if not differences else f"The grid's cell `{cell}`"
     lines = [
-        f"The same configuration trained with the grid's recipe for {steps} steps, once per seed, and scored "
+        f"{what} trained with the grid's recipe for {steps} steps, once per seed, and scored "
         f"against the held-out split (mean ± standard deviation over {len(runs)} seeds; training and sampling "
         "seed both change). These runs are not this model: they show how much its figures move between seeds.",
         "",
         *table[:2],
         row,
         "",
+        *(
+            [
+                "Its model config differs from this model's in:",
+                "",
+                *[f"- {line}" for line in differences],
+                "",
+            ]
+            if differences
+            else []
+        ),
         "The grid's claims (a difference exceeds the spread when the means are further apart than the sum of the "
         "two standard deviations):",
         "",

@@ -402,11 +402,23 @@ def test_a_model_card_carries_its_cells_scores_over_seeds(tmp_path):
         for seed, fid in enumerate(fids):
             path = root / "experiments" / cell / f"seed{seed}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({**fake_run(cell, seed, fid), "settings": {"training_steps": 600}}))
-    tiny_pipeline().save_pretrained(tmp_path / "pipe")
+            settings = {"training_steps": 600, "base_config": str(tmp_path / "base.json")}
+            path.write_text(json.dumps({**fake_run(cell, seed, fid), "settings": settings}))
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    base = {name: {k: v for k, v in getattr(pipe, name).config.items() if not k.startswith("_")}
+            for name in ("lite_hybrid", "transformer", "energy_head")}  # fmt: skip
+    deeper = {**base["transformer"], "num_layers": 5}
+    (tmp_path / "base.json").write_text(json.dumps({**base, "transformer": deeper}))
     card = str(build_model_card(tmp_path / "pipe", [], grid_cell="lh_both", grid_results_dir=root))
     section = card[card.index("### This configuration over seeds") :]
-    assert "for 600 steps" in section and "over 3 seeds" in section
+    assert "The grid's cell `lh_both` trained" in section and "for 600 steps" in section and "over 3 seeds" in section
+    tiny_layers = pipe.transformer.config.num_layers
+    assert f"- transformer.num_layers: {tiny_layers} here, 5 in the grid's runs" in section
+    assert section.count("in the grid's runs") == 1  # the other fields agree, so are not listed
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    same = str(build_model_card(tmp_path / "pipe", [], grid_cell="lh_both", grid_results_dir=root))
+    assert "The same configuration trained" in same and "in the grid's runs" not in same
     assert "| 3 | 11.2 ± 1.0 |" in section and "`lh_off`) |" not in section  # its own row only
     assert "| A1: LiteHybrid costs no quality |" in section
     assert "over seeds" not in str(build_model_card(tmp_path / "pipe", []))
