@@ -977,7 +977,11 @@ def retime(args) -> dict:
             todo = [k for k, point in record["points"].items() if "quiet_timing" not in point]
             if not todo:
                 continue
-            pipe, _ = load_grid_pipeline(Path(args.work_dir) / cell.name / f"seed{seed}" / "train" / "pipeline")
+            folder = Path(args.work_dir) / cell.name / f"seed{seed}" / "train" / "pipeline"
+            if not (folder / "model_index.json").is_file():  # trained in a sitting whose runs/ was not kept
+                print(f"[experiments] {cell.name}/seed{seed}: no saved pipeline at {folder}, not retimed", flush=True)
+                continue
+            pipe, _ = load_grid_pipeline(folder)
             labels = [i % pipeline_classes(pipe) for i in range(args.eval_batch_size)]
             for steps in todo:
                 kwargs = sampling_kwargs(pipe, int(steps), point_guidance(cell))
