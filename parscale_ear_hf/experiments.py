@@ -503,13 +503,18 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def seed_values(runs: list[dict], steps: int, key: str) -> list[float]:
-    """One figure at one sampling point, one value per run that has it; keys as in the tables."""
+    """One figure at one sampling point, one value per run that has it; keys as in the tables. Seconds per image:
+    the timings taken alone (`--retime`) where the cell has any at this point, else those of the evaluations
+    (beside a second worker): never a mean of both kinds."""
     values = []
-    for run in runs:
-        point = run["points"].get(str(steps))
+    points = [run["points"].get(str(steps)) for run in runs]
+    quiet = key == "seconds_per_image" and any(p is not None and "quiet_timing" in p for p in points)
+    for run, point in zip(runs, points):
         if point is None:
             continue
-        if key == "seconds_per_image":  # timed alone (--retime) where it was, else beside a second worker
+        if key == "seconds_per_image":
+            if quiet and "quiet_timing" not in point:
+                continue
             values.append(point.get("quiet_timing", point)["seconds_per_image"])
         elif key == "gflops_per_image":
             values.append(run["flops_per_image"][str(steps)] / 1e9)
@@ -821,10 +826,19 @@ def timing_note(grid: dict) -> str:
         q = quiet[0]
         return (f"every point timed alone by `--retime` (median of {q['repeats']} calls of a batch of {q['batch']}, "
                 f"{q['threads']} thread(s), {q['machine']['cpu']})")  # fmt: skip
-    alone = f"; {len(quiet)} of {len(points)} points timed alone by `--retime`" if quiet else ""
+    if quiet:
+        q = quiet[0]
+        missing = sorted(f"`{name}` seed {r['seed']}" for name, runs in grid.items() for r in runs
+                         if any("quiet_timing" not in p for p in r["points"].values()))  # fmt: skip
+        return (
+            f"{len(quiet)} of {len(points)} points timed alone by `--retime` (median of {q['repeats']} calls of a "
+            f"batch of {q['batch']}, {q['threads']} thread(s), {q['machine']['cpu']}); a cell's figure is the mean "
+            "over its seeds timed alone, leaving out the runs not timed alone (their pipelines were not kept, or "
+            "`--retime` has not reached them yet): " + ", ".join(missing)
+        )
     return (
         "the median batch of each evaluation, one CPU thread, beside a second grid worker: noisy (run "
-        f"`--retime` with the grid stopped){alone}"
+        "`--retime` with the grid stopped)"
     )
 
 
@@ -963,13 +977,14 @@ def retime(args) -> dict:
     """Time every complete run's sampling points again with nothing else of the grid running: the grid's workers
     time their evaluations beside each other, which is too noisy to rank samplers by. Each point: one warm-up call,
     then the median of ``--retime-repeats`` calls of one evaluation batch (``--eval-batch-size`` images, the classes
-    in turn, output as tensors), in this process's threads; stored as the point's ``quiet_timing`` (used by the
-    report where present). Points timed already are skipped."""
+    in turn, output as tensors), in this process's threads, for the ``--cells`` and ``--seeds`` given, in that
+    order; stored as the point's ``quiet_timing`` (used by the report where present). Points timed already are
+    skipped."""
     from .results import git_revision, load_results, machine_description, write_results
 
     done = {}
-    for cell in CELLS:
-        for seed in SEEDS:
+    for cell in (CELLS_BY_NAME[name] for name in args.cells):  # in the order given
+        for seed in args.seeds:
             path = Path(args.results_dir) / cell.name / f"seed{seed}.json"
             record = load_results(path)
             if not record or not record.get("complete"):

@@ -472,11 +472,28 @@ def test_ship_trains_the_cell_and_saves_it_as_the_demo_model_keeping_its_card(wo
         ex.run(grid_args(workspace, "--ship", "--results-dir", str(tmp_path / "r" / "experiments")))
 
 
-def test_retime_times_every_point_alone_once_and_the_report_says_so(workspace, grid):
+def test_a_cells_seconds_never_mix_timings_alone_with_the_evaluations():
+    quiet = {"seconds_per_image": 0.5, "repeats": 3, "batch": 100, "threads": 2, "machine": {"cpu": "cpu"}}
+    timed = fake_run("lh_off", 1, 10.0, seconds=0.4)
+    timed["points"]["16"]["quiet_timing"] = quiet
+    runs = [fake_run("lh_off", 0, 10.0, seconds=0.4), timed]
+    assert ex.figure(runs, 16, "seconds_per_image") == (0.5, None, 1)  # not the evaluation's 6.4 of seed 0
+    assert ex.figure(runs[:1], 16, "seconds_per_image") == (pytest.approx(6.4), None, 1)  # none alone: evaluation
+    note = ex.timing_note({"lh_off": runs})
+    assert note.startswith("1 of 2 points timed alone by `--retime` (median of 3 calls of a batch of 100, 2 thread")
+    assert note.endswith("`--retime` has not reached them yet): `lh_off` seed 0")
+
+
+def test_retime_times_every_point_alone_once_and_the_report_says_so(workspace, grid, capsys):
     args = grid_args(workspace, "--retime", "--retime-repeats", "1")
+    kept = workspace / "runs" / "lh_off" / "seed1" / "train" / "pipeline"
+    kept.rename(kept.with_name("elsewhere"))  # a run whose pipeline was not kept is skipped, saying so
     done = ex.run(args)
-    assert set(done) == {"lh_off/seed0/s2", "lh_off/seed1/s2", "diffusion_head/seed0/s2", "diffusion_head/seed0/s1",
-                         "dit/seed0/s2", "dit/seed0/s1"}  # fmt: skip
+    assert "lh_off/seed1: no saved pipeline at" in capsys.readouterr().out
+    kept.with_name("elsewhere").rename(kept)
+    assert set(done) == {"lh_off/seed0/s2", "diffusion_head/seed0/s2", "diffusion_head/seed0/s1", "dit/seed0/s2",
+                         "dit/seed0/s1"}  # fmt: skip
+    assert set(ex.run(args)) == {"lh_off/seed1/s2"}  # there again: timed
     r = record(workspace, "dit", 0)
     quiet = r["points"]["1"]["quiet_timing"]
     assert quiet["batch"] == 5 and quiet["repeats"] == 1 and quiet["seconds_per_image"] > 0
