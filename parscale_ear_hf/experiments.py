@@ -822,23 +822,22 @@ def timing_note(grid: dict) -> str:
     """Where the table's seconds per image come from: timed alone (`--retime`) or beside a second worker."""
     points = [p for runs in grid.values() for r in runs for p in r["points"].values()]
     quiet = [p["quiet_timing"] for p in points if "quiet_timing" in p]
-    if quiet and len(quiet) == len(points):
-        q = quiet[0]
-        return (f"every point timed alone by `--retime` (median of {q['repeats']} calls of a batch of {q['batch']}, "
-                f"{q['threads']} thread(s), {q['machine']['cpu']})")  # fmt: skip
-    if quiet:
-        q = quiet[0]
-        missing = sorted(f"`{name}` seed {r['seed']}" for name, runs in grid.items() for r in runs
-                         if any("quiet_timing" not in p for p in r["points"].values()))  # fmt: skip
+    if not quiet:
         return (
-            f"{len(quiet)} of {len(points)} points timed alone by `--retime` (median of {q['repeats']} calls of a "
-            f"batch of {q['batch']}, {q['threads']} thread(s), {q['machine']['cpu']}); a cell's figure is the mean "
-            "over its seeds timed alone, leaving out the runs not timed alone (their pipelines were not kept, or "
-            "`--retime` has not reached them yet): " + ", ".join(missing)
+            "the median batch of each evaluation, one CPU thread, beside a second grid worker: noisy (run "
+            "`--retime` with the grid stopped)"
         )
+    q = quiet[0]
+    how = f"(median of {q['repeats']} calls of a batch of {q['batch']}, {q['threads']} thread(s), "
+    how += f"{q['machine']['cpu']})"
+    if len(quiet) == len(points):
+        return f"every point timed alone by `--retime` {how}"
+    missing = sorted(f"`{name}` seed {r['seed']}" for name, runs in grid.items() for r in runs
+                     if any("quiet_timing" not in p for p in r["points"].values()))  # fmt: skip
     return (
-        "the median batch of each evaluation, one CPU thread, beside a second grid worker: noisy (run "
-        "`--retime` with the grid stopped)"
+        f"{len(quiet)} of {len(points)} points timed alone by `--retime` {how}; a cell's figure is the mean "
+        "over its seeds timed alone, leaving out the runs not timed alone (their pipelines were not kept, or "
+        "`--retime` has not reached them yet): " + ", ".join(missing)
     )
 
 
