@@ -11,7 +11,6 @@ from parscale_ear_hf.benchmark import performance_section, write_reports
 from parscale_ear_hf.cli import run_script
 from parscale_ear_hf.info import parameter_table
 from parscale_ear_hf.results import (
-    a1_ablation_table,
     demo_results_table,
     eval_results_table,
     load_results,
@@ -34,7 +33,6 @@ def main(args: argparse.Namespace) -> None:
     )
     update_readme(args.readme, "demo-results", demo_results_table(args.results_dir))
     update_readme(args.readme, "eval-results", eval_results_table(args.results_dir))
-    update_readme(args.readme, "a1-ablation", a1_ablation_table(args.results_dir))
     update_readme(args.readme, "test-suite", test_suite_summary(args.results_dir))
     for profile in ("cpu", "gpu"):  # tables and plots are derived from the JSON files only
         if Path(args.results_dir, f"benchmark_{profile}.json").is_file():

@@ -102,16 +102,25 @@ def status_text(driver) -> str:
 
 
 def click_generate(driver, timeout: float = 120.0) -> str:
-    """Click Generate and wait for its answer: the status box numbers each answer ("Request N: ..."), and shows
-    the progress while one runs, so the wait ends when it starts with the next number. Returns the answer."""
+    """Click Generate (once no loading overlay covers it) and wait for its answer: the status box numbers each
+    answer ("Request N: ..."), and shows the progress while one runs, so the wait ends when it starts with the
+    next number. Returns the answer."""
     import re
 
+    from selenium.common.exceptions import ElementClickInterceptedException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    def clicked(d) -> bool:
+        try:
+            d.find_element(By.CSS_SELECTOR, "#generate").click()
+            return True
+        except ElementClickInterceptedException:  # Gradio's loading overlay: the page's first load is still running
+            return False
+
     match = re.match(r"Request (\d+):", status_text(driver))
     answer = f"Request {int(match.group(1)) + 1 if match else 1}:"
-    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    WebDriverWait(driver, timeout).until(clicked)
     WebDriverWait(driver, timeout).until(lambda d: status_text(d).startswith(answer))
     return status_text(driver)
 

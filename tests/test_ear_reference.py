@@ -10,8 +10,9 @@ of some sums differs (BLAS picks its blocking by matrix shape, and we run the he
 tokens only where the authors run it on all). Two orders of a dot product of K terms differ by
 about sqrt(K) * eps times its O(1) terms, and an output here is the end of a chain of at most
 ~10 such layers with K <= 128 (eps = 1.2e-7): about 1e-5 if every error added up, measured at
-most 1.1e-6 (cfg-3 sampling). The last test shows that each legacy switch of the shipped demo
-models moves the outputs by 7e-4 (tanh GELU) to 4e-2 (temperature on the final layer): far above.
+most 1.1e-6 (cfg-3 sampling). The legacy-switch test shows that each legacy switch of the plain demo
+model (models/mnist_demo_plain) moves the outputs by 7e-4 (tanh GELU) to 4e-2 (temperature on the final
+layer): far above.
 """
 
 import json
@@ -146,7 +147,7 @@ def test_full_sampling(case):
     ids=lambda legacy: next(iter(legacy)),
 )
 def test_each_legacy_switch_breaks_the_agreement(legacy):
-    """The fixture tells the reference's behaviour from the shipped demo models' one, switch by switch."""
+    """The fixture tells the reference's behaviour from the plain demo model's one, switch by switch."""
     transformer, energy_head = reference_models(**legacy)
     with torch.no_grad():
         hidden = transformer(CASES["hidden.tokens"], CASES["hidden.labels"], CASES["hidden.mask"])
@@ -155,31 +156,9 @@ def test_each_legacy_switch_breaks_the_agreement(legacy):
     assert err > 10 * ATOL, (legacy, err)
 
 
-# Outputs of the shipped demo models before the legacy switches existed (commit 482ce5b), for the
+# Outputs of the shipped plain demo model before the legacy switches existed (commit 482ce5b), for the
 # inputs of `shipped_model_inputs`: rows of head samples at T=1 and T=0.7, hidden[:, :2, :4].
 SHIPPED_OUTPUTS = {
-    "mnist_demo": {
-        "T1": [
-            [0.261215478, -0.156034976, -0.0502071045, 0.538677096],
-            [0.384227067, 1.01255047, -0.106375933, 0.250321954],
-            [-0.628524125, -0.0187983215, -0.208564788, -0.47192657],
-        ],
-        "T07": [
-            [0.232708216, -0.183865637, -0.0486322157, 0.566795826],
-            [0.305588782, 0.885991693, -0.0960251391, 0.319487453],
-            [-0.725901484, 0.26397258, -0.246526673, -0.285630822],
-        ],
-        "hidden": [
-            [
-                [-0.305189788, 0.958132148, 0.119611673, 0.498158187],
-                [-0.966034293, 1.09950936, 0.0053562806, -0.136672333],
-            ],
-            [
-                [-0.592086315, 0.075582847, 0.0657890365, 0.215562612],
-                [-0.992750049, 0.255792499, 0.808786929, 0.164909199],
-            ],
-        ],
-    },
     "mnist_demo_plain": {
         "T1": [
             [-0.0722719133, -0.201240554, -0.01140243, 0.570487976],
@@ -214,21 +193,48 @@ def shipped_model_inputs():
     return z, noise, tokens, mask, torch.tensor([3, 10])
 
 
-@pytest.mark.parametrize("name", sorted(SHIPPED_OUTPUTS))
-def test_shipped_demo_models_keep_their_weights_and_outputs(name):
-    """The legacy values pinned in their config.json give the shipped models exactly their old
-    tensors (strict loading: no missing or unexpected key) and their old outputs (same bound)."""
+def strictly_loaded(name):
+    """The shipped model's energy head and transformer, each checked tensor for tensor against its file
+    (strict loading: no missing or unexpected key)."""
     energy_head = EnergyHead.from_pretrained(MODELS / name, subfolder="energy_head").eval()
     transformer = EARTransformer.from_pretrained(MODELS / name, subfolder="transformer").eval()
-    assert transformer.config.mlp_activation == "gelu_tanh"
-    assert not energy_head.config.block_norm_affine and energy_head.config.temperature_scales_final_layer
     for component, folder in ((energy_head, "energy_head"), (transformer, "transformer")):
         saved = load_file(MODELS / name / folder / "diffusion_pytorch_model.safetensors")
         state = component.state_dict()
         assert sorted(state) == sorted(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
+    return energy_head, transformer
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_OUTPUTS))
+def test_shipped_legacy_models_keep_their_weights_and_outputs(name):
+    """The legacy values pinned in their config.json give the old shipped models exactly their old
+    tensors and their old outputs (same bound)."""
+    energy_head, transformer = strictly_loaded(name)
+    assert transformer.config.mlp_activation == "gelu_tanh"
+    assert not energy_head.config.block_norm_affine and energy_head.config.temperature_scales_final_layer
     z, noise, tokens, mask, labels = shipped_model_inputs()
     expected = {k: torch.tensor(v) for k, v in SHIPPED_OUTPUTS[name].items()}
     with torch.no_grad():
         assert_matches(energy_head(z, noise, 1.0), expected["T1"], "head samples at T=1")
         assert_matches(energy_head(z, noise, 0.7), expected["T07"], "head samples at T=0.7")
         assert_matches(transformer(tokens, labels, mask)[:, :2, :4], expected["hidden"], "hidden states")
+
+
+def test_the_shipped_demo_model_is_at_ears_exact_architecture():
+    """models/mnist_demo is the grid's best cell retrained without the legacy switches (issue 13): every
+    switch at EAR's value (the class defaults, EXACT_ARCHITECTURE): the settings with which the tests above
+    match our classes to the authors' code."""
+    from parscale_ear_hf.experiments import EXACT_ARCHITECTURE
+
+    energy_head, transformer = strictly_loaded("mnist_demo")
+    for section, component in (("transformer", transformer), ("energy_head", energy_head)):
+        for field, value in EXACT_ARCHITECTURE[section].items():
+            assert component.config[field] == value, (section, field, component.config[field])
+    ship = json.loads((MODELS.parent / "results" / "experiments_ship.json").read_text())
+    assert ship["model"] == "models/mnist_demo" and "exact architecture" in ship["architecture"]
+    # It kept the VAE that cached the grid's latents, byte for byte, so the VAE's scores (not rerun) still hold.
+    vae = [
+        (MODELS / name / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+        for name in ("mnist_demo", "mnist_demo_plain")
+    ]
+    assert vae[0] == vae[1]
