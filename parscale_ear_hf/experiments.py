@@ -758,9 +758,10 @@ def plot_report(grid: dict, path: Path) -> bool:
 
 
 def provenance_lines(grid: dict) -> list[str]:
-    revisions = sorted({r["provenance"]["git_revision"][:12] for runs in grid.values() for r in runs})
-    machines = sorted({f"{r['provenance']['machine']['cpu']} ({r['provenance']['machine']['cpu_count']} cores)"
-                       for runs in grid.values() for r in runs})  # fmt: skip
+    """The revisions and machines of the runs and of their retimes (a retimed record keeps its run's provenance)."""
+    records = [p for runs in grid.values() for r in runs for p in (r.get("run_provenance"), r["provenance"]) if p]
+    revisions = sorted({p["git_revision"][:12] for p in records})
+    machines = sorted({f"{p['machine']['cpu']} ({p['machine']['cpu_count']} cores)" for p in records})
     return [f"Revisions: {', '.join(revisions) or '–'}; machines: {', '.join(machines) or '–'}."]
 
 
@@ -1015,7 +1016,8 @@ def retime(args) -> dict:
                     "git_revision": git_revision(),
                     "machine": machine_description(),
                 }
-                record.pop("provenance", None)
+                # The run's own provenance (command, revision, machine) is kept beside the retime's.
+                record.setdefault("run_provenance", record.pop("provenance", None))
                 write_results(path, record)
                 done[f"{cell.name}/seed{seed}/s{steps}"] = record["points"][steps]["quiet_timing"]["seconds_per_image"]
                 print(f"[experiments] retimed {cell.name}/seed{seed} at {steps} steps", flush=True)

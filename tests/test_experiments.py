@@ -488,6 +488,7 @@ def test_retime_times_every_point_alone_once_and_the_report_says_so(workspace, g
     args = grid_args(workspace, "--retime", "--retime-repeats", "1")
     kept = workspace / "runs" / "lh_off" / "seed1" / "train" / "pipeline"
     kept.rename(kept.with_name("elsewhere"))  # a run whose pipeline was not kept is skipped, saying so
+    run_provenance = record(workspace, "dit", 0)["provenance"]
     done = ex.run(args)
     assert "lh_off/seed1: no saved pipeline at" in capsys.readouterr().out
     kept.with_name("elsewhere").rename(kept)
@@ -498,6 +499,8 @@ def test_retime_times_every_point_alone_once_and_the_report_says_so(workspace, g
     quiet = r["points"]["1"]["quiet_timing"]
     assert quiet["batch"] == 5 and quiet["repeats"] == 1 and quiet["seconds_per_image"] > 0
     assert r["complete"] and r["points"]["1"]["seconds_per_image"] > 0  # the evaluation's timing is kept
+    # Its two points retimed, one write each: the run's provenance is kept beside the retime's.
+    assert r["run_provenance"] == run_provenance
     assert ex.run(args) == {}  # timed once
     assert ex.figure([r], 1, "seconds_per_image")[0] == quiet["seconds_per_image"]
     assert "every point timed alone by `--retime` (median of 1 calls of a batch of 5" in ex.timing_note(
