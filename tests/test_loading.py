@@ -25,12 +25,19 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-import parscale_ear_hf.pipeline_parscale_ear as pipeline_module
 import parscale_ear_hf.saving as saving
 from parscale_ear_hf import EARTransformer, EnergyHead, LiteHybrid, LiteVAE, ParScaleEARPipeline
-from parscale_ear_hf.saving import MANIFEST_NAME
+from parscale_ear_hf.saving import MANIFEST_NAME, WEIGHT_HASHES
 
-from conftest import ID2LABEL, TINY_VAE_CONFIG, float32_rounding_bound, tiny_components, tiny_pipeline, tree_hashes
+from conftest import (
+    ID2LABEL,
+    TINY_VAE_CONFIG,
+    flip_middle_bytes,
+    float32_rounding_bound,
+    tiny_components,
+    tiny_pipeline,
+    tree_hashes,
+)
 
 REPO_ID = "parscale-tests/tiny-ear"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -392,8 +399,8 @@ def test_repo_id_download_fetches_the_manifest_and_checks_it(saved, offline, tmp
         patterns.extend(allow_patterns)
         return snapshot_download(repo_id, allow_patterns=allow_patterns, **kwargs)
 
-    snapshot_download = pipeline_module.snapshot_download
-    monkeypatch.setattr(pipeline_module, "snapshot_download", recording_snapshot_download)
+    snapshot_download = saving.snapshot_download
+    monkeypatch.setattr(saving, "snapshot_download", recording_snapshot_download)
     with pytest.raises(OSError, match=r"refusing to load .*energy_head/diffusion_pytorch_model\.safetensors"):
         ParScaleEARPipeline.from_pretrained(REPO_ID)
     assert any(fnmatch.fnmatch(MANIFEST_NAME, p) for p in patterns)
@@ -506,6 +513,99 @@ def test_corrupt_weights_raise_and_leave_folder_unchanged(saved, tmp_path, damag
     with pytest.raises(OSError, match="transformer"):
         EARTransformer.from_pretrained(folder, subfolder="transformer", verify_checksums=verify)
     assert tree_hashes(folder) == before
+
+
+# Every way of loading saved weights: (name, source kinds it takes, load(source, **kwargs)). `source` is the
+# pipeline's folder, or REPO_ID in an offline Hub cache; "component folder" loads `<source>/transformer` itself,
+# as DiffusionPipeline.from_pretrained does for each component.
+LOADERS = {
+    "ParScaleEARPipeline": lambda source, **k: ParScaleEARPipeline.from_pretrained(source, **k),
+    "DiffusionPipeline + remote code": lambda source, **k: DiffusionPipeline.from_pretrained(
+        source, trust_remote_code=True, **k
+    ),
+    "component, subfolder": lambda source, **k: EARTransformer.from_pretrained(source, subfolder="transformer", **k),
+    "component folder": lambda source, **k: EARTransformer.from_pretrained(Path(source) / "transformer", **k),
+}
+
+
+def damaged_source(saved, tmp_path, offline, source: str, record: str):
+    """A copy of the saved pipeline with flipped bytes inside the transformer's weights, as a folder or in the
+    offline Hub cache; `record` keeps both hash records, only the manifest (a folder saved before the configs
+    held hashes), or only the configs' hashes (a cache filled by diffusers' own download, which skips the
+    manifest). Returns (what to pass the loader, the damaged file as the loader sees it)."""
+    folder = copy_folder(saved.folder, tmp_path / "p")
+    flip_middle_bytes(folder / "transformer" / WEIGHTS)
+    if record == "manifest only":
+        for name in COMPONENTS:
+            config = json.loads((folder / name / "config.json").read_text())
+            del config[WEIGHT_HASHES]
+            (folder / name / "config.json").write_text(json.dumps(config))
+    elif record == "configs only":
+        (folder / MANIFEST_NAME).unlink()
+    if source == "folder":
+        return folder, folder / "transformer" / WEIGHTS
+    snapshot = populate_hub_cache(offline, folder)
+    return (snapshot if source == "snapshot folder" else REPO_ID), snapshot / "transformer" / WEIGHTS
+
+
+@pytest.mark.parametrize("record", ["both", "manifest only", "configs only"])
+@pytest.mark.parametrize("source", ["folder", "hub cache"])
+@pytest.mark.parametrize("loader", LOADERS)
+def test_every_loading_path_refuses_a_flipped_byte_naming_the_file(
+    saved, tmp_path, offline, modules_cache, loader, source, record
+):
+    if loader == "component folder" and source == "hub cache":
+        source = "snapshot folder"  # a repo id has no component folder of its own: its snapshot's
+    if record == "manifest only" and source != "folder":
+        pytest.skip("a repo in the cache without hashes in its configs is a repo saved before they existed")
+    where, damaged = damaged_source(saved, tmp_path, offline, source, record)
+    with pytest.raises(OSError) as info:
+        LOADERS[loader](where)
+    message = str(info.value)
+    assert "refusing to load" in message and str(damaged) in message
+    assert hashlib.sha256(damaged.read_bytes()).hexdigest() in message
+    if loader != "DiffusionPipeline + remote code":  # diffusers passes on no loader option
+        loaded = LOADERS[loader](where, verify_checksums=False)
+        assert loaded is not None
+
+
+@pytest.mark.parametrize("source", ["folder", "hub cache"])
+def test_a_component_saved_alone_refuses_a_flipped_byte(tmp_path, offline, source):
+    head = tiny_components()["energy_head"]
+    head.save_pretrained(tmp_path / "head")
+    flip_middle_bytes(tmp_path / "head" / WEIGHTS)
+    (tmp_path / "head" / MANIFEST_NAME).unlink()  # the hash in its config.json is enough
+    where = tmp_path / "head"
+    damaged = where / WEIGHTS
+    if source == "hub cache":
+        damaged = populate_hub_cache(offline, where, repo_id="parscale-tests/head") / WEIGHTS
+        where = "parscale-tests/head"
+    with pytest.raises(OSError, match=f"refusing to load {damaged}"):
+        EnergyHead.from_pretrained(where)
+    unchecked = EnergyHead.from_pretrained(where, verify_checksums=False).state_dict()
+    assert any(not torch.equal(unchecked[k], v) for k, v in head.state_dict().items())  # the damage is real
+
+
+def test_configs_record_their_weights_hashes_and_models_do_not_keep_them(saved):
+    for name in COMPONENTS:
+        config = json.loads((saved.folder / name / "config.json").read_text())
+        digest = hashlib.sha256((saved.folder / name / WEIGHTS).read_bytes()).hexdigest()
+        assert config[WEIGHT_HASHES] == {WEIGHTS: digest}
+    loaded = ParScaleEARPipeline.from_pretrained(saved.folder)
+    component = EARTransformer.from_pretrained(saved.folder, subfolder="transformer")
+    for config in [getattr(loaded, name).config for name in COMPONENTS] + [component.config]:
+        assert WEIGHT_HASHES not in config
+
+
+def test_a_changed_weights_file_after_training_gets_new_hashes(saved, tmp_path):
+    """A save records the hashes of what it wrote, not the ones the model was loaded with."""
+    model = EARTransformer.from_pretrained(saved.folder, subfolder="transformer")
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(tmp_path / "t")
+    digest = hashlib.sha256((tmp_path / "t" / WEIGHTS).read_bytes()).hexdigest()
+    assert json.loads((tmp_path / "t" / "config.json").read_text())[WEIGHT_HASHES] == {WEIGHTS: digest}
+    EARTransformer.from_pretrained(tmp_path / "t")
 
 
 @pytest.mark.parametrize("component", COMPONENTS)

@@ -27,7 +27,7 @@ import parscale_ear_hf.saving as saving
 from parscale_ear_hf import EARTransformer, EnergyHead, ParScaleEARPipeline
 from parscale_ear_hf.saving import MANIFEST_NAME
 
-from conftest import tiny_components, tiny_pipeline, tree_hashes
+from conftest import flip_middle_bytes, tiny_components, tiny_pipeline, tree_hashes
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -75,13 +75,6 @@ def same_weights(a: ParScaleEARPipeline, b: ParScaleEARPipeline) -> bool:
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.parent.iterdir() if p.name != folder.name)
-
-
-def flip_middle_bytes(path: Path, count: int = 64) -> None:
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
-    path.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")
