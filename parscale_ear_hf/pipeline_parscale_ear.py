@@ -7,6 +7,7 @@ import math
 import numbers
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -55,6 +56,22 @@ def mask_schedule(step: int, num_steps: int, num_tokens: int, num_masked: int) -
         return 0
     remaining = math.floor(num_tokens * math.cos(math.pi / 2 * (step + 1) / num_steps))
     return max(1, min(num_masked - 1, remaining))
+
+
+def predicting_steps(num_steps: int, num_tokens: int) -> list[int]:
+    """The steps of :func:`mask_schedule` that predict at least one token, in order.
+
+    While more than one token is masked every step predicts one or more; once one is left, nothing is
+    predicted until the last step. So with more steps than tokens the steps between are skipped, and the
+    list has at most `num_tokens` entries whatever `num_steps` is.
+    """
+    steps, masked = [], num_tokens
+    for step in range(num_steps):
+        if masked == 1 and step < num_steps - 1:
+            return [*steps, num_steps - 1]
+        steps.append(step)
+        masked = mask_schedule(step, num_steps, num_tokens, masked)
+    return steps
 
 
 @dataclass(frozen=True)
@@ -339,7 +356,8 @@ class ParScaleEARPipeline(DiffusionPipeline):
 
     @property
     def num_timesteps(self) -> int:
-        """Steps of the running (or last) call: its `num_inference_steps`."""
+        """Steps that the running (or last) call runs: `num_inference_steps`, less the steps that would
+        predict nothing (:func:`predicting_steps`)."""
         return self._num_timesteps
 
     @property
@@ -351,7 +369,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
         self, num_inference_steps, guidance_scale, guidance_schedule, temperature, callback_on_step_end_tensor_inputs
     ) -> None:
         owner = "ParScaleEARPipeline"
-        # More steps than tokens are allowed, as in EAR: the extra steps predict nothing.
+        # More steps than tokens are allowed, as in EAR: the extra steps predict nothing (and are skipped).
         check_int(owner, "num_inference_steps", num_inference_steps, 1)
         check_float(owner, "guidance_scale", guidance_scale, 1.0, float("inf"))
         check_float(owner, "temperature", temperature, 0.0, float("inf"))
@@ -415,8 +433,9 @@ class ParScaleEARPipeline(DiffusionPipeline):
         as ``cfg_k * h_cond + (1 - cfg_k) * h_uncond``. The "linear" schedule uses
         ``cfg_k = 1 + (cfg - 1) * (N - max(1, m_k)) / N`` (EAR / MAR count at least one masked token,
         so even the last step uses ``1 + (cfg - 1) (N - 1) / N``, not `cfg`); "constant" uses `cfg`.
-        With more steps than tokens, once one token is left the steps before the last predict nothing
-        (and skip the forward passes), and the last step predicts it.
+        With more steps than tokens, once one token is left the steps before the last predict nothing,
+        and the last step predicts it: as in EAR, but those steps are skipped (:func:`predicting_steps`;
+        a warning says so), so the time does not grow with them. `num_timesteps` counts the steps run.
 
         `cfg` is read from ``self._guidance_scale`` at every step, so a step callback can change it
         (diffusers' dynamic guidance): at most 1 skips the unconditional pass from the next step on,
@@ -432,11 +451,12 @@ class ParScaleEARPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance `cfg` >= 1; 1 disables guidance.
             guidance_schedule: "linear" (EAR / MAR) or "constant".
             temperature: the energy head's temperature; EAR uses 0.7.
-            callback_on_step_end: ``fn(pipe, step, step, tensors) -> dict`` called after each step
-                with the tensors named in `callback_on_step_end_tensor_inputs`: `tokens` `(B, N, C)`,
-                `latents` `(B, C, h, w)` (a view of the tokens, as ``output_type="latent"`` returns
-                them) and `mask` `(B, N)` (read-only). A returned `tokens` or `latents` that is a new
-                tensor replaces the tokens; new tensors for both raise a ValueError. Setting
+            callback_on_step_end: ``fn(pipe, i, step, tensors) -> dict`` called after the `i`-th step
+                run (schedule step `step`; the two differ only past skipped steps) with the tensors
+                named in `callback_on_step_end_tensor_inputs`: `tokens` `(B, N, C)`, `latents`
+                `(B, C, h, w)` (a view of the tokens, as ``output_type="latent"`` returns them) and
+                `mask` `(B, N)` (read-only). A returned `tokens` or `latents` that is a new tensor
+                replaces the tokens; new tensors for both raise a ValueError. Setting
                 ``pipe._interrupt = True`` skips the remaining steps (tokens still masked stay 0).
             callback_on_step_end_tensor_inputs: which tensors the callback receives.
             cache: a :class:`SamplingCache` for LazyMAR's token and condition caches (faster, not exact);
@@ -464,8 +484,16 @@ class ParScaleEARPipeline(DiffusionPipeline):
                     f"ParScaleEARPipeline.sample_tokens: `{name}` must have shape {shape} for {batch} images of "
                     f"N = {n} tokens, got {tuple(value.shape)}."
                 )
+        steps = predicting_steps(num_inference_steps, n)
+        if len(steps) < num_inference_steps:
+            warnings.warn(
+                f"ParScaleEARPipeline: num_inference_steps={num_inference_steps} but only {len(steps)} steps "
+                f"predict tokens for N = {n} tokens; the other {num_inference_steps - len(steps)} (once one token "
+                "is left, before the last step) predict nothing, as in EAR, and are skipped.",
+                stacklevel=3,
+            )
         self._guidance_scale = guidance_scale
-        self._num_timesteps = num_inference_steps
+        self._num_timesteps = len(steps)
         self._interrupt = False
 
         device, dtype = self._execution_device, self.transformer.dtype
@@ -481,44 +509,35 @@ class ParScaleEARPipeline(DiffusionPipeline):
 
         # Dropout off while sampling, even for components shared with a training loop.
         with _eval_mode(self.lite_hybrid, self.transformer, self.energy_head):
-            for step in self.progress_bar(range(num_inference_steps)):
+            for i, step in enumerate(self.progress_bar(steps)):
                 if self.interrupt:
                     continue
                 num_masked_next = mask_schedule(step, num_inference_steps, n, num_masked)
                 mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :num_masked_next], True)
-
-                # A step that predicts nothing (more steps than tokens) needs no forward pass.
-                if num_masked_next < num_masked:
-                    cfg = self._guidance_scale
-                    if guidance_schedule == "linear":
-                        cfg = 1 + (cfg - 1) * (n - max(1, num_masked_next)) / n
-                    uncond = null_labels if self.do_classifier_free_guidance else None
-                    if state is None:
-                        # Raster order within each image, as boolean indexing by the mask would give.
-                        predict = orders[:, num_masked_next:num_masked].sort(dim=1).values
-                        h_cond, h_uncond = hidden(tokens, mask, labels, uncond)
-                        z = _gather_rows(h_cond, predict)
-                        if uncond is not None:
-                            z = cfg * z + (1 - cfg) * _gather_rows(h_uncond, predict)
-                    else:
-                        predict = orders[:, num_masked_next:num_masked]
-                        recompute = orders[
-                            :, num_masked_next:last_pass
-                        ]  # to predict, then decoded since the last pass
-                        z = self._cached_hidden(
-                            state, cache, step, tokens, mask, labels, uncond, recompute, predict, cfg
-                        )
-                    sampled = head.sample(
-                        z.flatten(0, 1), temperature, noise=_gather_rows(noise, predict).flatten(0, 1)
-                    )
-                    tokens.scatter_(1, _expand_to(predict, channels), sampled.view(batch, -1, channels).to(dtype))
-                    last_pass = num_masked
+                cfg = self._guidance_scale
+                if guidance_schedule == "linear":
+                    cfg = 1 + (cfg - 1) * (n - max(1, num_masked_next)) / n
+                uncond = null_labels if self.do_classifier_free_guidance else None
+                if state is None:
+                    # Raster order within each image, as boolean indexing by the mask would give.
+                    predict = orders[:, num_masked_next:num_masked].sort(dim=1).values
+                    h_cond, h_uncond = hidden(tokens, mask, labels, uncond)
+                    z = _gather_rows(h_cond, predict)
+                    if uncond is not None:
+                        z = cfg * z + (1 - cfg) * _gather_rows(h_uncond, predict)
+                else:
+                    predict = orders[:, num_masked_next:num_masked]
+                    recompute = orders[:, num_masked_next:last_pass]  # to predict, then decoded since the last pass
+                    z = self._cached_hidden(state, cache, step, tokens, mask, labels, uncond, recompute, predict, cfg)
+                sampled = head.sample(z.flatten(0, 1), temperature, noise=_gather_rows(noise, predict).flatten(0, 1))
+                tokens.scatter_(1, _expand_to(predict, channels), sampled.view(batch, -1, channels).to(dtype))
+                last_pass = num_masked
                 mask, num_masked = mask_next, num_masked_next
 
                 if callback_on_step_end is not None:
                     local = {"tokens": tokens, "latents": tokens_to_latents(tokens, self.grid_size), "mask": mask}
                     given = {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, step, step, given)
+                    outputs = callback_on_step_end(self, i, step, given)
                     tokens = self._tokens_from_callback(outputs, local, step)
                     if state is not None and tokens is not local["tokens"]:
                         state.layout = None  # new tokens: the caches are stale, refresh at the next step
@@ -660,9 +679,10 @@ class ParScaleEARPipeline(DiffusionPipeline):
             output_type: "pil", "np", "pt" (images in [0, 1]) or "latent" (scaled VAE latents
                 `(B, C, h, w)`).
             return_dict: return an :class:`~diffusers.ImagePipelineOutput` instead of a tuple.
-            callback_on_step_end: ``fn(pipe, step, step, tensors) -> dict`` called after each step
-                with the tensors named in `callback_on_step_end_tensor_inputs` (`tokens` `(B, N, C)`,
-                `latents` `(B, C, h, w)`, `mask` `(B, N)`, read-only); a returned new `tokens` or
+            callback_on_step_end: ``fn(pipe, i, step, tensors) -> dict`` called after the `i`-th step
+                run (schedule step `step`; the two differ only past skipped steps) with the tensors
+                named in `callback_on_step_end_tensor_inputs` (`tokens` `(B, N, C)`, `latents`
+                `(B, C, h, w)`, `mask` `(B, N)`, read-only); a returned new `tokens` or
                 `latents` replaces the current tokens. Setting `pipe._interrupt = True` skips the
                 remaining steps. See :meth:`sample_tokens`.
             callback_on_step_end_tensor_inputs: which tensors the callback receives.

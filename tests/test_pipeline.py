@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from parscale_ear_hf.models.ear_transformer import tokens_to_latents
-from parscale_ear_hf.pipeline_parscale_ear import mask_schedule
+from parscale_ear_hf.pipeline_parscale_ear import mask_schedule, predicting_steps
 
 from conftest import float32_rounding_bound, tiny_pipeline
 
@@ -411,27 +411,52 @@ def test_nested_class_labels_are_flattened(pipe, labels):
     )
 
 
-def test_more_steps_than_tokens_predict_nothing_until_the_last(pipe, monkeypatch):
+def test_more_steps_than_tokens_skip_the_steps_that_predict_nothing(pipe, monkeypatch):
     hidden = record_calls(monkeypatch, pipe.transformer, "forward", lambda args, out: out)
-    masked, tokens = [], []
+    masked, steps = [], []
 
-    def callback(p, step, timestep, tensors):
+    def callback(p, i, step, tensors):
         masked.append(int(tensors["mask"][0].sum()))
-        tokens.append(tensors["tokens"].clone())
+        steps.append((i, step, p.num_timesteps))
         return {}
 
-    latents = run(
-        pipe,
-        num_inference_steps=20,
-        output_type="latent",
-        callback_on_step_end=callback,
-        callback_on_step_end_tensor_inputs=["tokens", "mask"],
-    )
-    # One token per step down to the last one, which waits for the last step (as in EAR).
-    assert masked == [15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 1, 1, 1, 1, 0]
-    assert len(hidden) == 16  # the steps that predict nothing skip the forward passes
-    assert all(torch.equal(tokens[k], tokens[14]) for k in range(15, 19))
+    with pytest.warns(UserWarning, match=r"num_inference_steps=20 but only 16 steps predict tokens for N = 16"):
+        latents = run(
+            pipe,
+            num_inference_steps=20,
+            output_type="latent",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=["tokens", "mask"],
+        )
+    # One token per step down to the last one, which waits for the last step (as in EAR); steps 15-18 would
+    # predict nothing and do not run.
+    assert masked == [15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    assert steps == [(i, i, 16) for i in range(15)] + [(15, 19, 16)]
+    assert len(hidden) == 16
     assert torch.count_nonzero(latents) == latents.numel()
+
+
+@pytest.mark.parametrize("num_tokens", [1, 4, 16, 256])
+@pytest.mark.parametrize("num_steps", [1, 2, 7, 16, 17, 64, 300])
+def test_predicting_steps_are_the_schedules_steps_that_predict(num_steps, num_tokens):
+    masked, expected = num_tokens, []
+    for step in range(num_steps):
+        after = mask_schedule(step, num_steps, num_tokens, masked)
+        if after < masked:
+            expected.append(step)
+        masked = after
+    assert predicting_steps(num_steps, num_tokens) == expected
+
+
+def test_a_million_steps_cost_what_the_tokens_need(pipe, monkeypatch):
+    """Time must not grow with steps that predict nothing: 10**6 steps on 16 tokens run 16 steps."""
+    hidden = record_calls(monkeypatch, pipe.transformer, "forward", lambda args, out: out)
+    with pytest.warns(UserWarning, match="the other 999984"):
+        images = run(pipe, num_inference_steps=10**6)
+    assert pipe.num_timesteps == 16 and len(hidden) == 16
+    # Past N steps the schedule predicts one token per step, then the last: the same images for any such K.
+    with pytest.warns(UserWarning):
+        assert np.array_equal(images, run(pipe, num_inference_steps=10**6 + 7))
 
 
 def test_sample_tokens_reveals_in_the_given_order_with_each_tokens_noise(pipe):
