@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -29,6 +30,7 @@ import torch
 from . import bench_sampling
 from .info import count_parameters
 from .models import DiffusionHead, EARTransformer, EnergyHead, LiteHybrid, LiteVAE
+from .models._checks import check_device, check_int
 
 # The issue's targets, checked by the output (never by timed tests).
 TARGETS = {
@@ -47,6 +49,7 @@ SD_VAE_CONFIG = dict(
     sample_size=256,
 )
 # The ParScale sweep of the "cpu" profile: a 192-wide, 6-layer backbone at the default 16x16 grid.
+DEMO_MODEL = "models/mnist_demo"
 SMALL_TRANSFORMER = dict(hidden_size=192, num_layers=6, num_heads=6, buffer_size=16)
 
 
@@ -447,9 +450,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-memory-probe", action="store_true", help="CPU: skip the fresh-process peak-memory probes"
     )
-    parser.add_argument("--demo-model", default="models/mnist_demo", help="the cpu profile's batch-scaling model")
+    parser.add_argument(
+        "--demo-model",
+        default=None,
+        help=f"the model of the cpu profile's batch section and of the cache / quality sections' 'demo' config "
+        f"(default: {DEMO_MODEL})",
+    )
     parser.add_argument("--output", default=None, help="results JSON (default: results/benchmark_<profile>.json)")
     return bench_sampling.add_arguments(parser)
+
+
+def check_args(args: argparse.Namespace, profile: str, sections: list[str]) -> None:
+    """Refuse, before anything is measured, counts that measure nothing and a --demo-model that is missing or
+    that no chosen section reads; fills in the default --demo-model where a section reads it."""
+    check_device("bench", "--device", args.device)
+    check_int("bench", "--repeats", args.repeats, 1)
+    if not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        raise ValueError(f"bench: `--budget-s` must be a finite number of seconds above 0, got {args.budget_s!r}.")
+    for flag in ("sampling_batches", "sampling_steps", "quality_steps"):
+        for value in getattr(args, flag):
+            check_int("bench", "--" + flag.replace("_", "-"), value, 1)
+    for flag in ("quality_single_steps", "quality_images_per_class", "quality_batch_size"):
+        check_int("bench", "--" + flag.replace("_", "-"), getattr(args, flag), 1)
+    readers = ["batch"] if profile == "cpu" else []
+    if "demo" in args.sampling_configs:
+        readers += ["cache", "quality"]
+    if not set(readers) & set(sections):
+        if args.demo_model is not None:
+            raise ValueError(
+                f"bench: --demo-model {args.demo_model!r} is read only by the cpu profile's `batch` section and by "
+                f"the `cache` and `quality` sections with --sampling-configs demo; the chosen sections {sections} "
+                f"(profile {profile}) do not read it: add one of them, or leave --demo-model out."
+            )
+        return
+    args.demo_model = args.demo_model or DEMO_MODEL
+    if not os.path.isfile(os.path.join(args.demo_model, "model_index.json")):
+        raise FileNotFoundError(
+            f"bench: --demo-model {args.demo_model!r} is not a pipeline folder (no model_index.json there); pass "
+            "a folder written by ParScaleEARPipeline.save_pretrained, e.g. models/mnist_demo."
+        )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -458,6 +497,8 @@ def run(args: argparse.Namespace) -> dict:
     from .results import load_results, provenance, write_results
 
     profile = args.profile or ("gpu" if args.device.startswith("cuda") else "cpu")
+    sections = args.sections or [section for section in SECTIONS if section not in ON_REQUEST]
+    check_args(args, profile, sections)
     dtype = torch.bfloat16 if profile == "gpu" else torch.float32
     bench = Bench(args.device, dtype, args.repeats, args.budget_s)
     bench.compile = args.compile
@@ -478,7 +519,6 @@ def run(args: argparse.Namespace) -> dict:
         "dit": lambda: bench_dit(bench),
         **{section: partial(bench_sampling.run_section, section, bench, args) for section in ON_REQUEST},
     }
-    sections = args.sections or [section for section in SECTIONS if section not in ON_REQUEST]
     output = Path(args.output or f"results/benchmark_{profile}.json")
     previous = load_results(output) or {}
     measured = dict(previous.get("measurements", {}))

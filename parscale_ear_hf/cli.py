@@ -30,7 +30,7 @@ import PIL.Image
 import torch
 
 from .image_grid import labelled_grid
-from .models._checks import check_float, check_int
+from .models._checks import check_device, check_float, check_int
 
 # Errors whose message says what to fix; anything else (AttributeError, TypeError, a RuntimeError
 # from torch, ...) is more likely a bug, and its one line says how to get the traceback.
@@ -163,6 +163,7 @@ def generate(args: argparse.Namespace) -> list[PIL.Image.Image]:
 
     check_sampling_flags("generate", args.steps, args.guidance, args.temperature)
     check_int("generate", "--images-per-class", args.images_per_class)
+    check_device("generate", "--device", args.device)
     cache = cache_from_args("generate", args)
     pipe = ParScaleEARPipeline.from_pretrained(args.model).to(args.device)
     if args.compile:

@@ -20,11 +20,14 @@ import argparse
 import math
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
 
 from .models import EARTransformer, EnergyHead, LiteHybrid
+from .models._checks import check_int
+from .saving import looks_like_local_path
 
 # EAR-B / L / H: `ear_base`, `ear_large`, `ear_huge` in models/ear.py. The number of attention
 # heads is the one shape that the weights do not show.
@@ -182,6 +185,34 @@ def ear_components(
     return transformer, energy_head
 
 
+def _reason(error: Exception) -> str:
+    """The cause that torch's weights-only unpickler gives (its advice to turn the check off is left out)."""
+    _, found, rest = str(error).partition("WeightsUnpickler error:")
+    reason = next((part.strip() for part in rest.split("\n\n") if part.strip()), "") if found else ""
+    return f" ({' '.join(reason.split())})" if reason else ""
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before the checkpoint is read, flags that cannot convert: bad numbers and missing files."""
+    if args.num_heads is not None:
+        check_int("convert", "--num-heads", args.num_heads, 1)
+    if args.buffer_size is not None:
+        check_int("convert", "--buffer-size", args.buffer_size, 1)
+    if not (math.isfinite(args.vae_scaling_factor) and args.vae_scaling_factor > 0):
+        raise ValueError(
+            f"convert: `--vae-scaling-factor` must be a finite number above 0, got {args.vae_scaling_factor!r}."
+        )
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"convert: --checkpoint {args.checkpoint!r} is not a file; pass main_ear.py's "
+                                "checkpoint-last.pth (or checkpoint-N.pth).")  # fmt: skip
+    vae = Path(args.vae)
+    if (vae.exists() or looks_like_local_path(args.vae)) and not (vae / "config.json").is_file():
+        raise FileNotFoundError(
+            f"convert: --vae {args.vae!r} is not a diffusers AutoencoderKL folder (no config.json there); pass the "
+            "folder of MAR's KL-16 converted to diffusers, or a Hub repo id of one."
+        )
+
+
 def read_ear_checkpoint(path: str | Path, weights: str = "model_ema") -> tuple[dict, dict]:
     """The ``weights`` state dict (`model_ema` or `model`) and the run's ``args`` (a dict; empty if absent).
 
@@ -190,13 +221,18 @@ def read_ear_checkpoint(path: str | Path, weights: str = "model_ema") -> tuple[d
     """
     if weights not in WEIGHTS:
         raise ValueError(f"convert: `--weights` must be one of {list(WEIGHTS)}, got {weights!r}.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"convert: {path} is not a PyTorch checkpoint (torch.save's zip archive, as main_ear.py writes "
+            "checkpoint-last.pth); it may be damaged or another kind of file."
+        )
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except (pickle.UnpicklingError, RuntimeError) as error:
         raise ValueError(
-            f"convert: {path} holds objects other than tensors, plain containers and argparse.Namespace, which "
-            f"this converter does not unpickle (it never runs code from a checkpoint). torch says: {error}"
+            f"convert: {path} cannot be read as tensors, plain containers and argparse.Namespace{_reason(error)}; "
+            "this converter never rebuilds other objects (that would run code from the file)."
         ) from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(weights), dict):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
@@ -302,6 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Convert an EAR checkpoint (shaochenze/EAR main_ear.py) into a saved pipeline."""
+    check_arguments(args)
     pipe = convert_ear_checkpoint(
         args.checkpoint,
         args.vae,

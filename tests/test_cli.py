@@ -186,6 +186,9 @@ def test_example_script_prints_one_line(saved, tmp_path):
         (["--cache-refresh-every", "3"], "--cache-refresh-every paces the sampling caches"),
         (["--token-cache", "--token-share", "2"], r"`--token-share` must be a finite number in \[0.0, 1.0\], got 2.0"),
         (["--condition-cache", "--cache-refresh-every", "0"], "`--cache-refresh-every` must be an integer >= 1"),
+        # cuda:999 is refused with or without a GPU; on a CPU build, plain "cuda" is too.
+        (["--device", "cuda:999"], "`--device` 'cuda:999' is not a device this machine can use"),
+        (["--device", "foo"], "`--device` 'foo' is not a device this machine can use"),
     ],
 )
 def test_generate_refuses_bad_sampling_flags_before_loading(saved, tmp_path, monkeypatch, flags, message):
@@ -234,3 +237,30 @@ def test_prepare_data_runs_the_examples_implementation(tmp_path, monkeypatch, ca
     main(["prepare-data", "--output", str(tmp_path / "d"), "--image-size", "36", "--seed", "2"])
     assert calls == [(str(tmp_path / "d"), 36, 2)]
     assert capsys.readouterr().out.strip() == f"{{'train': 4, 'heldout': 1}} -> {tmp_path / 'd'}"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--repeats", "0"], "`--repeats` must be an integer >= 1, got 0"),
+        (["--budget-s", "0"], "`--budget-s` must be a finite number of seconds above 0, got 0.0"),
+        (["--sections", "cache", "--sampling-batches", "1", "0"], "`--sampling-batches` must be an integer >= 1"),
+        (["--sections", "quality", "--quality-batch-size", "0"], "`--quality-batch-size` must be an integer >= 1"),
+        (["--device", "cuda:999"], "`--device` 'cuda:999' is not a device this machine can use"),
+        (["--sections", "batch", "--demo-model", "/nope"], "--demo-model '/nope' is not a pipeline folder"),
+        (["--sections", "matmul", "--demo-model", "/nope"], "--demo-model '/nope' is read only by"),
+    ],
+)
+def test_bench_refuses_bad_flags_before_measuring(tmp_path, monkeypatch, capsys, flags, message):
+    from parscale_ear_hf import benchmark
+
+    monkeypatch.setattr(
+        benchmark.Bench, "measure", lambda *a, **k: pytest.fail("measured before the flags were checked")
+    )
+    output = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--profile", "cpu", "--output", str(output), *flags])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not output.exists()

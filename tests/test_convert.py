@@ -152,8 +152,9 @@ def test_checkpoints_are_read_without_unpickling_code(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"model": ear_weights(), "args": Evil()}, path)
-    with pytest.raises(ValueError, match="does not unpickle"):
+    with pytest.raises(ValueError, match="never rebuilds other objects") as info:
         read_ear_checkpoint(path)
+    assert "weights_only" not in str(info.value)  # torch's advice to turn the check off is not passed on
     with pytest.raises(ValueError, match="`--weights` must be one of"):
         read_ear_checkpoint(path, weights="ema")
     no_ema = tmp_path / "no_ema.pth"
@@ -162,3 +163,37 @@ def test_checkpoints_are_read_without_unpickling_code(tmp_path):
         read_ear_checkpoint(no_ema)
     state, args = read_ear_checkpoint(no_ema, weights="model")
     assert sorted(state) == sorted(ear_weights()) and args == {}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-heads", "0"], "`--num-heads` must be an integer >= 1, got 0"),
+        (["--buffer-size", "0"], "`--buffer-size` must be an integer >= 1, got 0"),
+        (["--vae-scaling-factor", "0"], "`--vae-scaling-factor` must be a finite number above 0, got 0.0"),
+        (["--vae-scaling-factor", "nan"], "`--vae-scaling-factor` must be a finite number above 0, got nan"),
+        (["--vae", "/nope/kl16"], "--vae '/nope/kl16' is not a diffusers AutoencoderKL folder"),
+        (["--checkpoint", "/nope/c.pth"], "--checkpoint '/nope/c.pth' is not a file"),
+    ],
+)
+def test_bad_flags_are_refused_before_the_checkpoint_is_read(tmp_path, vae_dir, monkeypatch, capsys, flags, message):
+    checkpoint = save_checkpoint(tmp_path / "c.pth", ear_weights())
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    argv = ["convert", "--checkpoint", str(checkpoint), "--vae", str(vae_dir), "--output-dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *flags])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_file_of_random_bytes_is_named_without_torchs_advice(tmp_path, vae_dir, capsys):
+    path = tmp_path / "random.pth"
+    path.write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes()
+    )
+    with pytest.raises(SystemExit):
+        main(["convert", "--checkpoint", str(path), "--vae", str(vae_dir), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert f"{path} is not a PyTorch checkpoint" in err and "weights_only" not in err

@@ -405,11 +405,12 @@ def run_reconstruction(args: argparse.Namespace) -> dict:
     import time
 
     from ..data import load_dataset_from_args
-    from ..models._checks import check_int
+    from ..models._checks import check_device, check_int
     from ..results import write_results
     from ..training.latent_cache import load_vae
 
     # The flags first: nothing is loaded for a run that cannot start.
+    check_device("eval_vae_fid", "--device", args.device)
     check_int("eval_vae_fid", "--batch-size", args.batch_size)
     if args.max_images is not None:
         check_int("eval_vae_fid", "--max-images", args.max_images, PR_NEIGHBOURHOOD + 1)

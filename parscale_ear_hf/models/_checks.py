@@ -85,3 +85,24 @@ class StrictLoadingMixin:
                 f"({'; '.join(problems)}); load them with the config they were saved with."
             )
         return (model, info) if want_info else model
+
+
+def check_device(owner: str, name: str, device: str) -> None:
+    """Raise unless ``device`` names a device that this torch build can use here (cpu, cuda[:i], mps, xpu[:i])."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}.get(kind)
+    usable = kind == "cpu" or (backend is not None and backend.is_available())
+    if usable and kind in ("cuda", "xpu") and torch.device(device).index is not None:
+        usable = torch.device(device).index < backend.device_count()
+    if not usable:
+        here = ["cpu"] + [k for k, b in (("cuda", torch.cuda), ("mps", torch.backends.mps)) if b.is_available()]
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
+        raise ValueError(
+            f"{owner}: `{name}` {device!r} is not a device this machine can use ({build}); accepted here: "
+            f"{', '.join(here)}."
+        )
