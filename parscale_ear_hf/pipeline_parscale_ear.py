@@ -632,7 +632,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
 
         Its shapes are static: batch, N and hidden size do not change between steps, so it compiles once
         per batch size and guidance on / off (``dynamic=False`` unless given). On a GPU, pass
-        ``mode="reduce-overhead"`` for CUDA graphs, and load the pipeline in bf16 (``torch_dtype=torch.bfloat16``).
+        ``mode="reduce-overhead"`` for CUDA graphs, and load the pipeline in bf16 (``dtype=torch.bfloat16``).
         Other keyword arguments go to ``torch.compile``. The caches of :class:`SamplingCache` run eagerly.
         """
         compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}

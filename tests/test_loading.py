@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -873,3 +874,15 @@ def test_repo_id_loads_offline_in_a_fresh_process(saved, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "loaded offline" in proc.stdout
+
+
+@pytest.mark.parametrize("keyword", ["dtype", "torch_dtype"])
+def test_dtype_is_taught_and_torch_dtype_still_loads(saved, keyword):
+    """diffusers >= 0.40 takes `dtype=` (the README's spelling); `torch_dtype=` still works, with its deprecation."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = ParScaleEARPipeline.from_pretrained(saved.folder, **{keyword: torch.bfloat16})
+        component = EARTransformer.from_pretrained(saved.folder, subfolder="transformer", **{keyword: torch.bfloat16})
+    assert {getattr(loaded, name).dtype for name in COMPONENTS} == {torch.bfloat16} == {component.dtype}
+    deprecations = [w for w in caught if "torch_dtype" in str(w.message)]
+    assert bool(deprecations) == (keyword == "torch_dtype")
