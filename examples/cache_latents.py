@@ -5,6 +5,8 @@ r"""Encode a dataset once with a trained VAE and cache the posterior moments for
     # ImageNet (gated: --hf-token or HF_TOKEN), several GPUs, with flipped copies:
     accelerate launch examples/cache_latents.py --vae VAE_DIR --dataset ILSVRC/imagenet-1k --streaming \
         --image-size 256 --hflip --output-dir latents_in256
+
+The cache keeps a copy of the VAE (OUTPUT_DIR/vae), so training finds it wherever the cache is moved.
 """
 
 import argparse

@@ -6,7 +6,8 @@ One CPU:        python examples/train_dit.py --latents runs/demo_latents --outpu
 Two CPU procs:  torchrun --nproc_per_node 2 examples/train_dit.py ... --cpu
 GPUs:           accelerate launch --config_file examples/accelerate_configs/h100_bf16.yaml
                     examples/train_dit.py ... --mixed-precision bf16
-Resume:         the same command with --resume latest
+Resume:         the same command with --resume latest (a checkpoint is saved every --checkpoint-every steps
+                and whenever --checkpoint-minutes, 5, have passed)
 Score it:       parscale-ear eval --model runs/demo_dit/pipeline ... (the driver recognises a DiTPipeline)
 """
 

@@ -906,7 +906,7 @@ def pipeline_from_checkpoint(train_dir: Path, checkpoint: Path):
     from .models.ear_training import EARTrainingModel
     from .pipeline_parscale_ear import ParScaleEARPipeline
     from .training.generator import build_components
-    from .training.latent_cache import load_vae
+    from .training.latent_cache import load_cache_vae
 
     run_config = json.loads((train_dir / "run_config.json").read_text(encoding="utf-8"))
     flags = run_config["args"]
@@ -923,7 +923,8 @@ def pipeline_from_checkpoint(train_dir: Path, checkpoint: Path):
             p.copy_(shadow[str(i)])
     id2label = {int(k): v for k, v in info["id2label"].items()} if info.get("id2label") else None
     parts = [m.float().eval() for m in (model.lite_hybrid, model.transformer, model.energy_head)]
-    return ParScaleEARPipeline(load_vae(flags["vae"] or info["vae"]), *parts, id2label=id2label)
+    vae = load_cache_vae("experiments", flags["latents"], info, flags["vae"])
+    return ParScaleEARPipeline(vae, *parts, id2label=id2label)
 
 
 def length_curve(args) -> dict:

@@ -1,5 +1,7 @@
-"""`parscale_ear_hf.training.checkpointing`: the pickle-free format restores training exactly, refuses the rest."""
+"""`parscale_ear_hf.training.checkpointing`: the pickle-free format restores training exactly, refuses the rest;
+interim (time-based) checkpoints and the default interval."""
 
+import argparse
 import json
 import pickle
 import re
@@ -11,12 +13,16 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 
-from parscale_ear_hf.training import recipe
+from parscale_ear_hf.training import checkpointing, dit, generator, recipe
+from parscale_ear_hf.training import vae as vae_training
 from parscale_ear_hf.training.checkpointing import (
     FORMAT,
     STATE_FILE,
+    CheckpointTimer,
     check_supported,
+    list_checkpoints,
     load_checkpoint,
+    read_checkpoint_state,
     resolve_resume,
     save_checkpoint,
     write_json_atomic,
@@ -163,3 +169,49 @@ def test_write_json_atomic_leaves_the_old_file_when_the_object_is_not_json(tmp_p
         write_json_atomic(path, {"lr": 2e-3, "func": print})
     assert json.loads(path.read_text()) == {"lr": 1e-3}
     assert [p.name for p in tmp_path.iterdir()] == ["run_config.json"]
+
+
+def test_an_interim_checkpoint_is_not_kept_and_the_next_save_replaces_it(accelerator, tmp_path):
+    parts, root = training_parts(seed=0), tmp_path / "checkpoints"
+
+    def save(step, interim):
+        save_checkpoint(accelerator, root, step, {}, **parts, keep=2, interim=interim)
+        return {int(p.name.split("-")[1]): read_checkpoint_state(p)["interim"] for p in list_checkpoints(root)}
+
+    assert save(1, interim=False) == {1: False}
+    assert save(2, interim=True) == {1: False, 2: True}
+    assert save(3, interim=True) == {1: False, 3: True}  # the next save replaces it
+    assert save(4, interim=False) == {1: False, 4: False}
+    assert save(5, interim=True) == {1: False, 4: False, 5: True}  # not counted against keep=2
+    assert resolve_resume("latest", root).name == "checkpoint-00000005"
+    assert load_checkpoint(accelerator, root / "checkpoint-00000005", **training_parts(seed=1)) == {"step": 5}
+    assert save(6, interim=False) == {4: False, 6: False}
+
+
+def test_the_timer_is_due_when_its_minutes_have_passed_since_the_last_save(accelerator, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(checkpointing, "monotonic", lambda: now[0])
+    timer, never = CheckpointTimer(accelerator, 5), CheckpointTimer(accelerator, 0)
+    now[0] = 1299.0
+    assert not timer.due()
+    now[0] = 1300.0
+    assert timer.due() and timer.due()  # until a save
+    timer.saved()
+    now[0] = 1599.0
+    assert not timer.due()
+    now[0] = 10_000.0
+    assert timer.due() and not never.due()
+
+
+@pytest.mark.parametrize(
+    "module, required",
+    [
+        (generator, ["--latents", "l", "--model-config", "m", "--max-steps", "1"]),
+        (dit, ["--latents", "l", "--max-steps", "1"]),
+        (vae_training, ["--dataset", "d"]),
+    ],
+)
+def test_every_trainer_saves_at_least_every_5_minutes_by_default(module, required):
+    args = module.add_arguments(argparse.ArgumentParser()).parse_args([*required, "--output-dir", "o"])
+    assert args.checkpoint_minutes == checkpointing.CHECKPOINT_MINUTES == 5.0
+    assert args.checkpoint_every == 500 and args.keep_checkpoints == 2

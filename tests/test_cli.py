@@ -264,3 +264,24 @@ def test_bench_refuses_bad_flags_before_measuring(tmp_path, monkeypatch, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "0"], "cache-latents: `--batch-size` must be an integer >= 1, got 0"),
+        (["--num-workers", "-1"], "cache-latents: `--num-workers` must be an integer >= 0, got -1"),
+        (["--image-size", "0"], "cache-latents: `--image-size` must be an integer >= 1, got 0"),
+    ],
+)
+def test_cache_latents_refuses_bad_flags_before_loading(saved, tmp_path, monkeypatch, capsys, flags, message):
+    from parscale_ear_hf.training import latent_cache
+
+    monkeypatch.setattr(latent_cache, "load_vae", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
+    argv = ["cache-latents", "--vae", str(saved), "--vae-subfolder", "vae", "--dataset", str(tmp_path / "d"),
+            "--output-dir", str(tmp_path / "c")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "c").exists()

@@ -177,6 +177,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_weights(workspace, tr
     [
         (["--class-dropout-prob", "1"], r"`--class-dropout-prob` must be a finite number in \[0.0, 1.0\), got 1.0"),
         (["--num-layers", "0"], "`--num-layers` must be an integer >= 1, got 0"),
+        (["--checkpoint-minutes", "-1"], r"`--checkpoint-minutes` must be a finite number >= 0.0, got -1.0"),
         (["--lr", "0"], "`--lr` must be a finite number in"),
         (["--sample-guidance", "0.5"], "`--sample-guidance` must be a finite number >= 1.0, got 0.5"),
         (["--resume", "latest"], "--resume latest: no complete checkpoint"),

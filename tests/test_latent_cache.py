@@ -1,9 +1,11 @@
-"""`parscale_ear_hf.training.latent_cache`: round trip, flips, sharding over ranks, errors, posterior samples."""
+"""`parscale_ear_hf.training.latent_cache`: round trip, flips, sharding over ranks, errors, posterior samples,
+the cache's copy of its VAE and the check of a VAE passed in its place."""
 
 import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +23,12 @@ from parscale_ear_hf.training.latent_cache import (
     INFO_FILE,
     add_arguments,
     encode_to_cache,
+    load_cache_vae,
     load_latent_cache,
     load_vae,
     run,
     sample_latents,
+    weights_sha256,
     write_cache_info,
 )
 
@@ -197,3 +201,66 @@ def test_unreachable_hub_vae_names_the_repo(monkeypatch):
     with pytest.raises(OSError, match=r"--vae='owner/no-such-vae' is not a local folder, and the Hub repo "
                        r"'owner/no-such-vae' \(subfolder 'vae'\) could not be read"):  # fmt: skip
         load_vae("owner/no-such-vae", "vae")
+
+
+def test_the_cache_keeps_a_copy_of_its_vae_and_refuses_another_in_its_place(vae, dataset, tmp_path):
+    vae.save_pretrained(tmp_path / "vae")
+    datasets.DatasetDict({"train": dataset}).save_to_disk(tmp_path / "data")
+    args = ["--vae", str(tmp_path / "vae"), "--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "c")]
+    info = run(add_arguments(argparse.ArgumentParser()).parse_args(args))
+    assert (info["vae"], info["vae_folder"], info["vae_class"]) == (str(tmp_path / "vae"), "vae", "LiteVAE")
+    assert info["vae_config"]["scaling_factor"] == 1.5 and info["vae_weights_sha256"] == weights_sha256(vae)
+    assert weights_sha256(load_cache_vae("train", tmp_path / "c", info)) == weights_sha256(vae)
+    # The VAE that encoded the cache may stand in for the copy; another one is refused, naming what differs.
+    assert weights_sha256(load_cache_vae("train", tmp_path / "c", info, str(tmp_path / "vae"))) == weights_sha256(vae)
+    torch.manual_seed(1)
+    LiteVAE(**TINY_VAE_CONFIG, scaling_factor=1.5, shift_factor=0.25).save_pretrained(tmp_path / "retrained")
+    expected = (
+        rf"train: --vae '{re.escape(str(tmp_path / 'retrained'))}' is not the VAE that encoded the latent cache "
+        rf"'{re.escape(str(tmp_path / 'c'))}'; the cache vs --vae: weights sha256 {weights_sha256(vae)} vs "
+        rf"[0-9a-f]{{64}}\. Accepted: the cache's VAE; leave --vae out to use the cache's copy "
+        rf"'{re.escape(str(tmp_path / 'c' / 'vae'))}'"
+    )
+    with pytest.raises(ValueError, match=expected):
+        load_cache_vae("train", tmp_path / "c", info, str(tmp_path / "retrained"))
+    shutil.copytree(tmp_path / "vae", tmp_path / "rescaled")
+    config = json.loads((tmp_path / "rescaled" / "config.json").read_text())
+    (tmp_path / "rescaled" / "config.json").write_text(json.dumps({**config, "scaling_factor": 2.0}))
+    with pytest.raises(ValueError, match=r"the cache vs --vae: config scaling_factor 1\.5 vs 2\.0\. Accepted"):
+        load_cache_vae("train", tmp_path / "c", info, str(tmp_path / "rescaled"))
+    shutil.rmtree(tmp_path / "c" / "vae")
+    expected = (
+        rf"train: the latent cache '{re.escape(str(tmp_path / 'c'))}' lacks its copy of its VAE .* cache-latents was "
+        rf"given --vae '{re.escape(str(tmp_path / 'vae'))}'\. Pass --vae with that VAE"
+    )
+    with pytest.raises(FileNotFoundError, match=expected):
+        load_cache_vae("train", tmp_path / "c", info)
+
+
+def test_a_cache_without_a_copy_of_its_vae_loads_it_from_where_it_was_made(vae, dataset, tmp_path, monkeypatch):
+    """A cache written before caches kept their VAE records only the path that cache-latents was given."""
+    monkeypatch.chdir(tmp_path)
+    vae.save_pretrained(tmp_path / "runs" / "vae" / "vae")
+    encode_to_cache(vae, dataset, tmp_path / "cache", image_size=16, channels=3)
+    info = write_cache_info(tmp_path / "cache", 1, vae="runs/vae/vae", vae_class="LiteVAE", scaling_factor=1.5)
+    assert weights_sha256(load_cache_vae("train", "cache", info)) == weights_sha256(vae)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    expected = (
+        r"train: the latent cache '\.\./cache' was written before caches kept a copy of their VAE and records it only "
+        rf"as cache-latents was given it, --vae 'runs/vae/vae', which does not load from the working directory "
+        rf"'{re.escape(str(tmp_path / 'elsewhere'))}' .*\. Run from the folder the cache was made in, pass --vae with "
+        r"that VAE"
+    )
+    with pytest.raises(FileNotFoundError, match=expected):
+        load_cache_vae("train", "../cache", info)
+    assert weights_sha256(load_cache_vae("train", "../cache", info, "../runs/vae/vae")) == weights_sha256(vae)
+    torch.manual_seed(0)
+    kl = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4, sample_size=16)
+    kl.save_pretrained(tmp_path / "kl")
+    expected = (
+        r"the cache vs --vae: class 'LiteVAE' vs 'AutoencoderKL'\. Accepted: the cache's VAE; pass the VAE that "
+        r"cache-latents was given \('runs/vae/vae'\)"
+    )
+    with pytest.raises(ValueError, match=expected):
+        load_cache_vae("train", "../cache", info, str(tmp_path / "kl"))

@@ -1,7 +1,9 @@
 """Generator training: EAR's recipe (lr from blr, schedule, param groups, EMA, resuming with new flags), exact
-resume after SIGKILL, atomic checkpoints, two processes, bad input."""
+resume after SIGKILL and from an interim checkpoint, atomic checkpoints, a fresh start keeps an earlier run's log,
+a moved latent cache, two processes, bad input."""
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -20,16 +22,17 @@ import torch
 from safetensors.torch import load_file
 
 from parscale_ear_hf import EARTrainingModel, EARTransformer, EnergyHead, LiteHybrid, LiteVAE, cli
-from parscale_ear_hf.training import recipe
+from parscale_ear_hf.training import checkpointing, latent_cache, recipe
 from parscale_ear_hf.training.checkpointing import (
     FORMAT,
     JsonlLog,
     latest_checkpoint,
     list_checkpoints,
+    read_checkpoint_state,
     resolve_resume,
 )
 from parscale_ear_hf.training.generator import add_arguments, run
-from parscale_ear_hf.training.latent_cache import encode_to_cache, write_cache_info
+from parscale_ear_hf.training.latent_cache import encode_to_cache, weights_sha256, write_cache_info
 
 from conftest import TINY_VAE_CONFIG
 
@@ -169,6 +172,83 @@ def test_fresh_start_never_overwrites_a_previous_run(workspace, tmp_path):
     assert (out / "train_log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
 
 
+def test_a_fresh_start_moves_an_earlier_runs_log_and_record_aside(workspace, tmp_path, capsys):
+    """A run killed before its first checkpoint leaves nothing to resume; starting it again keeps its log."""
+    out = tmp_path / "out"
+    (out / "earlier-runs" / "1").mkdir(parents=True)  # set aside by an earlier fresh start
+    log, record = b'{"step": 1, "loss": 3.5}\n{"step": 2, "lo', b'{"args": {"max_steps": 4000}}'
+    (out / "train_log.jsonl").write_bytes(log)
+    (out / "run_config.json").write_bytes(record)
+    run(parse(train_args(workspace, out, "--max-steps", "2")))
+    moved = out / "earlier-runs" / "2"
+    assert (moved / "train_log.jsonl").read_bytes() == log and (moved / "run_config.json").read_bytes() == record
+    assert sorted(losses(out)) == [1, 2]
+    assert json.loads((out / "run_config.json").read_text())["args"]["max_steps"] == 2
+    assert f"moved its train_log.jsonl, run_config.json to '{moved}'" in capsys.readouterr().out
+
+
+def test_an_interim_checkpoint_saved_by_the_clock_resumes_exactly(workspace, tmp_path, monkeypatch):
+    flags = ["--max-steps", "6", "--checkpoint-every", "3"]
+    reference = tmp_path / "reference"
+    run(parse(train_args(workspace, reference, *flags, "--checkpoint-minutes", "0")))
+
+    monkeypatch.setattr(checkpointing, "monotonic", itertools.count(0.0, 60.0).__next__)  # a minute per reading
+    write = JsonlLog.write
+
+    def interrupt_at_step_5(self, record):  # after step 5's update, before its checkpoint
+        if record["step"] == 5:
+            raise KeyboardInterrupt
+        write(self, record)
+
+    monkeypatch.setattr(JsonlLog, "write", interrupt_at_step_5)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run(parse(train_args(workspace, out, *flags, "--checkpoint-minutes", "1")))
+    monkeypatch.setattr(JsonlLog, "write", write)
+    # Interim checkpoints after steps 1, 2 and 4, each removed by the next save; the kept one at 3 stays.
+    interim = {p.name: read_checkpoint_state(p)["interim"] for p in list_checkpoints(out / "checkpoints")}
+    assert interim == {"checkpoint-00000003": False, "checkpoint-00000004": True}
+    run(parse(train_args(workspace, out, *flags, "--checkpoint-minutes", "1", "--resume", "latest")))
+    assert losses(out) == losses(reference)  # every step's loss, bit for bit
+    for component in ("lite_hybrid", "transformer", "energy_head"):
+        a = load_file(reference / "pipeline" / component / "diffusion_pytorch_model.safetensors")
+        b = load_file(out / "pipeline" / component / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-00000003", "checkpoint-00000006"]
+
+
+def test_a_moved_cache_trains_from_another_folder_with_its_copy_of_the_vae(workspace, tmp_path, monkeypatch):
+    """cache-latents given a relative --vae; then the cache is moved, the VAE it was given deleted, and training
+    runs from another working directory."""
+    made = tmp_path / "made"
+    shutil.copytree(workspace / "vae", made / "runs" / "vae" / "vae")
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(8)]
+    names = datasets.ClassLabel(names=[f"c{i}" for i in range(10)])
+    features = datasets.Features({"image": datasets.Image(), "label": names})
+    data = datasets.Dataset.from_dict({"image": images, "label": [i % 10 for i in range(8)]}, features=features)
+    datasets.DatasetDict({"train": data}).save_to_disk(made / "data")
+    monkeypatch.chdir(made)
+    flags = ["--vae", "runs/vae/vae", "--dataset", "data", "--output-dir", "latents", "--image-size", "16"]
+    info = latent_cache.run(latent_cache.add_arguments(argparse.ArgumentParser()).parse_args(flags))
+    shutil.move(made / "latents", tmp_path / "scratch" / "latents")
+    shutil.rmtree(made)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+
+    argv = train_args(workspace, "out", "--max-steps", "2")
+    argv[argv.index("--latents") + 1] = "../scratch/latents"
+    run(parse(argv))
+    saved = LiteVAE.from_pretrained(tmp_path / "elsewhere" / "out" / "pipeline" / "vae")
+    original = LiteVAE.from_pretrained(workspace / "vae")
+    assert weights_sha256(saved) == weights_sha256(original) == info["vae_weights_sha256"]
+    torch.manual_seed(1)
+    LiteVAE(**TINY_VAE_CONFIG).save_pretrained("other")
+    with pytest.raises(ValueError, match=r"train: --vae 'other' is not the VAE .* weights sha256 [0-9a-f]{64} vs"):
+        run(parse([*argv, "--output-dir", "refused", "--vae", "other"]))
+    assert not Path("refused").exists()
+
+
 class WritesMarker:
     """Unpickling this runs code: it creates the file ``path``."""
 
@@ -217,6 +297,7 @@ def test_grad_clip_zero_disables_clipping(workspace, tmp_path):
 
 
 FLOAT_FLAGS = (
+    "--checkpoint-minutes",
     "--lr",
     "--blr",
     "--min-lr",
@@ -247,6 +328,7 @@ FLOAT_FLAGS = (
         ("--weight-decay", "-0.01"),
         ("--lr", "0"),
         ("--log-every", "0"),
+        ("--checkpoint-minutes", "-1"),
         ("--seed", "-1"),
         ("--batch-size", "64"),  # the cache has 48 examples
         *[(flag, value) for flag in FLOAT_FLAGS for value in ("inf", "nan")],
@@ -296,7 +378,9 @@ def test_training_lowers_the_loss_and_saves_a_pipeline(workspace, tmp_path):
 
 def test_two_processes_hold_identical_weights_also_after_resuming(workspace, tmp_path):
     out = tmp_path / "dist"
-    for port, extra in (("29533", ["--max-steps", "3"]), ("29534", ["--max-steps", "5", "--resume", "latest"])):
+    # The resumed run saves an interim checkpoint after step 4 (due at once): both processes must agree to.
+    resumed = ["--max-steps", "5", "--resume", "latest", "--checkpoint-minutes", "1e-9"]
+    for port, extra in (("29533", ["--max-steps", "3"]), ("29534", resumed)):
         cmd = [
             sys.executable,
             "-m",
@@ -314,6 +398,7 @@ def test_two_processes_hold_identical_weights_also_after_resuming(workspace, tmp
         digests = [(out / f"weights-rank{r}.sha256").read_text() for r in (0, 1)]
         assert digests[0] == digests[1]
     assert sorted(losses(out)) == [1, 2, 3, 4, 5]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-00000003", "checkpoint-00000005"]
 
 
 def test_exclusive_flags_and_fp16_on_cpu_fail_before_anything_is_loaded(workspace, tmp_path, monkeypatch, capsys):

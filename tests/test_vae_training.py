@@ -1,6 +1,8 @@
-"""`parscale_ear_hf.training.vae`: the losses, a short run, exact resume, latent scale, errors."""
+"""`parscale_ear_hf.training.vae`: the losses, a short run, exact resume (also from an interim checkpoint),
+latent scale, a fresh start keeps an earlier run's log, errors."""
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -17,6 +19,7 @@ from safetensors.torch import load_file
 
 from parscale_ear_hf import LiteVAE
 from parscale_ear_hf.data import image_loader
+from parscale_ear_hf.training import checkpointing
 from parscale_ear_hf.training import vae as vae_training
 from parscale_ear_hf.training.vae import LOG_FILE, add_arguments, learning_rate, run, wavelet_highfreq_loss
 
@@ -121,14 +124,16 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_a_kill_continues_exactly(dataset_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("interim", [False, True])
+def test_resume_after_a_kill_continues_exactly(dataset_dir, tmp_path, monkeypatch, interim):
     flags = (
         "--max-steps", 6, "--checkpoint-every", 3, "--gradient-accumulation-steps", 2, "--log-every", 1,
         "--eval-split", "heldout", "--eval-every", 2, "--lr-schedule", "cosine", "--lr-warmup-steps", 2,
     )  # fmt: skip
-    run(make_args(dataset_dir, tmp_path / "straight", *flags))
+    run(make_args(dataset_dir, tmp_path / "straight", *flags, "--checkpoint-minutes", 0))
 
-    # Kill the second run before its 6th step: steps 4 and 5 are logged after the checkpoint at 3.
+    # Kill the second run before its 6th step: steps 4 and 5 are logged after the checkpoint at 3. With
+    # `interim`, a clock that reads a minute later each time saves interim checkpoints after steps 4 and 5 too.
     learning_rate = vae_training.learning_rate
 
     def killed_before_step_6(step, **kwargs):
@@ -137,11 +142,17 @@ def test_resume_after_a_kill_continues_exactly(dataset_dir, tmp_path, monkeypatc
         return learning_rate(step, **kwargs)
 
     monkeypatch.setattr(vae_training, "learning_rate", killed_before_step_6)
+    monkeypatch.setattr(checkpointing, "monotonic", itertools.count(0.0, 60.0).__next__)
+    minutes = ("--checkpoint-minutes", 1 if interim else 0)
     with pytest.raises(Killed):
-        run(make_args(dataset_dir, tmp_path / "resumed", *flags))
+        run(make_args(dataset_dir, tmp_path / "resumed", *flags, *minutes))
     monkeypatch.undo()
     assert max(r["step"] for r in read_log(tmp_path / "resumed")) == 5
-    run(make_args(dataset_dir, tmp_path / "resumed", *flags, "--resume", "latest"))
+    latest = checkpointing.latest_checkpoint(tmp_path / "resumed" / "checkpoints")
+    assert (latest.name, checkpointing.read_checkpoint_state(latest)["interim"]) == (
+        ("checkpoint-00000005", True) if interim else ("checkpoint-00000003", False)
+    )
+    run(make_args(dataset_dir, tmp_path / "resumed", *flags, *minutes, "--resume", "latest"))
 
     assert read_log(tmp_path / "resumed") == read_log(tmp_path / "straight")
     weights = [
@@ -166,6 +177,18 @@ def test_refuses_to_start_over_existing_checkpoints_or_resume_another_config(dat
         run(make_args(dataset_dir, tmp_path / "out", "--max-steps", 2))
     with pytest.raises(ValueError, match="was trained with the LiteVAE config"):
         run(make_args(dataset_dir, tmp_path / "out", "--max-steps", 2, "--resume", "latest", "--latent-channels", 8))
+
+
+def test_a_fresh_start_moves_an_earlier_runs_log_aside(dataset_dir, tmp_path, capsys):
+    """A run killed before its first checkpoint leaves nothing to resume; starting it again keeps its log."""
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = b'{"step": 10, "loss": 0.5}\n{"step": 20, "lo'
+    (out / LOG_FILE).write_bytes(earlier)
+    run(make_args(dataset_dir, out, "--max-steps", 1, "--checkpoint-every", 0))
+    assert (out / "earlier-runs" / "1" / LOG_FILE).read_bytes() == earlier
+    assert {r["step"] for r in read_log(out)} == {1}
+    assert f"moved its {LOG_FILE} to '{out / 'earlier-runs' / '1'}'" in capsys.readouterr().out
 
 
 def test_vae_config_file_and_flags(dataset_dir, tmp_path):
@@ -196,6 +219,7 @@ def test_vae_config_file_and_flags(dataset_dir, tmp_path):
                 ("--max-grad-norm", ("-1.0", "inf", "nan")),
                 ("--kl-weight", ("-0.001", "inf", "nan")),
                 ("--wavelet-weight", ("-0.5", "inf", "nan")),
+                ("--checkpoint-minutes", ("-1.0", "inf", "nan")),
             )
             for value in values
         ],

@@ -4,7 +4,7 @@
 checkpoint could run code on ``--resume``. This format holds tensors in safetensors and everything
 else in JSON, and loading refuses any folder that holds other files than the ones it writes:
 
-    trainer_state.json      {"format": FORMAT, "step": ..., "files": [...], ...}; written last
+    trainer_state.json      {"format": FORMAT, "step": ..., "files": [...], "interim": ..., ...}; written last
     model.safetensors       the unwrapped model's state dict
     optimizer.safetensors   the optimizer's per-parameter tensors, keys "<param index>.<name>"
     optimizer.json          its per-parameter non-tensor values and its param_groups
@@ -19,6 +19,19 @@ are functions of the seed and the step), so a resumed run continues exactly wher
 left off. A checkpoint is written into a hidden temporary folder and renamed to
 ``checkpoint-<step>`` only once ``trainer_state.json`` is on disk; a kill during a save therefore
 leaves at worst a temporary folder, which is never loaded and is removed by the next save.
+
+A run saves two kinds of checkpoint. Kept ones, every ``--checkpoint-every`` steps: the newest
+``--keep-checkpoints`` of them stay. Interim ones, when ``--checkpoint-minutes`` have passed since
+the last save (:class:`CheckpointTimer`), so that a kill loses minutes of training whatever the step
+interval: an interim checkpoint does not count against ``--keep-checkpoints`` and the next save of
+either kind removes it, so at most one exists and it is always the newest (``--resume latest``
+loads it). Saving consumes no random draw, so the step at which a checkpoint is saved does not
+change training.
+
+A fresh start (no ``--resume``) is refused over a run's checkpoints (:func:`resume_point`), and
+moves the log and record of an earlier run that left none aside instead of overwriting them
+(:func:`set_aside_earlier_run`).
+
 DDP and single-process training only: FSDP / DeepSpeed shard the model and optimizer state, which
 this format does not gather.
 """
@@ -30,11 +43,12 @@ import os
 import re
 import shutil
 from pathlib import Path
+from time import monotonic
 from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..saving import fsync_path
@@ -48,6 +62,15 @@ SCHEDULER_FILES = ("scheduler.json",)
 EMA_FILES = ("ema.safetensors", "ema.json")
 KNOWN_FILES = {*MODEL_FILES, *OPTIMIZER_FILES, *SCHEDULER_FILES, *EMA_FILES}
 UNSUPPORTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+EARLIER_RUNS = "earlier-runs"
+# The default --checkpoint-minutes. The README's demo runs take 0.6-1.6 s a step on 2 CPU cores, so a step interval
+# alone (500) could lose 13 minutes; a save of the demo's models takes well under a second.
+CHECKPOINT_MINUTES = 5.0
+CHECKPOINT_MINUTES_HELP = (
+    "also save an interim checkpoint when this many minutes have passed since the last save, so a kill loses at "
+    f"most that much training (default {CHECKPOINT_MINUTES:g}; 0: off). The next save replaces it, it does not count "
+    "against --keep-checkpoints, and --resume latest continues exactly from it"
+)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
@@ -151,6 +174,87 @@ def resolve_resume(resume: str | None, checkpoint_dir: str | os.PathLike) -> Pat
     return path
 
 
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    """Where a run in ``output_dir`` keeps its checkpoints."""
+    return Path(output_dir) / "checkpoints"
+
+
+def resume_point(owner: str, resume: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint that ``--resume`` names (:func:`resolve_resume`), or None for a fresh start.
+
+    Raises before any work when there is nothing to resume, and for a fresh start over the checkpoints in
+    ``output_dir`` (it would overwrite them). ``owner`` names the command in the message.
+    """
+    checkpoints = checkpoint_dir(output_dir)
+    resume_from = resolve_resume(resume, checkpoints)
+    if resume_from is None and list_checkpoints(checkpoints):
+        raise FileExistsError(
+            f"{owner}: {os.fspath(checkpoints)!r} already holds checkpoints; pass --resume latest to continue that "
+            "run, or another --output-dir (a fresh start would overwrite them)."
+        )
+    return resume_from
+
+
+def set_aside_earlier_run(output_dir: str | os.PathLike, names: list[str]) -> Path | None:
+    """Move the files ``names`` of ``output_dir`` that exist into ``<output_dir>/earlier-runs/<k>`` (the first free
+    ``k`` from 1), and say so; returns that folder, or None when none of them exists.
+
+    A fresh start calls it on the main process before its first step, for its log and run record: the earlier run
+    that wrote them left no checkpoint (:func:`resume_point` refuses a fresh start over checkpoints), so there is
+    nothing to resume, and its record is kept rather than overwritten.
+    """
+    output_dir = Path(output_dir)
+    found = [name for name in names if (output_dir / name).exists()]
+    if not found:
+        return None
+    k = 1
+    while (output_dir / EARLIER_RUNS / str(k)).exists():
+        k += 1
+    folder = output_dir / EARLIER_RUNS / str(k)
+    folder.mkdir(parents=True)
+    for name in found:
+        os.replace(output_dir / name, folder / name)
+    print(
+        f"{os.fspath(output_dir)!r} holds an earlier run that left no checkpoint; moved its {', '.join(found)} to "
+        f"{os.fspath(folder)!r} (a fresh start never overwrites them)."
+    )
+    return folder
+
+
+class CheckpointTimer:
+    """Whether an interim checkpoint is due: ``minutes`` (``--checkpoint-minutes``) have passed since the last save
+    (0: never).
+
+    The main process reads its clock and broadcasts the decision, so that every process saves at the same step.
+
+    Args:
+        accelerator: the run's; the decision travels as a tensor on its device.
+        minutes: the longest stretch of training that a kill may lose (plus the step that is running).
+    """
+
+    def __init__(self, accelerator: Accelerator, minutes: float):
+        self.accelerator, self.seconds = accelerator, 60.0 * minutes
+        self.saved()
+
+    def saved(self) -> None:
+        """Start counting again (after a save of either kind)."""
+        self.last = monotonic()
+
+    def due(self) -> bool:
+        """The main process's answer; call on every process at the same step."""
+        if not self.seconds:
+            return False
+        elapsed = torch.tensor(float(monotonic() - self.last >= self.seconds), device=self.accelerator.device)
+        return bool(broadcast(elapsed, from_process=0).item())
+
+
+def _is_interim(checkpoint: Path) -> bool:
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")).get("interim") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _files_for(scheduler, ema) -> list[str]:
     return [
         *MODEL_FILES,
@@ -224,12 +328,15 @@ def save_checkpoint(
     scheduler=None,
     ema=None,
     keep: int = 2,
+    interim: bool = False,
 ) -> Path:
     """Save the model, optimizer and (if given) LR scheduler and ``diffusers`` EMAModel for ``step``; atomically.
 
     Call on every process; the main process writes (under DDP every process holds the same state).
     ``state`` (JSON-serialisable, e.g. the log position) goes into ``trainer_state.json``, written
-    last as the mark of a complete checkpoint. Keeps the newest ``keep`` checkpoints.
+    last as the mark of a complete checkpoint. Removes the interim checkpoint an earlier save left, and
+    keeps the newest ``keep`` checkpoints that are not interim; ``interim`` marks this one as interim (the
+    time-based save, :class:`CheckpointTimer`), which the next save removes.
     """
     check_supported(accelerator)
     root = Path(checkpoint_dir)
@@ -249,12 +356,17 @@ def save_checkpoint(
         for file in tmp.iterdir():  # on disk before the completeness mark, even after a power loss
             fsync_path(file)
         files = _files_for(scheduler, ema)
-        write_json_atomic(tmp / STATE_FILE, {**state, "format": FORMAT, "step": step, "files": files})
+        write_json_atomic(
+            tmp / STATE_FILE, {**state, "format": FORMAT, "step": step, "files": files, "interim": interim}
+        )
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_path(root)
-        for old in list_checkpoints(root)[:-keep]:
+        for old in list_checkpoints(root):
+            if old != final and _is_interim(old):
+                shutil.rmtree(old)
+        for old in [p for p in list_checkpoints(root) if not _is_interim(p)][:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -300,7 +412,7 @@ def load_checkpoint(
         scheduler.load_state_dict(saved)
     if ema is not None:
         _load_ema(ema, path)
-    return {k: v for k, v in state.items() if k not in ("format", "files")}
+    return {k: v for k, v in state.items() if k not in ("format", "files", "interim")}
 
 
 class JsonlLog:

@@ -162,7 +162,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data and output")
     data.add_argument("--latents", required=True, help="latent cache folder written by examples/cache_latents.py")
     data.add_argument("--output-dir", required=True, help="checkpoints, logs, sample grids and the DiTPipeline")
-    data.add_argument("--vae", default=None, help="VAE folder for the saved pipeline (default: the cache's VAE)")
+    data.add_argument(
+        "--vae",
+        default=None,
+        help="the VAE of the saved pipeline, a folder or Hub id, in place of the latent cache's copy; refused unless "
+        "its class, config and weights are the ones the cache recorded (default: the cache's VAE)",
+    )
     data.add_argument(
         "--compare-parameters",
         default=None,
@@ -214,6 +219,7 @@ def _validate(args) -> None:
         check_float(owner, "--adam-betas", beta, 0.0, 1.0, high_inclusive=False)
     check_float(owner, "--ema-decay", args.ema_decay, 0.0, 1.0)
     check_float(owner, "--sample-guidance", args.sample_guidance, 1.0, math.inf)
+    check_float(owner, "--checkpoint-minutes", args.checkpoint_minutes, 0.0, math.inf)
     if args.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"train-dit: `--mixed-precision` must be 'no' or 'bf16', got {args.mixed_precision!r}.")
 
@@ -228,12 +234,12 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
     from ..data import derived_seed
     from ..info import count_parameters
     from . import loop
-    from .checkpointing import JsonlLog
-    from .latent_cache import load_vae
+    from .checkpointing import JsonlLog, resume_point
+    from .latent_cache import load_cache_vae
 
     _validate(args)
     output_dir = Path(args.output_dir)
-    resume_from = loop.resume_point(args.resume, output_dir)
+    resume_from = resume_point("train-dit", args.resume, output_dir)
     compared = compared_parameters(args.compare_parameters) if args.compare_parameters else None
     dataset, info = loop.load_latents("train-dit", args.latents, args.batch_size)
     schedule = recipe.Recipe(
@@ -247,7 +253,7 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
     )
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu or not torch.cuda.is_available())
     loop.check_processes("train-dit", accelerator, args.batch_size)
-    vae = load_vae(args.vae or info["vae"])  # loaded up front: a wrong path fails now, not after training
+    vae = load_cache_vae("train-dit", args.latents, info, args.vae)  # up front: a wrong VAE fails now
     torch.manual_seed(args.seed)
     model = DiTTrainingModel(build_transformer(info, args), args.class_dropout_prob)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -43,7 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "'diffusion_head' in place of 'energy_head' (MAR's head, the baseline EAR replaces); token channels, grid "
         "size and number of classes are taken from the latent cache",
     )
-    data.add_argument("--vae", default=None, help="VAE folder for the saved pipeline (default: the cache's VAE)")
+    data.add_argument(
+        "--vae",
+        default=None,
+        help="the VAE of the saved pipeline, a folder or Hub id, in place of the latent cache's copy; refused unless "
+        "its class, config and weights are the ones the cache recorded (default: the cache's VAE)",
+    )
     model = parser.add_argument_group("ablations (override the model config)")
     model.add_argument("--parscale-n", type=int, default=None, help="number of ParScale streams P")
     model.add_argument("--no-coarse", action="store_true", help="LiteHybrid without its coarse branch")
@@ -116,6 +121,7 @@ def _validate(args) -> None:
     for name in ("sample_every", "seed"):
         check_int("train", f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
     check_float("train", "--sample-guidance", args.sample_guidance, 1.0, math.inf)
+    check_float("train", "--checkpoint-minutes", args.checkpoint_minutes, 0.0, math.inf)
     # accelerate would quietly train in fp32 on a CPU: no fp16 autocast and no gradient scaler there.
     if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
         raise ValueError(
@@ -133,12 +139,12 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
 
     from ..data import derived_seed
     from . import loop
-    from .checkpointing import JsonlLog
-    from .latent_cache import load_vae
+    from .checkpointing import JsonlLog, resume_point
+    from .latent_cache import load_cache_vae
 
     _validate(args)
     output_dir = Path(args.output_dir)
-    resume_from = loop.resume_point(args.resume, output_dir)
+    resume_from = resume_point("train", args.resume, output_dir)
     with open(args.model_config, encoding="utf-8") as f:
         model_config = json.load(f)
     dataset, info = loop.load_latents("train", args.latents, args.batch_size)
@@ -151,7 +157,7 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
         cpu=args.cpu or not torch.cuda.is_available(),
     )
     loop.check_processes("train", accelerator, args.batch_size)
-    vae = load_vae(args.vae or info["vae"])  # loaded up front: a wrong path fails now, not after training
+    vae = load_cache_vae("train", args.latents, info, args.vae)  # up front: a wrong VAE fails now
     torch.manual_seed(args.seed)
     lite_hybrid, transformer, energy_head = build_components(model_config, info, args)
     model = EARTrainingModel(

@@ -9,11 +9,19 @@ moments of the horizontally flipped image, for flip augmentation as MAR does on 
 MNIST digits, which are not mirror-symmetric). Like MAR, training then draws a fresh posterior
 sample each time (:func:`sample_latents`) instead of storing one fixed sample. ``cache_info.json``,
 written last, records the VAE, its latent scale and the dataset; a folder without it is incomplete.
+
+The cache holds a copy of its VAE (``vae/``, written by ``save_pretrained``), so that training finds it from
+any working directory, after the folder is moved (e.g. to a cluster's scratch disk), and on nodes without the
+Hub: the copy costs the VAE's size (2.5 MB for the demo's, 335 MB for SD's KL-f8 in float32), next to
+latents that are gigabytes for ImageNet. ``cache_info.json`` records the VAE as cache-latents was given it
+(``vae``, provenance only), its copy (``vae_folder``) and :func:`vae_record` (class, config and weights
+hash), against which a trainer's ``--vae`` is checked (:func:`load_cache_vae`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -27,9 +35,11 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from ..data import add_dataset_arguments, image_loader, load_dataset_from_args, local_path, shard_for_process
+from ..models._checks import check_int
 from ..models.lite_vae import LiteVAE
 
 INFO_FILE = "cache_info.json"
+VAE_FOLDER = "vae"  # the cache's copy of its VAE
 
 
 def shard_name(rank: int) -> str:
@@ -137,8 +147,9 @@ def write_cache_info(output_dir: str | os.PathLike, num_shards: int, **info) -> 
 
     Adds "num_shards", "count" (examples over all shards), "latent_channels", "grid_size",
     "num_classes" and "id2label" (from the `ClassLabel` names, else the label ids) to ``info``,
-    which should name the VAE and its "scaling_factor" / "shift_factor", the dataset, split,
-    image size and whether "hflip" moments are stored.
+    which should name the VAE ("vae", and "vae_folder" with :func:`vae_record` when the cache holds
+    a copy) and its "scaling_factor" / "shift_factor", the dataset, split, image size and whether
+    "hflip" moments are stored.
     """
     import datasets
 
@@ -255,6 +266,103 @@ def load_vae(path: str | os.PathLike, subfolder: str | None = None) -> LiteVAE |
     return cls.from_pretrained(path, subfolder=subfolder)
 
 
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 of ``model``'s state dict: each tensor's name, dtype, shape and bytes, in name order.
+
+    A function of the weights alone, not of the files they were loaded from (sharding, metadata).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def vae_record(vae: LiteVAE | AutoencoderKL) -> dict:
+    """What ``cache_info.json`` records of the VAE that encoded the cache: "vae_class", "vae_config" (its config
+    fields without a leading underscore, as JSON) and "vae_weights_sha256" (:func:`weights_sha256`)."""
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    return {
+        "vae_class": type(vae).__name__,
+        "vae_config": json.loads(json.dumps(config)),
+        "vae_weights_sha256": weights_sha256(vae),
+    }
+
+
+def _differences(info: dict, actual: dict) -> list[str]:
+    """Where the :func:`vae_record` ``actual`` differs from what ``info`` recorded: "<what> <recorded> vs <actual>"."""
+    differences = []
+    if "vae_class" in info and info["vae_class"] != actual["vae_class"]:
+        differences.append(f"class {info['vae_class']!r} vs {actual['vae_class']!r}")
+    if "vae_config" in info:
+        recorded, config = info["vae_config"], actual["vae_config"]
+        differences += [
+            f"config {field} {recorded.get(field)!r} vs {config.get(field)!r}"
+            for field in sorted({*recorded, *config})
+            if recorded.get(field) != config.get(field)
+        ]
+    if "vae_weights_sha256" in info and info["vae_weights_sha256"] != actual["vae_weights_sha256"]:
+        differences.append(f"weights sha256 {info['vae_weights_sha256']} vs {actual['vae_weights_sha256']}")
+    return differences
+
+
+def load_cache_vae(
+    owner: str, latents: str | os.PathLike, info: dict, vae: str | None = None
+) -> LiteVAE | AutoencoderKL:
+    """The VAE that encoded the latent cache at ``latents`` (``info``: its ``cache_info.json``), which decodes
+    what is trained on it.
+
+    Args:
+        owner: the command, for messages (``train``, ``train-dit``).
+        vae: a trainer's ``--vae`` (folder or Hub id), in place of the cache's VAE. It must match what the cache
+            recorded of its VAE (:func:`vae_record`; caches written before caches kept a copy recorded only the
+            class).
+
+    Without ``vae``: the cache's copy ``<latents>/vae``. A cache written before caches kept a copy names its VAE
+    only as cache-latents was given it (``info["vae"]``), a path that loads from the folder it was made in.
+
+    Raises a FileNotFoundError naming what the cache recorded, and how to pass ``--vae``, when its VAE cannot be
+    found; a ValueError naming each difference when ``vae`` is not the cache's VAE.
+    """
+    latents = Path(latents)
+    copy = latents / info["vae_folder"] if "vae_folder" in info else None
+    if vae is not None:
+        model = load_vae(vae)
+        differences = _differences(info, vae_record(model))
+        if differences:
+            instead = (
+                f"leave --vae out to use the cache's copy {os.fspath(copy)!r}"
+                if copy is not None
+                else f"pass the VAE that cache-latents was given ({info['vae']!r})"
+            )
+            raise ValueError(
+                f"{owner}: --vae {vae!r} is not the VAE that encoded the latent cache {os.fspath(latents)!r}; "
+                f"the cache vs --vae: {'; '.join(differences)}. Accepted: the cache's VAE; {instead}, or write the "
+                "cache again with cache-latents and this VAE."
+            )
+        return model
+    if copy is not None:
+        if not (copy / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{owner}: the latent cache {os.fspath(latents)!r} lacks its copy of its VAE ({os.fspath(copy)!r} "
+                f"has no config.json); cache-latents was given --vae {info['vae']!r}. Pass --vae with that VAE (it "
+                "is checked against the class, config and weights the cache recorded), or write the cache again "
+                "with cache-latents."
+            )
+        return load_vae(copy)
+    try:
+        return load_vae(info["vae"])
+    except OSError as error:
+        raise FileNotFoundError(
+            f"{owner}: the latent cache {os.fspath(latents)!r} was written before caches kept a copy of their VAE "
+            f"and records it only as cache-latents was given it, --vae {info['vae']!r}, which does not load from "
+            f"the working directory {os.getcwd()!r} ({error}). Run from the folder the cache was made in, pass "
+            "--vae with that VAE (a folder or Hub id), or write the cache again with cache-latents (it then keeps "
+            "a copy)."
+        ) from error
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of :func:`run`."""
     parser.add_argument("--vae", required=True, help="folder (or Hub id) of a LiteVAE or AutoencoderKL")
@@ -277,6 +385,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """Encode ``--dataset`` with ``--vae`` into ``--output-dir`` (`examples/cache_latents.py`,
     `parscale-ear cache-latents`); returns the cache info dict."""
+    check_int("cache-latents", "--batch-size", args.batch_size, 1)
+    check_int("cache-latents", "--num-workers", args.num_workers, 0)
+    if args.image_size is not None:
+        check_int("cache-latents", "--image-size", args.image_size, 1)
     # Without a GPU, accelerate joins a torchrun world (gloo) only when told cpu=True.
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
     output_dir = Path(args.output_dir)
@@ -302,11 +414,14 @@ def run(args: argparse.Namespace) -> dict:
     )
     info = None
     if accelerator.is_main_process:
+        shutil.rmtree(output_dir / VAE_FOLDER, ignore_errors=True)
+        vae.save_pretrained(output_dir / VAE_FOLDER)
         info = write_cache_info(
             output_dir,
             accelerator.num_processes,
             vae=os.fspath(args.vae) if args.vae_subfolder is None else f"{args.vae}/{args.vae_subfolder}",
-            vae_class=type(vae).__name__,
+            vae_folder=VAE_FOLDER,
+            **vae_record(vae),
             scaling_factor=vae.config.scaling_factor,
             shift_factor=vae.config.shift_factor or 0.0,
             dataset=os.fspath(args.dataset),

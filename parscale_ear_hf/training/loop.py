@@ -3,7 +3,10 @@ own models and losses: where a run starts (fresh or ``--resume``), the latent ca
 each global batch, the run's record, and what follows each optimizer update (log, checkpoint, sample grid).
 
 ``owner`` names the command in error messages (``train``, ``train-dit``). Every random draw comes from a
-generator the caller seeds from (seed, step, ...), so a resumed run continues exactly.
+generator the caller seeds from (seed, step, ...), so a resumed run continues exactly, from a checkpoint saved
+at any step: a kept one every ``--checkpoint-every`` steps, or the interim one saved when
+``--checkpoint-minutes`` have passed since the last save (default 5, so a kill loses minutes, not the up to
+500 steps of the default interval; see ``checkpointing``).
 """
 
 from __future__ import annotations
@@ -19,34 +22,17 @@ from ..data import batch_indices
 from ..image_grid import labelled_grid
 from . import latent_cache, recipe
 from .checkpointing import (
+    CheckpointTimer,
     JsonlLog,
     check_supported,
-    list_checkpoints,
+    checkpoint_dir,
     load_checkpoint,
-    resolve_resume,
     save_checkpoint,
+    set_aside_earlier_run,
     write_json_atomic,
 )
 
-
-def checkpoint_dir(output_dir: Path) -> Path:
-    """Where a run in ``output_dir`` keeps its checkpoints."""
-    return output_dir / "checkpoints"
-
-
-def resume_point(resume: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint that ``--resume`` names, or None for a fresh start.
-
-    Raises before any work when there is nothing to resume, and for a fresh start over a run's checkpoints.
-    """
-    checkpoints = checkpoint_dir(output_dir)
-    resume_from = resolve_resume(resume, checkpoints)
-    if resume_from is None and list_checkpoints(checkpoints):
-        raise FileExistsError(
-            f"{checkpoints} already holds checkpoints; pass --resume latest to continue that run, or another "
-            "--output-dir (a fresh start would overwrite them)."
-        )
-    return resume_from
+RUN_CONFIG = "run_config.json"
 
 
 def load_latents(owner: str, latents: str, batch_size: int):
@@ -87,8 +73,9 @@ def write_run_config(
     accelerator, output_dir: Path, log: JsonlLog, this_run: dict, details: dict, start_step: int, resumed: bool
 ) -> None:
     """Write ``<output_dir>/run_config.json`` (main process only): ``{**this_run, **details}`` on a fresh start,
-    which also clears an old log; on a resume, the first run's record with ``this_run`` appended to its
-    ``resumes`` (each resume adds its flags: EAR's second phase is a resume with new ones).
+    which first moves an earlier run's log and run_config.json aside (:func:`~.checkpointing.set_aside_earlier_run`);
+    on a resume, the first run's record with ``this_run`` appended to its ``resumes`` (each resume adds its flags:
+    EAR's second phase is a resume with new ones).
 
     Args:
         this_run: ``{"args": ...}`` and whatever else the flags resolve to.
@@ -97,10 +84,10 @@ def write_run_config(
     if not accelerator.is_main_process:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_path = output_dir / "run_config.json"
+    config_path = output_dir / RUN_CONFIG
     run_config = {**this_run, **details}
     if not resumed:
-        log.path.unlink(missing_ok=True)
+        set_aside_earlier_run(output_dir, [log.path.name, RUN_CONFIG])
     elif config_path.is_file():
         run_config = json.loads(config_path.read_text(encoding="utf-8"))
         earlier = [r for r in run_config.get("resumes", []) if r["step"] < start_step]
@@ -144,8 +131,8 @@ class Steps:
     what is due after each (:meth:`end`).
 
     Args:
-        args: the flags ``--output-dir``, ``--log-every``, ``--checkpoint-every``, ``--keep-checkpoints`` and
-            ``--sample-every``.
+        args: the flags ``--output-dir``, ``--log-every``, ``--checkpoint-every``, ``--checkpoint-minutes``,
+            ``--keep-checkpoints`` and ``--sample-every``.
         log: the run's training log.
         parts: ``model``, ``optimizer`` and ``ema``, as :func:`~.checkpointing.save_checkpoint` takes them.
         sample: ``sample(grid_path)`` makes a pipeline of the EMA weights and saves its sample grid there.
@@ -163,6 +150,7 @@ class Steps:
             desc=desc,
         )
         self.start_time = time.perf_counter()
+        self.timer = CheckpointTimer(accelerator, args.checkpoint_minutes)
 
     def __iter__(self):
         return iter(self.progress)
@@ -172,8 +160,9 @@ class Steps:
         process.
 
         A line ``{"step": step + 1, "loss": loss, **record, "seconds": ...}`` every ``--log-every`` updates and at the
-        first and last; a checkpoint every ``--checkpoint-every`` and at the last; a sample grid every
-        ``--sample-every`` when that is set.
+        first and last; a kept checkpoint every ``--checkpoint-every`` and at the last, else an interim one when
+        ``--checkpoint-minutes`` have passed since the last save; a sample grid every ``--sample-every`` when that
+        is set.
         """
         accelerator, args, done = self.accelerator, self.args, step + 1
         output_dir = Path(args.output_dir)
@@ -181,11 +170,18 @@ class Steps:
         if done % args.log_every == 0 or done == self.max_steps or done == self.start_step + 1:
             seconds = round(time.perf_counter() - self.start_time, 3)
             self.log.write({"step": done, "loss": loss, **record, "seconds": seconds})
-        if done % args.checkpoint_every == 0 or done == self.max_steps:
-            checkpoints = checkpoint_dir(output_dir)
+        kept = done % args.checkpoint_every == 0 or done == self.max_steps
+        if kept or self.timer.due():
             save_checkpoint(
-                accelerator, checkpoints, done, {"log": str(self.log.path)}, **self.parts, keep=args.keep_checkpoints
+                accelerator,
+                checkpoint_dir(output_dir),
+                done,
+                {"log": str(self.log.path)},
+                **self.parts,
+                keep=args.keep_checkpoints,
+                interim=not kept,
             )
+            self.timer.saved()
         if args.sample_every and done % args.sample_every == 0 and accelerator.is_main_process:
             self.sample(output_dir / "samples" / f"step-{done:08d}.png")
         accelerator.wait_for_everyone()

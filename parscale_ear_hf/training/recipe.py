@@ -21,6 +21,7 @@ import torch.nn as nn
 from diffusers.training_utils import EMAModel
 
 from ..models._checks import check_float, check_int
+from .checkpointing import CHECKPOINT_MINUTES, CHECKPOINT_MINUTES_HELP
 
 PARAM_GROUPS = ("reference", "parscale-v0")
 LR_SCHEDULES = ("constant", "cosine")
@@ -118,7 +119,18 @@ def add_runtime_arguments(
         help="autocast: " + ", or ".join(f"{name} {why}" for name, why in mixed_precision.items()),
     )
     run_args.add_argument("--cpu", action="store_true", help="force CPU (gloo between processes)")
-    run_args.add_argument("--checkpoint-every", type=int, default=500)
+    run_args.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        help="steps between the checkpoints that are kept (the newest --keep-checkpoints of them), and one at the end",
+    )
+    run_args.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=CHECKPOINT_MINUTES,
+        help=CHECKPOINT_MINUTES_HELP,
+    )
     run_args.add_argument("--keep-checkpoints", type=int, default=2)
     run_args.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     run_args.add_argument("--log-every", type=int, default=10)

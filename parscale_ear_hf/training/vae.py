@@ -13,8 +13,12 @@ deterministic (on the MNIST demo its std falls to ~1e-3 while the means have std
 Training is reproducible by step: the data order (:func:`~parscale_ear_hf.data.batch_indices`) and
 the posterior noise are functions of the seed and the step, never of a DataLoader's internal
 state, so a run resumed from a checkpoint ends with the same weights as one that was never
-interrupted. Each process takes its slice of every global batch and of its noise, so a run on
-several processes matches a one-process run up to the order of floating-point sums.
+interrupted, whichever step the checkpoint was saved at: a kept one every ``--checkpoint-every``
+steps, or the interim one saved when ``--checkpoint-minutes`` (default 5) have passed since the last
+save, so that a kill loses minutes of training. A fresh start is refused over checkpoints and moves
+an earlier run's log aside (``checkpointing``). Each process takes its slice of every global batch
+and of its noise, so a run on several processes matches a one-process run up to the order of
+floating-point sums.
 """
 
 from __future__ import annotations
@@ -43,13 +47,17 @@ from ..models._checks import check_float, check_int
 from ..models.lite_vae import LiteVAE, haar_dwt
 from ..results import write_results
 from .checkpointing import (
+    CHECKPOINT_MINUTES,
+    CHECKPOINT_MINUTES_HELP,
+    CheckpointTimer,
     JsonlLog,
     check_supported,
-    list_checkpoints,
+    checkpoint_dir,
     load_checkpoint,
     read_checkpoint_state,
-    resolve_resume,
+    resume_point,
     save_checkpoint,
+    set_aside_earlier_run,
 )
 
 # Command-line flag -> LiteVAE config field, for the architecture fields people change most.
@@ -275,14 +283,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train.add_argument("--log-every", type=int, default=10, help="steps between loss-log lines")
     train.add_argument("--eval-every", type=int, default=500, help="steps between held-out PSNRs (0: end only)")
     train.add_argument("--eval-batch-size", type=int, default=128)
-    train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
+    train.add_argument(
+        "--checkpoint-every", type=int, default=500, help="steps between the checkpoints that are kept (0: none)"
+    )
+    train.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=CHECKPOINT_MINUTES,
+        help=CHECKPOINT_MINUTES_HELP,
+    )
     train.add_argument("--keep-checkpoints", type=int, default=2)
     train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     train.add_argument("--scaling-images", type=int, default=10_000, help="images for the latent scale (max)")
     return parser
 
 
-def _check_arguments(args: argparse.Namespace, checkpoint_dir: Path, world_size: int) -> tuple[dict, Path | None]:
+def _check_arguments(args: argparse.Namespace, world_size: int) -> tuple[dict, Path | None]:
     """Everything about the flags that can be wrong, checked before any data is read; returns the
     LiteVAE config and the checkpoint to resume from (or None)."""
     for name in (
@@ -293,7 +309,7 @@ def _check_arguments(args: argparse.Namespace, checkpoint_dir: Path, world_size:
     for name in ("lr_warmup_steps", "eval_every", "checkpoint_every", "num_workers", "seed"):
         check_int("train_vae", f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
     check_float("train_vae", "--lr", args.lr, 1e-12, 10.0)
-    for name in ("weight_decay", "max_grad_norm", "kl_weight", "wavelet_weight"):
+    for name in ("weight_decay", "max_grad_norm", "kl_weight", "wavelet_weight", "checkpoint_minutes"):
         check_float("train_vae", f"--{name.replace('_', '-')}", getattr(args, name), 0.0, math.inf)
     if args.streaming:
         raise ValueError(
@@ -307,7 +323,7 @@ def _check_arguments(args: argparse.Namespace, checkpoint_dir: Path, world_size:
             f"train_vae: --batch-size {args.batch_size} must be divisible by the number of processes {world_size}."
         )
     config = vae_config_from_args(args)
-    resume_path = resolve_resume(args.resume, checkpoint_dir)
+    resume_path = resume_point("train_vae", args.resume, args.output_dir)
     if resume_path is not None:
         trained = read_checkpoint_state(resume_path).get("vae_config")
         if trained != json.loads(json.dumps(config)):
@@ -315,11 +331,6 @@ def _check_arguments(args: argparse.Namespace, checkpoint_dir: Path, world_size:
                 f"train_vae: --resume {str(resume_path)!r} was trained with the LiteVAE config {trained}, not "
                 f"{config}; pass the same model flags."
             )
-    elif list_checkpoints(checkpoint_dir):
-        raise FileExistsError(
-            f"train_vae: {str(checkpoint_dir)!r} already holds checkpoints; pass --resume latest to continue that "
-            "run, or choose another --output-dir."
-        )
     return config, resume_path
 
 
@@ -331,9 +342,8 @@ def run(args: argparse.Namespace) -> dict:
     check_supported(accelerator)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     output_dir = Path(args.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
 
-    config, resume_path = _check_arguments(args, checkpoint_dir, world_size)
+    config, resume_path = _check_arguments(args, world_size)
     train_set = load_dataset_from_args(args, args.split)
     if len(train_set) < args.batch_size:
         raise ValueError(
@@ -355,7 +365,7 @@ def run(args: argparse.Namespace) -> dict:
         if resume_path is not None:
             log.truncate_after(start_step)
         else:
-            log.path.unlink(missing_ok=True)
+            set_aside_earlier_run(output_dir, [LOG_FILE])
 
     accumulation = args.gradient_accumulation_steps
     sampler = StepBatchSampler(
@@ -381,6 +391,7 @@ def run(args: argparse.Namespace) -> dict:
         return psnr
 
     psnr, psnr_step = None, None
+    timer = CheckpointTimer(accelerator, args.checkpoint_minutes)
     progress = tqdm(
         total=args.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train_vae"
     )
@@ -417,11 +428,13 @@ def run(args: argparse.Namespace) -> dict:
         if eval_set is not None and args.eval_every > 0 and done % args.eval_every == 0:
             psnr, psnr_step = evaluate(done), done
             progress.write(f"step {done}: held-out PSNR {psnr:.2f} dB")
-        if args.checkpoint_every > 0 and done % args.checkpoint_every == 0:
+        kept = args.checkpoint_every > 0 and done % args.checkpoint_every == 0
+        if kept or timer.due():
             save_checkpoint(
-                accelerator, checkpoint_dir, done, {"vae_config": config}, model=model, optimizer=optimizer,
-                keep=args.keep_checkpoints,
+                accelerator, checkpoint_dir(output_dir), done, {"vae_config": config}, model=model,
+                optimizer=optimizer, keep=args.keep_checkpoints, interim=not kept,
             )  # fmt: skip
+            timer.saved()
     progress.close()
 
     if eval_set is not None and psnr_step != args.max_steps:
