@@ -452,17 +452,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--demo-model",
-        default=None,
-        help=f"the model of the cpu profile's batch section and of the cache / quality sections' 'demo' config "
-        f"(default: {DEMO_MODEL})",
+        default=DEMO_MODEL,
+        help="the model of the cpu profile's batch section and of the cache / quality sections' 'demo' config "
+        "(default: %(default)s)",
     )
     parser.add_argument("--output", default=None, help="results JSON (default: results/benchmark_<profile>.json)")
     return bench_sampling.add_arguments(parser)
 
 
 def check_args(args: argparse.Namespace, profile: str, sections: list[str]) -> None:
-    """Refuse, before anything is measured, counts that measure nothing and a --demo-model that is missing or
-    that no chosen section reads; fills in the default --demo-model where a section reads it."""
+    """Refuse, before anything is measured, counts that measure nothing and a --demo-model that is missing or,
+    given, that no chosen section reads."""
     check_device("bench", "--device", args.device)
     check_int("bench", "--repeats", args.repeats, 1)
     if not (math.isfinite(args.budget_s) and args.budget_s > 0):
@@ -476,14 +476,13 @@ def check_args(args: argparse.Namespace, profile: str, sections: list[str]) -> N
     if "demo" in args.sampling_configs:
         readers += ["cache", "quality"]
     if not set(readers) & set(sections):
-        if args.demo_model is not None:
+        if args.demo_model != DEMO_MODEL:
             raise ValueError(
                 f"bench: --demo-model {args.demo_model!r} is read only by the cpu profile's `batch` section and by "
                 f"the `cache` and `quality` sections with --sampling-configs demo; the chosen sections {sections} "
                 f"(profile {profile}) do not read it: add one of them, or leave --demo-model out."
             )
         return
-    args.demo_model = args.demo_model or DEMO_MODEL
     if not os.path.isfile(os.path.join(args.demo_model, "model_index.json")):
         raise FileNotFoundError(
             f"bench: --demo-model {args.demo_model!r} is not a pipeline folder (no model_index.json there); pass "
