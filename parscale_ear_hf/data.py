@@ -301,6 +301,11 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, *, labels: bool = Tru
         help="files / glob patterns (in the repo or folder) that make up --split",
     )
     group.add_argument("--image-column", default="image", help="image column ('jpg' for webdataset shards)")
+    group.add_argument(
+        "--allow-upsampling",
+        action="store_true",
+        help="accept a dataset whose first image is smaller than --image-size (it is refused by default)",
+    )
     if labels:
         group.add_argument("--label-column", default="label", help="class-label column ('cls' for webdataset shards)")
 
@@ -320,6 +325,18 @@ def load_dataset_from_args(args: argparse.Namespace, split: str):
         label_column=getattr(args, "label_column", None),
         data_files={split: args.data_files} if args.data_files and split == args.split else None,
     )
+
+
+def refuse_smaller(owner: str, image: PIL.Image.Image, image_size: int, name: str) -> None:
+    """Raise a ValueError naming ``name`` when ``image``, a dataset's first, is smaller than ``image_size`` on
+    its short side (see :func:`image_loader`'s ``allow_upsampling``)."""
+    width, height = image.size
+    if min(width, height) < image_size:
+        raise ValueError(
+            f"{owner}: the images are smaller than --image-size {image_size}: the first, {name}, is "
+            f"{width}x{height}, and would be upsampled. Pass an --image-size of at most {min(width, height)}, or "
+            "--allow-upsampling to upsample as ADM's centre crop does."
+        )
 
 
 def image_transform(image_size: int, channels: int) -> Callable[[PIL.Image.Image], torch.Tensor]:
@@ -399,14 +416,21 @@ class _CollateImages:
         name = f"example {index} of {self.source}" if index is not None else f"an example of {self.source}"
         return f"{name} (file {path!r})" if path else name
 
-    def _pixels(self, example: dict) -> torch.Tensor:
+    def refuse_small(self, example: dict) -> None:
+        """Raise naming ``example`` when its image is smaller than the loader's size on its short side."""
+        refuse_smaller("image_loader", self._decode(example), self.size[0], self._name(example))
+
+    def _decode(self, example: dict) -> PIL.Image.Image:
         try:
-            image = self.decoder.decode_example(example["image"])
+            return self.decoder.decode_example(example["image"])
         except Exception as error:
             raise ValueError(
                 f"image_loader: the image of {self._name(example)} cannot be decoded ({error!r}); remove or fix "
                 "that image (or its file) and rerun."
             ) from error
+
+    def _pixels(self, example: dict) -> torch.Tensor:
+        image = self._decode(example)
         if not self.warned and (image.size != self.size or image.mode != self.mode):
             self.warned = True
             changes = [f"resizing to {self.size[0]}x{self.size[1]}"] if image.size != self.size else []
@@ -439,6 +463,7 @@ def image_loader(
     batch_size: int | None = None,
     batch_sampler: Sampler[list[int]] | None = None,
     num_workers: int = 0,
+    allow_upsampling: bool = False,
 ) -> DataLoader:
     """A `DataLoader` over a dataset from :func:`load_image_dataset` that decodes and transforms the
     images (:func:`image_transform`) in its workers.
@@ -450,6 +475,11 @@ def image_loader(
     An image that cannot be decoded raises a ValueError naming its example (the index in ``dataset``
     for map-style datasets, and its file when the dataset stores one) and the dataset's files. Images
     of another size or mode are resized / converted, with one warning per loader that says so.
+
+    A dataset whose first image is smaller than ``image_size`` on its short side is refused here, before
+    any batch is read, naming that image's file, unless ``allow_upsampling`` (``--allow-upsampling``):
+    training a 256-pixel model on upsampled thumbnails is a mistake to catch, while the odd small image
+    further on (ImageNet has a few) is upsampled as ADM's centre crop does.
     """
     import datasets
 
@@ -461,12 +491,15 @@ def image_loader(
     decoder = datasets.Image(mode=getattr(feature, "mode", None))
     if isinstance(dataset, datasets.Dataset):
         dataset = _IndexedExamples(dataset)
+    collate = _CollateImages(image_size, channels, decoder, source)
+    if not allow_upsampling:
+        collate.refuse_small(dataset[0] if isinstance(dataset, _IndexedExamples) else next(iter(dataset.take(1))))
     return DataLoader(
         dataset,
         batch_size=batch_size if batch_sampler is None else 1,
         batch_sampler=batch_sampler,
         num_workers=num_workers,
-        collate_fn=_CollateImages(image_size, channels, decoder, source),
+        collate_fn=collate,
     )
 
 

@@ -263,6 +263,7 @@ def digit_scores(args, png_dir: Path, images_per_class: int, num_classes: int) -
         extractor=extractor,
         cache_dir=args.reference_cache_dir,
         max_images=None,
+        allow_upsampling=args.allow_upsampling,
     )
     reference = load_reference(
         reference_cache_path(args.reference_cache_dir, args.dataset, args.split, image_size, extractor)

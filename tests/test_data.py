@@ -298,7 +298,7 @@ def test_resizing_or_converting_warns_once_per_loader():
     dataset = datasets.Dataset.from_dict({"image": gray}, datasets.Features({"image": datasets.Image()}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        batches = list(image_loader(dataset, 32, 3, batch_size=2))
+        batches = list(image_loader(dataset, 32, 3, batch_size=2, allow_upsampling=True))
     assert [b["pixel_values"].shape for b in batches] == [(2, 3, 32, 32), (2, 3, 32, 32), (1, 3, 32, 32)]
     assert [str(w.message) for w in caught] == [
         "image_loader: images are 28x28 'L'; resizing to 32x32 and converting to 'RGB' (first seen: example 0 of "
@@ -372,3 +372,30 @@ def test_mnist_demo_split(demo, tmp_path):
     # And it loads through the one loader.
     loaded = load_image_dataset(tmp_path / "again", "heldout")
     assert len(loaded) == 1000 and loaded.features["label"].names == [str(d) for d in range(10)]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_images_smaller_than_the_image_size_are_refused_naming_the_first_file(tmp_path, streaming):
+    for i, (name, size) in enumerate([("cat", (40, 30)), ("dog", (64, 64))]):
+        (tmp_path / "imgs" / "train" / name).mkdir(parents=True)
+        PIL.Image.new("RGB", size, (i * 60, 0, 0)).save(tmp_path / "imgs" / "train" / name / f"{i}.png")
+    dataset = load_image_dataset(tmp_path / "imgs", streaming=streaming)
+    with pytest.raises(ValueError, match=r"smaller than --image-size 32: the first, .*0\.png'\), is 40x30") as info:
+        image_loader(dataset, 32, 3, batch_size=2)  # refused when the loader is made, before any batch
+    assert "--allow-upsampling" in str(info.value) and "at most 30" in str(info.value)
+    assert len(list(image_loader(dataset, 30, 3, batch_size=2))) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the resize warning
+        assert len(list(image_loader(dataset, 32, 3, batch_size=2, allow_upsampling=True))) == 1
+
+
+def test_reference_features_refuse_a_first_image_smaller_than_the_image_size(tmp_path):
+    from parscale_ear_hf.evaluation.reference import dataset_features
+
+    for i, (name, size) in enumerate([("cat", (40, 30)), ("dog", (64, 64))]):
+        (tmp_path / "imgs" / "train" / name).mkdir(parents=True)
+        PIL.Image.new("RGB", size, (i * 60, 0, 0)).save(tmp_path / "imgs" / "train" / name / f"{i}.png")
+    dataset = load_image_dataset(tmp_path / "imgs", label_column=None)
+    # Refused at the first image, before the extractor sees anything (there is none to see it).
+    with pytest.raises(ValueError, match=r"dataset_features: the images are smaller than --image-size 32: the first"):
+        dataset_features(dataset, image_size=32, channels=3, extractor=None, progress=False)

@@ -262,6 +262,7 @@ def run(args: argparse.Namespace) -> dict | None:
                 extractor=extractor,
                 cache_dir=args.reference_cache_dir,
                 max_images=args.reference_max_images,
+                allow_upsampling=args.allow_upsampling,
             )
         accelerator.wait_for_everyone()
         reference = load_reference(
@@ -421,7 +422,13 @@ def run_reconstruction(args: argparse.Namespace) -> dict:
     extractor = load_extractor(
         args.extractor, inception_weights=args.inception_weights, classifier=args.classifier, device=args.device
     )
-    common = dict(image_size=image_size, channels=channels, extractor=extractor, batch_size=args.batch_size)
+    common = dict(
+        image_size=image_size,
+        channels=channels,
+        extractor=extractor,
+        batch_size=args.batch_size,
+        allow_upsampling=args.allow_upsampling,
+    )
     reference = reference_from_dataset(
         lambda: load_dataset_from_args(args, args.split),
         dataset_name=args.dataset,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import center_crop_arr
+from ..data import center_crop_arr, refuse_smaller
 from .extractors import FeatureExtractor, to_uint8
 from .metrics import feature_statistics
 
@@ -185,6 +185,7 @@ def dataset_features(
     batch_size: int = 100,
     transform=None,
     progress: bool = True,
+    allow_upsampling: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Features `(N, feature_dim)` and spatial features `(N, spatial_dim)` (None when the extractor has
     none) of the images of a `datasets` split, read in order, centre-cropped to `image_size` as ADM
@@ -193,6 +194,8 @@ def dataset_features(
     Args:
         transform: applied to each uint8 batch `(B, C, H, W)` before the extractor (e.g. a VAE
             round trip, for reconstruction FID); returns uint8 images of the same shape.
+        allow_upsampling: accept a first image smaller than `image_size` (refused otherwise, as
+            :func:`~parscale_ear_hf.data.image_loader` does).
     """
     mode = {1: "L", 3: "RGB"}[channels]
     features, spatial, batch, seen = [], [], [], 0
@@ -209,6 +212,9 @@ def dataset_features(
     for example in tqdm(dataset, total=max_images, desc="dataset features", disable=not progress):
         if max_images is not None and seen >= max_images:
             break
+        if seen == 0 and not allow_upsampling:
+            name = getattr(example["image"], "filename", None) or "example 0"
+            refuse_smaller("dataset_features", example["image"], image_size, repr(name))
         batch.append(example["image"])
         seen += 1
         if len(batch) == batch_size:
@@ -249,6 +255,7 @@ def reference_from_dataset(
     max_images: int | None = None,
     batch_size: int = 100,
     progress: bool = True,
+    allow_upsampling: bool = False,
 ) -> Reference:
     """Statistics of the images of a `datasets` split (map-style or streamed), centre-cropped to
     `image_size` as ADM prepares ImageNet (:func:`~parscale_ear_hf.data.center_crop_arr`), cached
@@ -272,7 +279,7 @@ def reference_from_dataset(
         dataset = subset_order(dataset)
     features, spatial = dataset_features(
         dataset, image_size=image_size, channels=channels, extractor=extractor, max_images=max_images,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=progress, allow_upsampling=allow_upsampling,
     )  # fmt: skip
     if len(features) < 2:
         raise ValueError(f"reference_from_dataset: {dataset_name!r} split {split!r} gave {len(features)} images.")
