@@ -133,7 +133,7 @@ def _args(setup, output_dir, **overrides):
         if value == "":  # a switch
             argv.append(flag)
         elif value is not None:
-            argv += [flag, str(value)]
+            argv += [flag, *str(value).split()]
     return parser.parse_args(argv)
 
 
@@ -491,3 +491,23 @@ def test_reconstruction_flags_fail_before_the_vae_loads(setup, tmp_path, monkeyp
     )  # fmt: skip
     with pytest.raises(ValueError, match=match):
         ev.run_reconstruction(args)
+
+
+def test_a_class_subset_samples_only_those_classes_and_is_recorded(setup, tmp_path):
+    assert ev.sample_labels(10, 2, [3, 7]).tolist() == [3, 7, 3, 7]
+    assert ev.sample_labels(3, 2).tolist() == [0, 1, 2, 0, 1, 2]
+    record = ev.run(_args(setup, tmp_path / "a", images_per_class=None, num_samples=10, classes="3 7"))
+    assert record["samples"] == {"images_per_class": 5, "num_classes": 10, "classes": [3, 7], "total": 10}
+    assert json.loads((tmp_path / "a" / "eval_config.json").read_text())["classes"] == [3, 7]
+
+
+@pytest.mark.parametrize(
+    "classes, match",
+    [("3 10", r"--classes \[3, 10\] must be distinct class ids in \[0, 9\].*out of range: \[10\]"),
+     ("3 3", r"--classes \[3, 3\] must be distinct"),
+     ("3 7 8", "--num-samples 10 is not a multiple of the 3 classes sampled")],
+)  # fmt: skip
+def test_bad_class_subsets_are_refused_before_sampling(setup, tmp_path, classes, match):
+    with pytest.raises(ValueError, match=match):
+        ev.run(_args(setup, tmp_path / "a", images_per_class=None, num_samples=10, classes=classes))
+    assert not (tmp_path / "a" / "eval_config.json").exists()

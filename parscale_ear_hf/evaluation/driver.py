@@ -76,6 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     count = run.add_mutually_exclusive_group()
     count.add_argument("--images-per-class", type=int, default=None, help="ImageNet protocol: 50 (the default)")
     count.add_argument("--num-samples", type=int, default=None, help="in all; a multiple of the number of classes")
+    run.add_argument(
+        "--classes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sample only these class ids (default: all, as the protocol does); a quick check, not the protocol's "
+        "FID: the results file records the subset",
+    )
     run.add_argument("--batch-size", type=int, default=50, help="samples per batch (per process)")
     run.add_argument("--output-dir", required=True, help="partial features (resume), eval_config.json, PNGs")
     run.add_argument("--results-file", default=None, help="results JSON (default: <output-dir>/results.json)")
@@ -204,20 +212,27 @@ def _load_pipeline(model: str, pipeline_class: str, device, compile: bool):
 
 
 def _check_against_model(args, num_classes: int) -> None:
-    """Fill in `args.images_per_class` and check the flags that depend on the model."""
+    """Fill in `args.images_per_class` and check the flags that depend on the model (`--classes` among them)."""
+    bad = [c for c in args.classes or [] if not 0 <= c < num_classes]
+    if bad or (args.classes is not None and len(set(args.classes)) != len(args.classes)):
+        raise ValueError(
+            f"eval_fid: --classes {args.classes} must be distinct class ids in [0, {num_classes - 1}] (the model's "
+            f"{num_classes} classes); out of range: {bad}."
+        )
+    sampled = num_classes if args.classes is None else len(args.classes)
     if args.num_samples is not None:
-        if args.num_samples % num_classes:
+        if args.num_samples % sampled:
             raise ValueError(
-                f"eval_fid: --num-samples {args.num_samples} is not a multiple of the {num_classes} classes; the "
+                f"eval_fid: --num-samples {args.num_samples} is not a multiple of the {sampled} classes sampled; the "
                 f"protocol draws the same number of each class (ImageNet: 50,000 = 50 x 1,000)."
             )
-        args.images_per_class = args.num_samples // num_classes
+        args.images_per_class = args.num_samples // sampled
     elif args.images_per_class is None:
         args.images_per_class = 50
-    total = args.images_per_class * num_classes
+    total = args.images_per_class * sampled
     if total < max(IS_SPLITS, PR_NEIGHBOURHOOD + 1, 2):
         raise ValueError(
-            f"eval_fid: {total} samples ({args.images_per_class} per class x {num_classes} classes) are too few; the "
+            f"eval_fid: {total} samples ({args.images_per_class} per class x {sampled} classes) are too few; the "
             f"Inception Score uses {IS_SPLITS} splits, so at least {IS_SPLITS} samples are needed."
         )
 
@@ -276,6 +291,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "model": args.model,
         "pipeline_class": pipeline_class,
         "images_per_class": args.images_per_class,
+        "classes": args.classes,
         "batch_size": args.batch_size,
         "seed": args.seed,
         "sampling": sampling,
@@ -303,11 +319,12 @@ def run(args: argparse.Namespace) -> dict | None:
             world_size=accelerator.num_processes,
             png_dir=png_dir,
             progress=main,
+            classes=args.classes,
         )
     accelerator.wait_for_everyone()
     if not main:
         return None
-    num_samples = args.images_per_class * num_classes
+    num_samples = args.images_per_class * (num_classes if args.classes is None else len(args.classes))
     metrics, not_computed = compute_metrics(
         collect_features(args.output_dir, num_samples), reference, extractor, device=accelerator.device
     )
@@ -322,7 +339,12 @@ def run(args: argparse.Namespace) -> dict | None:
         "not_computed": not_computed,
         "model": args.model,
         "pipeline_class": pipeline_class,
-        "samples": {"images_per_class": args.images_per_class, "num_classes": num_classes, "total": num_samples},
+        "samples": {
+            "images_per_class": args.images_per_class,
+            "num_classes": num_classes,
+            "classes": args.classes,
+            "total": num_samples,
+        },
         "reference": _describe_reference(reference),
         "extractor": extractor.describe(),
         "sampling": {

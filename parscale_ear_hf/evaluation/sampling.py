@@ -1,10 +1,10 @@
 """The sample-and-extract loop: a pipeline's samples, turned into features batch by batch, then scored.
 
-Sample ``i`` has class ``i % num_classes`` (:func:`sample_labels`) and its own generator seeded by
-``derived_seed(seed, i)``; batch ``k`` holds samples ``[k * batch_size, (k+1) * batch_size)`` and belongs to
-process ``k % world_size``. :func:`generate_features` saves every finished batch to ``<output_dir>/parts/``
-(:func:`part_path`, atomically, with the wall clock of its pipeline call: :func:`sampling_timing`) before the
-next starts, so a killed run resumes; :func:`check_run_config`
+Sample ``i`` has class ``i % num_classes`` (or the ``i % len(classes)``-th of a subset: :func:`sample_labels`)
+and its own generator seeded by ``derived_seed(seed, i)``; batch ``k`` holds samples
+``[k * batch_size, (k+1) * batch_size)`` and belongs to process ``k % world_size``. :func:`generate_features`
+saves every finished batch to ``<output_dir>/parts/`` (:func:`part_path`, atomically, with the wall clock of its
+pipeline call: :func:`sampling_timing`) before the next starts, so a killed run resumes; :func:`check_run_config`
 refuses to resume with other settings (:func:`weights_fingerprint` among them). :func:`collect_features`
 gathers the parts (each index exactly once; logits and spatial features where the extractor has them),
 :func:`compute_metrics` scores them against a reference, and
@@ -18,6 +18,7 @@ import json
 import os
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,9 +33,11 @@ from .metrics import feature_statistics, frechet_distance, inception_score, prec
 from .reference import Reference, _atomic_savez
 
 
-def sample_labels(num_classes: int, images_per_class: int) -> np.ndarray:
-    """Class of each sample: ``i % num_classes``, so any consecutive run (a batch, an IS split) is balanced."""
-    return np.arange(num_classes * images_per_class) % num_classes
+def sample_labels(num_classes: int, images_per_class: int, classes: Sequence[int] | None = None) -> np.ndarray:
+    """Class of each sample: ``classes[i % len(classes)]`` (``classes`` None: all, ``range(num_classes)``), so any
+    consecutive run (a batch, an IS split) is balanced."""
+    ids = np.arange(num_classes) if classes is None else np.asarray(classes, dtype=np.int64)
+    return ids[np.arange(len(ids) * images_per_class) % len(ids)]
 
 
 def part_path(output_dir: str | os.PathLike, batch_index: int) -> Path:
@@ -104,6 +107,7 @@ def generate_features(
     world_size: int = 1,
     png_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    classes: Sequence[int] | None = None,
 ) -> int:
     """Generate this process's batches and save their features to ``<output_dir>/parts/``.
 
@@ -118,8 +122,9 @@ def generate_features(
             `temperature`, `cache`; DiT's: `num_inference_steps`, `guidance_scale`), see
             :func:`pipeline_call_kwargs`.
         png_dir: also write sample ``i`` to ``<png_dir>/<i:06d>.png`` (for ADM's evaluator).
+        classes: the class ids sampled (:func:`sample_labels`); None: every class, as the protocol does.
     """
-    labels = sample_labels(pipeline_num_classes(pipe), images_per_class)
+    labels = sample_labels(pipeline_num_classes(pipe), images_per_class, classes)
     num_batches = -(-len(labels) // batch_size)
     mine = [k for k in range(rank, num_batches, world_size) if not part_path(output_dir, k).is_file()]
     call_kwargs = pipeline_call_kwargs(sampling)
