@@ -6,9 +6,10 @@
 :class:`EARTransformer` and :class:`EnergyHead` (one table, used both ways: to load weights and
 to name the authors' key in an error), reads the configuration from the tensor shapes and the
 checkpoint's ``args``, and writes a :class:`ParScaleEARPipeline` with the LiteHybrid off and a
-given diffusers ``AutoencoderKL``.
+given diffusers ``AutoencoderKL`` (a folder, or MAR's ``kl16.ckpt`` converted on the way: see
+`convert_vae.py`).
 
-    parscale-ear convert --checkpoint output_dir/checkpoint-last.pth --vae kl16-diffusers --output-dir ear-b
+    parscale-ear convert --checkpoint output_dir/checkpoint-last.pth --vae kl16.ckpt --output-dir ear-b
 
 The checkpoint is read with ``torch.load(weights_only=True)``: only tensors, plain containers and
 ``argparse.Namespace`` (the ``args`` entry) are rebuilt, never arbitrary objects.
@@ -40,6 +41,8 @@ EAR_MODELS = {
 # of latent to be 1"), so the converted pipeline's VAE must have it as `scaling_factor`.
 EAR_LATENT_SCALE = 0.2325
 WEIGHTS = ("model_ema", "model")
+# A --vae with one of these suffixes is meant as a checkpoint file, not a Hub repo id.
+LDM_SUFFIXES = (".ckpt", ".pth", ".pt")
 
 # (component, our key as a regular expression, the authors' key as its expansion template).
 # `class_embedding.weight` is special: the authors keep the null class apart, as `fake_latent`.
@@ -192,24 +195,29 @@ def _reason(error: Exception) -> str:
     return f" ({' '.join(reason.split())})" if reason else ""
 
 
+def check_scaling_factor(owner: str, name: str, value: float) -> None:
+    """Raise unless the latent scale ``value`` is a finite number above 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{owner}: `{name}` must be a finite number above 0, got {value!r}.")
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse, before the checkpoint is read, flags that cannot convert: bad numbers and missing files."""
     if args.num_heads is not None:
         check_int("convert", "--num-heads", args.num_heads, 1)
     if args.buffer_size is not None:
         check_int("convert", "--buffer-size", args.buffer_size, 1)
-    if not (math.isfinite(args.vae_scaling_factor) and args.vae_scaling_factor > 0):
-        raise ValueError(
-            f"convert: `--vae-scaling-factor` must be a finite number above 0, got {args.vae_scaling_factor!r}."
-        )
+    check_scaling_factor("convert", "--vae-scaling-factor", args.vae_scaling_factor)
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"convert: --checkpoint {args.checkpoint!r} is not a file; pass main_ear.py's "
                                 "checkpoint-last.pth (or checkpoint-N.pth).")  # fmt: skip
     vae = Path(args.vae)
-    if (vae.exists() or looks_like_local_path(args.vae)) and not (vae / "config.json").is_file():
+    local = vae.exists() or looks_like_local_path(args.vae) or vae.suffix in LDM_SUFFIXES
+    if local and not (vae.is_file() or (vae / "config.json").is_file()):
         raise FileNotFoundError(
-            f"convert: --vae {args.vae!r} is not a diffusers AutoencoderKL folder (no config.json there); pass the "
-            "folder of MAR's KL-16 converted to diffusers, or a Hub repo id of one."
+            f"convert: --vae {args.vae!r} is not a diffusers AutoencoderKL folder (no config.json there) nor a "
+            "checkpoint file; pass MAR's kl16.ckpt, the folder `parscale-ear convert-vae` writes from it, or a Hub "
+            "repo id of one."
         )
 
 
@@ -253,7 +261,8 @@ def convert_ear_checkpoint(
     buffer_size: int | None = None,
     vae_scaling_factor: float = EAR_LATENT_SCALE,
 ):
-    """Write a :class:`ParScaleEARPipeline` from an EAR checkpoint and a diffusers ``AutoencoderKL`` folder.
+    """Write a :class:`ParScaleEARPipeline` from an EAR checkpoint and a VAE: a diffusers ``AutoencoderKL``
+    folder (or Hub id), or a file: MAR's ``kl16.ckpt``, converted by :mod:`.convert_vae`.
 
     ``num_heads`` / ``buffer_size`` None: from the checkpoint's ``args`` (`--model`, `--buffer_size`),
     else EAR's defaults. Training-only fields (label dropout, dropout, mask ratio) come from
@@ -264,6 +273,7 @@ def convert_ear_checkpoint(
     """
     from diffusers import AutoencoderKL
 
+    from .convert_vae import autoencoder_from_ldm, read_ldm_checkpoint
     from .pipeline_parscale_ear import ParScaleEARPipeline
 
     state_dict, run_args = read_ear_checkpoint(checkpoint, weights)
@@ -284,7 +294,10 @@ def convert_ear_checkpoint(
         buffer_size=buffer_size if buffer_size is not None else run_args.get("buffer_size", 64),
         **training_fields,
     )
-    autoencoder = AutoencoderKL.from_pretrained(vae)
+    if Path(vae).is_file():
+        autoencoder = autoencoder_from_ldm(read_ldm_checkpoint(vae), source=str(vae))
+    else:
+        autoencoder = AutoencoderKL.from_pretrained(vae)
     if getattr(autoencoder.config, "shift_factor", None):
         raise ValueError(
             f"convert: the VAE in {vae} has shift_factor={autoencoder.config.shift_factor}; EAR's latents are only "
@@ -309,7 +322,9 @@ def convert_ear_checkpoint(
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="main_ear.py's checkpoint-last.pth (or checkpoint-N.pth)")
     parser.add_argument(
-        "--vae", required=True, help="folder of a diffusers AutoencoderKL: MAR's KL-16, converted (see the README)"
+        "--vae",
+        required=True,
+        help="MAR's kl16.ckpt (converted on the way), or a diffusers AutoencoderKL folder (parscale-ear convert-vae)",
     )
     parser.add_argument("--output-dir", required=True, help="where to write the pipeline")
     parser.add_argument(
