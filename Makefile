@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: demo test install clean
+.PHONY: demo test rehearsal install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The path to ImageNet and the GPU scripts, rehearsed on CPU at tiny data sizes (minutes, not seconds): the
+# ImageNet-shaped run of tests/rehearsal/, then examples/gpu_smoke.sh and examples/bench_gpu.sh in CPU mode.
+rehearsal: install
+	REHEARSAL=1 REHEARSAL_REPORT=runs/rehearsal.json $(PY) -m pytest -q tests/rehearsal
 
 clean:
 	rm -rf $(VENV) outputs

@@ -1,10 +1,10 @@
 r"""Encode a dataset once with a trained VAE and cache the posterior moments for generator training.
 
     python examples/cache_latents.py --vae outputs/vae_mnist/vae --dataset data/mnist_demo \
-        --output-dir outputs/latents_mnist                       # or: parscale-ear cache-latents ...
-    # ImageNet (gated: --hf-token or HF_TOKEN), several GPUs, with flipped copies:
+        --output-dir outputs/latents_mnist --no-hflip            # or: parscale-ear cache-latents ...
+    # ImageNet (gated: --hf-token or HF_TOKEN), several GPUs, with flipped copies (the default, --hflip):
     accelerate launch examples/cache_latents.py --vae VAE_DIR --dataset ILSVRC/imagenet-1k --streaming \
-        --image-size 256 --hflip --output-dir latents_in256
+        --image-size 256 --output-dir latents_in256
 
 The cache keeps a copy of the VAE (OUTPUT_DIR/vae), so training finds it wherever the cache is moved.
 """

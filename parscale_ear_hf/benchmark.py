@@ -6,7 +6,8 @@ allocated memory on a GPU, wall-clock on a CPU. On a CPU, the batch and ParScale
 peak memory in a fresh process per configuration (a process's peak resident size cannot be
 reset). fp32 on CPU, bf16 weights on GPU.
 
-Profiles: "gpu" times everything at the ImageNet-256 default configs. "cpu" keeps the defaults
+Profiles: "gpu" times everything at the ImageNet-256 default configs (`--tiny`: small stand-ins, to check
+the code paths on a CPU). "cpu" keeps the defaults
 wherever one CPU can afford it (components, heads, VAE encoders, LiteHybrid share, FLOP/s) and
 uses the named smaller configs for the generation-scale sweeps; every row records its config.
 Minute-long CPU measurements (a 64-step ImageNet image, the DiT comparison) run once, unwarmed.
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -50,14 +52,84 @@ SD_VAE_CONFIG = dict(
 )
 # The ParScale sweep of the "cpu" profile: a 192-wide, 6-layer backbone at the default 16x16 grid.
 DEMO_MODEL = "models/mnist_demo"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The component configs (keyword arguments; empty: the ImageNet-256 defaults) and sweep sizes of a run."""
+
+    name: str
+    vae: dict
+    hybrid: dict
+    transformer: dict
+    head: dict
+    sd_vae: dict
+    matmul: tuple[int, ...]
+    batches: tuple[int, ...]
+    hybrid_batches: tuple[int, ...]
+    head_tokens: tuple[int, ...]
+    parscale_batches: tuple[int, ...]
+    parscale_streams: tuple[int, ...]
+    steps: int
+    dit_steps: int
+
+
+FULL = Sizes("ImageNet-256 defaults", {}, {}, {}, {}, SD_VAE_CONFIG, (4096, 8192), (1, 4, 8, 16, 32, 64),
+             (1, 8, 32), (32, 256), (1, 32), (1, 2, 4, 8), 64, 50)  # fmt: skip
+# `--tiny`: every default config replaced by a small one with the same structure, so that a CPU runs every code
+# path of a GPU run (bench_gpu.sh's CPU mode) in seconds. Its numbers measure nothing worth reporting.
+TINY = Sizes(
+    "tiny (--tiny: checks the code paths, measures nothing)",
+    vae=dict(
+        sample_size=16,
+        levels=2,
+        latent_channels=4,
+        encoder_channels=(8, 8),
+        encoder_layers_per_level=1,
+        aggregation_channels=16,
+        aggregation_layers=1,
+        decoder_block_out_channels=(8, 16, 16),
+        decoder_layers_per_block=1,
+        norm_num_groups=4,
+    ),  # fmt: skip
+    hybrid=dict(in_channels=4, grid_size=4, coarse_grid_size=2, hidden_dim=16, num_heads=2),
+    transformer=dict(in_channels=4, grid_size=4, hidden_size=32, num_layers=2, num_heads=4, buffer_size=4),
+    head=dict(condition_dim=32, token_channels=4, width=32, depth=2, noise_dim=8),
+    sd_vae=dict(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ),  # fmt: skip
+    matmul=(128, 256),
+    batches=(1, 2),
+    hybrid_batches=(1, 2),
+    head_tokens=(4,),
+    parscale_batches=(1,),
+    parscale_streams=(1, 2),
+    steps=4,
+    dit_steps=2,
+)
 SMALL_TRANSFORMER = dict(hidden_size=192, num_layers=6, num_heads=6, buffer_size=16)
 
 
 class Bench:
     """Timing with warm-up and repeats on one device and dtype; collects rows into `results`."""
 
-    def __init__(self, device: str, dtype: torch.dtype, repeats: int, budget_s: float, progress: bool = True):
+    def __init__(
+        self,
+        device: str,
+        dtype: torch.dtype,
+        repeats: int,
+        budget_s: float,
+        progress: bool = True,
+        sizes: Sizes = FULL,
+    ):
         self.device, self.dtype, self.repeats, self.budget_s = torch.device(device), dtype, repeats, budget_s
+        self.sizes = sizes
         self.cuda = self.device.type == "cuda"
         self.progress = progress
         self.compile = False
@@ -202,16 +274,18 @@ def _tokens_per_step(n: int, steps: int = 64) -> int:
 
 
 def bench_components(b: Bench, batch: int) -> None:
-    """Each component at the ImageNet-256 defaults."""
-    vae, hybrid = b.module(LiteVAE()), b.module(LiteHybrid())
-    transformer, head = b.module(EARTransformer()), b.module(EnergyHead())
-    image = b.randn(batch, 3, 256, 256)
-    latents = b.randn(batch, vae.config.latent_channels, 16, 16)
+    """Each component at the ImageNet-256 defaults (or `b.sizes`)."""
+    s = b.sizes
+    vae, hybrid = b.module(LiteVAE(**s.vae)), b.module(LiteHybrid(**s.hybrid))
+    transformer, head = b.module(EARTransformer(**s.transformer)), b.module(EnergyHead(**s.head))
+    size, grid = vae.config.sample_size, transformer.config.grid_size
+    image = b.randn(batch, 3, size, size)
+    latents = b.randn(batch, vae.config.latent_channels, grid, grid)
     n = transformer.num_tokens
     tokens, mask = b.randn(batch, n, transformer.config.in_channels), _mask(batch, n, b.device)
     labels = torch.zeros(batch, dtype=torch.long, device=b.device)
     z = b.randn(batch * _tokens_per_step(n), transformer.config.hidden_size)
-    info = dict(config="ImageNet-256 defaults", batch=batch)
+    info = dict(config=s.name, batch=batch)
     b.add("component/vae_encode", b.measure(lambda: vae.encode(image).latent_dist.mode()), **info)
     b.add("component/vae_decode", b.measure(lambda: vae.decode(latents).sample), **info)
     b.add("component/lite_hybrid", b.measure(lambda: hybrid(tokens, mask)), **info)
@@ -224,25 +298,27 @@ def _slow_runs(b: Bench) -> dict:
     return dict(warmup=1, repeats=3) if b.cuda else dict(warmup=0, repeats=1)
 
 
-def bench_full_image(b: Bench, steps: int = 64, guidance: float = 3.0) -> None:
-    """One image from class label to pixels, default configs, with guidance."""
-    pipe = _default_pipeline(b)
+def bench_full_image(b: Bench, guidance: float = 3.0) -> None:
+    """One image from class label to pixels, default configs (or `b.sizes`), with guidance."""
+    pipe, steps = _default_pipeline(b), b.sizes.steps
     row = b.measure(
         lambda: pipe([1], num_inference_steps=steps, guidance_scale=guidance, output_type="pt"), **_slow_runs(b)
     )
-    b.add("pipeline/full_image", row, config="ImageNet-256 defaults", batch=1, steps=steps, guidance=guidance)
+    b.add("pipeline/full_image", row, config=b.sizes.name, batch=1, steps=steps, guidance=guidance)
 
 
 def _default_pipeline(b: Bench, transformer_config: dict | None = None):
     from .pipeline_parscale_ear import ParScaleEARPipeline
 
-    transformer = EARTransformer(**(transformer_config or {}))
+    s = b.sizes
+    transformer = EARTransformer(**{**s.transformer, **(transformer_config or {})})
     grid = transformer.config.grid_size
+    vae = LiteVAE(**{**s.vae, "sample_size": grid * 2 ** LiteVAE(**s.vae).config.levels})
     pipe = ParScaleEARPipeline(
-        vae=LiteVAE(sample_size=grid * 16),
-        lite_hybrid=LiteHybrid(grid_size=grid, coarse_grid_size=min(4, grid)),
+        vae=vae,
+        lite_hybrid=LiteHybrid(**{**s.hybrid, "grid_size": grid, "coarse_grid_size": min(4, grid)}),
         transformer=transformer,
-        energy_head=EnergyHead(condition_dim=transformer.config.hidden_size),
+        energy_head=EnergyHead(**{**s.head, "condition_dim": transformer.config.hidden_size}),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(b.device, b.dtype)
@@ -250,7 +326,7 @@ def _default_pipeline(b: Bench, transformer_config: dict | None = None):
 
 def bench_heads(b: Bench, token_counts: tuple[int, ...]) -> None:
     """Energy head vs MAR's diffusion head (100 steps), same width and depth, per token group."""
-    energy = b.module(EnergyHead())
+    energy = b.module(EnergyHead(**b.sizes.head))
     cfg = energy.config
     diffusion = b.module(
         DiffusionHead(
@@ -259,13 +335,13 @@ def bench_heads(b: Bench, token_counts: tuple[int, ...]) -> None:
     )
     for m in token_counts:
         z = b.randn(m, cfg.condition_dim)
-        e = b.add(f"heads/energy_{m}", b.measure(lambda: energy.sample(z, 0.7)), tokens=m, config="default head")
+        e = b.add(f"heads/energy_{m}", b.measure(lambda: energy.sample(z, 0.7)), tokens=m, config=b.sizes.name)
         d = b.add(
             f"heads/diffusion_{m}",
             b.measure(lambda: diffusion.sample(z, 1.0), repeats=3),
             tokens=m,
             steps=diffusion.config.num_sampling_steps,
-            config="default head",
+            config=b.sizes.name,
         )
         b.results[f"heads/speedup_{m}"] = {"ratio": d["median_s"] / e["median_s"], "tokens": m}
     b.results["heads/parameters"] = {"energy": count_parameters(energy), "diffusion": count_parameters(diffusion)}
@@ -275,8 +351,8 @@ def bench_vae_encoders(b: Bench, batch: int = 8) -> None:
     """LiteVAE's encoder vs the Stable Diffusion VAE encoder (random weights), 256x256."""
     from diffusers import AutoencoderKL
 
-    lite, sd = b.module(LiteVAE()), b.module(AutoencoderKL(**SD_VAE_CONFIG))
-    image = b.randn(batch, 3, 256, 256)
+    lite, sd = b.module(LiteVAE(**b.sizes.vae)), b.module(AutoencoderKL(**b.sizes.sd_vae))
+    image = b.randn(batch, 3, lite.config.sample_size, lite.config.sample_size)
     lite_row = b.add("vae/litevae_encoder", b.measure(lambda: lite.encode(image).latent_dist.mode()), batch=batch)
     sd_row = b.add("vae/sd_vae_encoder", b.measure(lambda: sd.encode(image).latent_dist.mode()), batch=batch)
     lite_params = count_parameters(lite.encoder)
@@ -293,14 +369,14 @@ def bench_vae_encoders(b: Bench, batch: int = 8) -> None:
 
 def bench_hybrid_share(b: Bench, batches: tuple[int, ...]) -> None:
     """LiteHybrid's time as a share of one transformer forward (defaults), and the forward's FLOP/s."""
-    hybrid, transformer = b.module(LiteHybrid()), b.module(EARTransformer())
+    hybrid, transformer = b.module(LiteHybrid(**b.sizes.hybrid)), b.module(EARTransformer(**b.sizes.transformer))
     n = transformer.num_tokens
     for batch in batches:
         tokens, mask = b.randn(batch, n, transformer.config.in_channels), _mask(batch, n, b.device)
         labels = torch.zeros(batch, dtype=torch.long, device=b.device)
         h = b.add(f"hybrid/lite_hybrid_b{batch}", b.measure(lambda: hybrid(tokens, mask)), batch=batch)
         t = b.add(f"hybrid/transformer_b{batch}", b.measure(lambda: transformer(tokens, labels, mask)), batch=batch)
-        flops = transformer_flops({}, batch)
+        flops = transformer_flops(b.sizes.transformer, batch)
         b.results[f"hybrid/share_b{batch}"] = {"ratio": h["median_s"] / t["median_s"], "batch": batch}
         b.results[f"flops/transformer_b{batch}"] = {
             "flops": flops,
@@ -312,7 +388,7 @@ def bench_hybrid_share(b: Bench, batches: tuple[int, ...]) -> None:
 def bench_matmul_peak(b: Bench) -> None:
     """The machine's matmul peak in this dtype: the best of a few square sizes."""
     best = None
-    for size in (1024, 2048, 4096) if not b.cuda else (4096, 8192):
+    for size in b.sizes.matmul if b.sizes is TINY or b.cuda else (1024, 2048, 4096):
         x, y = b.randn(size, size), b.randn(size, size)
         row = b.measure(lambda: x @ y, warmup=2, repeats=5)
         rate = 2 * size**3 / row["median_s"]
@@ -370,21 +446,24 @@ def bench_parscale(b: Bench, base: dict, batches: tuple[int, ...], streams: tupl
                 )
 
 
-def bench_dit(b: Bench, steps_ear: int = 64, steps_dit: int = 50, guidance: float = 4.0) -> None:
+def bench_dit(b: Bench, guidance: float = 4.0) -> None:
     """Our pipeline vs diffusers' DiTPipeline with a DiT of about the same parameter count (random
-    weights, SD-VAE), 256x256, one image, guidance on both."""
+    weights, SD-VAE), 256x256, one image, guidance on both; `b.sizes` gives the steps of each."""
+    steps_ear, steps_dit = b.sizes.steps, b.sizes.dit_steps
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     pipe = _default_pipeline(b)
     ours = sum(count_parameters(m) for m in (pipe.lite_hybrid, pipe.transformer, pipe.energy_head))
     # DiT's released configs: 4 latent channels in, 8 out (noise and learned variance), patch 2.
     dit_config = dict(num_attention_heads=12, attention_head_dim=64, in_channels=4, out_channels=8)
+    if b.sizes is TINY:
+        dit_config.update(num_attention_heads=2, attention_head_dim=8, sample_size=b.sizes.sd_vae["sample_size"] // 2)
     with torch.device("meta"):
-        sizes = {n: count_parameters(DiTTransformer2DModel(**dit_config, num_layers=n)) for n in range(8, 33)}
+        sizes = {n: count_parameters(DiTTransformer2DModel(**dit_config, num_layers=n)) for n in range(1, 33)}
     layers = min(sizes, key=lambda k: abs(sizes[k] - ours))
     dit = DiTPipeline(
         transformer=DiTTransformer2DModel(**dit_config, num_layers=layers),
-        vae=AutoencoderKL(**SD_VAE_CONFIG),
+        vae=AutoencoderKL(**b.sizes.sd_vae),
         scheduler=DDIMScheduler(),
     ).to(b.device, b.dtype)
     dit.set_progress_bar_config(disable=True)
@@ -457,6 +536,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     parser.add_argument("--output", default=None, help="results JSON (default: results/benchmark_<profile>.json)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="small stand-ins for every default config and sweep: checks a GPU run's code paths on a CPU in "
+        "seconds (bench_gpu.sh's CPU mode); measures nothing worth reporting",
+    )
     return bench_sampling.add_arguments(parser)
 
 
@@ -464,6 +549,11 @@ def check_args(args: argparse.Namespace, profile: str, sections: list[str]) -> N
     """Refuse, before anything is measured, counts that measure nothing and a --demo-model that is missing or,
     given, that no chosen section reads."""
     check_device("bench", "--device", args.device)
+    if args.tiny and args.output is None:
+        raise ValueError(
+            "bench: --tiny needs --output: its numbers measure nothing worth reporting, so they never replace the "
+            f"results/benchmark_{profile}.json of a real run."
+        )
     check_int("bench", "--repeats", args.repeats, 1)
     if not (math.isfinite(args.budget_s) and args.budget_s > 0):
         raise ValueError(f"bench: `--budget-s` must be a finite number of seconds above 0, got {args.budget_s!r}.")
@@ -499,7 +589,8 @@ def run(args: argparse.Namespace) -> dict:
     sections = args.sections or [section for section in SECTIONS if section not in ON_REQUEST]
     check_args(args, profile, sections)
     dtype = torch.bfloat16 if profile == "gpu" else torch.float32
-    bench = Bench(args.device, dtype, args.repeats, args.budget_s)
+    sizes = TINY if args.tiny else FULL
+    bench = Bench(args.device, dtype, args.repeats, args.budget_s, sizes=sizes)
     bench.compile = args.compile
     bench.probe_memory = not args.no_memory_probe
     torch.manual_seed(0)
@@ -507,13 +598,16 @@ def run(args: argparse.Namespace) -> dict:
     plans = {
         "components": lambda: bench_components(bench, batch=8 if gpu else 1),
         "full_image": lambda: bench_full_image(bench),
-        "heads": lambda: bench_heads(bench, (32, 256)),
+        "heads": lambda: bench_heads(bench, sizes.head_tokens),
         "vae": lambda: bench_vae_encoders(bench, batch=8),
-        "hybrid": lambda: bench_hybrid_share(bench, (1, 8, 32)),
+        "hybrid": lambda: bench_hybrid_share(bench, sizes.hybrid_batches),
         "matmul": lambda: bench_matmul_peak(bench),
         "batch": lambda: _batch_section(bench, args, gpu),
         "parscale": lambda: bench_parscale(
-            bench, dict(EARTransformer().config) if gpu else SMALL_TRANSFORMER, (1, 32), (1, 2, 4, 8)
+            bench,
+            dict(EARTransformer(**sizes.transformer).config) if gpu or args.tiny else SMALL_TRANSFORMER,
+            sizes.parscale_batches,
+            sizes.parscale_streams,
         ),
         "dit": lambda: bench_dit(bench),
         **{section: partial(bench_sampling.run_section, section, bench, args) for section in ON_REQUEST},
@@ -533,6 +627,7 @@ def run(args: argparse.Namespace) -> dict:
         payload = {
             "metric": "benchmark",
             "profile": profile,
+            "sizes": sizes.name,
             "device": args.device,
             "device_name": device_name,
             "dtype": str(dtype),
@@ -553,12 +648,12 @@ def _batch_section(b: Bench, args, gpu: bool) -> None:
     from .pipeline_parscale_ear import ParScaleEARPipeline
 
     if gpu:
-        pipe, config, steps = _default_pipeline(b), "ImageNet-256 defaults", 64
+        pipe, config, steps = _default_pipeline(b), b.sizes.name, b.sizes.steps
     else:
         pipe = ParScaleEARPipeline.from_pretrained(args.demo_model).to(b.device, b.dtype)
         pipe.set_progress_bar_config(disable=True)
         config, steps = f"{args.demo_model} (32x32, 8x8 tokens)", 16
-    bench_batch_scaling(b, pipe, (1, 4, 8, 16, 32, 64), steps, config, None if gpu else args.demo_model)
+    bench_batch_scaling(b, pipe, b.sizes.batches, steps, config, None if gpu else args.demo_model)
 
 
 # ------------------------------------------------------------------------------ reporting

@@ -2,7 +2,7 @@
 
 parscale-ear prepare-data --output data/mnist_demo
 parscale-ear train-vae --help
-parscale-ear cache-latents --vae outputs/vae_mnist/vae --dataset data/mnist_demo --output-dir outputs/latents_mnist
+parscale-ear cache-latents --vae outputs/vae_mnist/vae --dataset data/mnist_demo --output-dir data/latents --no-hflip
 parscale-ear train --latents data/latents --model-config cfg.json --output-dir runs/x --max-steps 1000
 parscale-ear train-dit --latents data/latents --output-dir runs/dit --max-steps 1000   # the DiT baseline
 parscale-ear generate --model models/mnist_demo --labels 0 1 2 --output grid.png [--token-cache --condition-cache]
@@ -225,7 +225,7 @@ def info(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """The `parscale-ear` parser; each subcommand's function is its ``func`` default."""
     # Imported here: the extras these need matter only to whoever runs them.
-    from . import app, benchmark, convert, data, evaluation, model_card
+    from . import app, benchmark, convert, convert_vae, data, evaluation, model_card, plan
     from .training import dit, generator, latent_cache
     from .training import vae as vae_training
 
@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         convert.__doc__,
         True,
     )
+    command("convert-vae", convert_vae.add_arguments, convert_vae.run,
+            "turn MAR's KL-16 VAE (kl16.ckpt) into a diffusers AutoencoderKL", convert_vae.__doc__, True)  # fmt: skip
     command("generate", add_generate_arguments, generate, "generate images with a saved pipeline", generate.__doc__)
     command("info", _add_info_arguments, info, "components, parameter counts and configs of a pipeline", info.__doc__)
     command(
@@ -297,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", benchmark.add_arguments, benchmark.run, "speed and memory benchmarks, beside the baselines",
         benchmark.__doc__,
     )  # fmt: skip
+    command("plan", plan.add_arguments, plan.run,
+            "GPU memory and time of ImageNet training, predicted from CPU steps", plan.__doc__, True)  # fmt: skip
     command("app", app.add_arguments, app.run, "serve the Gradio web demo for a pipeline", app.__doc__, True)
     command(
         "card",

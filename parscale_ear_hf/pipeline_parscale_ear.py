@@ -58,6 +58,15 @@ def mask_schedule(step: int, num_steps: int, num_tokens: int, num_masked: int) -
     return max(1, min(num_masked - 1, remaining))
 
 
+def mix_guidance(h_cond: torch.Tensor, h_uncond: torch.Tensor, cfg: float) -> torch.Tensor:
+    """Classifier-free guidance of hidden states before the head, as EAR: ``cfg * h_cond + (1 - cfg) * h_uncond``.
+
+    Taken in float32 and rounded once to `h_cond`'s dtype: at cfg = 3 the two products are about 3x and 2x the
+    result and nearly cancel, so in bf16 their own roundings would add up to 5x the result's.
+    """
+    return (cfg * h_cond.float() + (1 - cfg) * h_uncond.float()).to(h_cond.dtype)
+
+
 def predicting_steps(num_steps: int, num_tokens: int) -> list[int]:
     """The steps of :func:`mask_schedule` that predict at least one token, in order.
 
@@ -128,7 +137,7 @@ class _CacheState:
 
     def __init__(self):
         self.tokens: TokenCache | None = None
-        self.uncond_minus_cond: torch.Tensor | None = None  # (B, N, D), from the last refresh
+        self.uncond_minus_cond: torch.Tensor | None = None  # (B, N, D) float32, from the last refresh
         self.last_refresh = -1
         self.layout: tuple | None = None  # which passes filled the caches; another layout refreshes
 
@@ -499,7 +508,8 @@ class ParScaleEARPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.transformer.dtype
         labels = class_ids.to(device)
         null_labels = torch.full_like(labels, self.transformer.null_class)
-        orders, noise = orders.to(device), noise.to(device, dtype)
+        # The noise stays float32 in any dtype: the diffusion head's chain x_T -> x_0 runs in float32 from it.
+        orders, noise = orders.to(device), noise.to(device)
         tokens = torch.zeros(batch, n, channels, device=device, dtype=dtype)
         mask = torch.ones(batch, n, dtype=torch.bool, device=device)
         state = _CacheState() if cache is not None and cache.enabled else None
@@ -524,7 +534,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
                     h_cond, h_uncond = hidden(tokens, mask, labels, uncond)
                     z = _gather_rows(h_cond, predict)
                     if uncond is not None:
-                        z = cfg * z + (1 - cfg) * _gather_rows(h_uncond, predict)
+                        z = mix_guidance(z, _gather_rows(h_uncond, predict), cfg)
                 else:
                     predict = orders[:, num_masked_next:num_masked]
                     recompute = orders[:, num_masked_next:last_pass]  # to predict, then decoded since the last pass
@@ -603,7 +613,7 @@ class ParScaleEARPipeline(DiffusionPipeline):
             state.tokens = TokenCache(cache.full_layers) if cache.token_cache else None
             h = transformer(*rows, cache=state.tokens)
             if guided and cache.condition_cache:
-                state.uncond_minus_cond = transformer(x, null_labels, mask) - h
+                state.uncond_minus_cond = transformer(x, null_labels, mask).float() - h.float()
             state.layout, state.last_refresh = layout, step
             z = _gather_rows(h, predict.repeat(2, 1) if both else predict)
         elif cache.token_cache:
@@ -623,8 +633,8 @@ class ParScaleEARPipeline(DiffusionPipeline):
             z_cond, z_uncond = z.chunk(2)
         else:
             z_cond = z
-            z_uncond = z + _gather_rows(state.uncond_minus_cond, predict)
-        return cfg * z_cond + (1 - cfg) * z_uncond
+            z_uncond = z.float() + _gather_rows(state.uncond_minus_cond, predict)
+        return mix_guidance(z_cond, z_uncond, cfg)
 
     def enable_compiled_step(self, **compile_kwargs) -> None:
         """Run exact sampling's backbone step (LiteHybrid and transformer, both guidance passes) under

@@ -1,6 +1,7 @@
 """Tiny components shared by the tests: every test runs on 2 CPU cores in seconds."""
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,17 @@ def components():
     return tiny_components()
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate fixes one mixed precision per process (AcceleratorState): a test that trains in-process with
+    another one starts and ends with none fixed, as accelerate's own tests do."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 def float32_rounding_bound(pipe: ParScaleEARPipeline, num_inference_steps: int) -> float:
     """How far two runs of the same images may differ when float32 sums are taken in another order.
 
@@ -90,9 +102,6 @@ def float32_rounding_bound(pipe: ParScaleEARPipeline, num_inference_steps: int) 
     """
     eps = torch.finfo(torch.float32).eps
 
-    def layers(module):
-        return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-
     def fan_in(layer):
         if isinstance(layer, torch.nn.Linear):
             return layer.in_features
@@ -101,6 +110,45 @@ def float32_rounding_bound(pipe: ParScaleEARPipeline, num_inference_steps: int) 
     per_step = layers(pipe.lite_hybrid) + layers(pipe.transformer) + layers(pipe.energy_head)
     chain = num_inference_steps * len(per_step) + len(layers(pipe.vae))
     return chain * max(map(fan_in, per_step + layers(pipe.vae))) * eps
+
+
+def layers(module: torch.nn.Module) -> list:
+    """The Linear and Conv2d layers of `module`: the sums of products that a chain of roundings counts."""
+    return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def bfloat16_chain_error(num_roundings: float) -> float:
+    """Root-mean-square relative error of O(1) values at the end of a chain of `num_roundings` bf16 roundings.
+
+    bf16 keeps 8 significant bits: a rounding is a relative error below its unit roundoff u = 2^-8 (3.9e-3).
+    bf16 matrix products and convolutions sum in float32 (CPU and GPU kernels), so a layer rounds its output
+    once, not once per term. To first order the errors of a chain add up. Their worst case, n u for n roundings,
+    passes 1 after a few hundred and says nothing; but rounding to nearest is unbiased and its errors are
+    nearly independent, each uniform on [-u, u] (variance u^2 / 3), so n of them have a root mean square of
+    sqrt(n / 3) u (Higham and Mary, "A new approach to probabilistic rounding error analysis", SIAM J. Sci.
+    Comput. 2019: errors grow as sqrt(n) u, not n u). A wrong computation is off by O(1), not by this.
+    """
+    return math.sqrt(num_roundings / 3) * torch.finfo(torch.bfloat16).eps / 2
+
+
+def bfloat16_rounding_bound(pipe: ParScaleEARPipeline, num_inference_steps: int, guidance_scale: float = 1.0) -> float:
+    """How far, in root mean square over an image's values, a bf16 pipeline's image may be from float32's.
+
+    The same generators give both runs the same draws and orders, so they differ by rounding alone:
+    :func:`bfloat16_chain_error` of the roundings on the chain to an image value. A Linear or Conv2d layer of a
+    bf16 pipeline rounds 3 times: its weights (once, at load), its output and the elementwise op beside it
+    (normalisation, activation, modulation or residual add). Per sampling step the chain holds the LiteHybrid and
+    the backbone, whose errors guidance multiplies by cfg (conditional pass) and 1 - cfg (unconditional), a gain
+    cfg^2 + (cfg - 1)^2 on their variance; then the head, once per token (EnergyHead) or `num_sampling_steps`
+    times (DiffusionHead). Then the VAE's decoder. An image in [0, 1] is half the decoder's [-1, 1]: half the
+    error. The tiny pipeline at 4 steps and cfg 3 gives about 0.06: ten times what bf16 changes here (~0.006),
+    a third of what another seed does (~0.2).
+    """
+    cfg = guidance_scale
+    backbone = len(layers(pipe.lite_hybrid)) + len(layers(pipe.transformer))
+    head = len(layers(pipe.energy_head)) * getattr(pipe.energy_head.config, "num_sampling_steps", 1)
+    chain = num_inference_steps * ((cfg**2 + (cfg - 1) ** 2) * backbone + head) + len(layers(pipe.vae.decoder))
+    return bfloat16_chain_error(3 * chain) / 2
 
 
 def flip_middle_bytes(path: Path, count: int = 64) -> None:

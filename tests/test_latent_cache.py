@@ -136,14 +136,23 @@ def test_run_from_saved_vae_and_dataset(vae, dataset, tmp_path, vae_class):
     datasets.DatasetDict({"train": dataset}).save_to_disk(tmp_path / "data")
     parser = add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
-        ["--vae", str(tmp_path / "vae"), "--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "cache")]
-    )
+        ["--vae", str(tmp_path / "vae"), "--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "cache"),
+         "--no-hflip"]
+    )  # fmt: skip
     info = run(args)
     cache, loaded = load_latent_cache(tmp_path / "cache")
     assert info == loaded and info["count"] == 7 and info["vae_class"] == vae_class.__name__
     assert info["image_size"] == 16 and info["hflip"] is False and info["split"] == "train"
     assert info["scaling_factor"] == model.config.scaling_factor
     torch.testing.assert_close(cache[:]["moments"], reference_moments(model, dataset), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_latents_flips_by_default():
+    """ImageNet-style data gets MAR's and EAR's horizontal flips unless --no-hflip (the MNIST demo passes it)."""
+    parser = add_arguments(argparse.ArgumentParser())
+    required = ["--vae", "v", "--dataset", "d", "--output-dir", "o"]
+    assert parser.parse_args(required).hflip is True
+    assert parser.parse_args([*required, "--no-hflip"]).hflip is False
 
 
 @pytest.mark.slow

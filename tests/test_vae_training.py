@@ -124,11 +124,13 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("interim", [False, True])
-def test_resume_after_a_kill_continues_exactly(dataset_dir, tmp_path, monkeypatch, interim):
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("interim, precision", [(False, "no"), (True, "no"), (True, "bf16")])
+def test_resume_after_a_kill_continues_exactly(dataset_dir, tmp_path, monkeypatch, interim, precision):
     flags = (
         "--max-steps", 6, "--checkpoint-every", 3, "--gradient-accumulation-steps", 2, "--log-every", 1,
         "--eval-split", "heldout", "--eval-every", 2, "--lr-schedule", "cosine", "--lr-warmup-steps", 2,
+        "--mixed-precision", precision,
     )  # fmt: skip
     run(make_args(dataset_dir, tmp_path / "straight", *flags, "--checkpoint-minutes", 0))
 

@@ -70,6 +70,7 @@ OURS_ONLY = {
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from ..cli import add_cache_arguments
     from ..data import add_dataset_arguments
+    from ..models._checks import MIXED_PRECISION_HELP
 
     run = parser.add_argument_group("model and samples")
     run.add_argument("--model", required=True, help="ParScaleEARPipeline or DiTPipeline: folder or Hub repo id")
@@ -89,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--results-file", default=None, help="results JSON (default: <output-dir>/results.json)")
     run.add_argument("--write-png", action="store_true", help="also write every sample as <output-dir>/png/*.png")
     run.add_argument("--adm-npz", default=None, help="with --write-png: also write ADM's sample .npz here")
-    run.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="bf16 autocast on GPU")
+    run.add_argument("--mixed-precision", default=None, metavar="{no,bf16}", help=MIXED_PRECISION_HELP)
     run.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is available")
     sample = parser.add_argument_group(
         "sampling (the pipeline's options; a DiTPipeline takes --steps, --guidance, --seed, --compile)"
@@ -124,8 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _check_flags(args) -> None:
     """Check what the flags alone decide, before anything is loaded or written."""
     from ..cli import cache_from_args, check_sampling_flags
-    from ..models._checks import check_int
+    from ..models._checks import check_int, check_mixed_precision
 
+    args.mixed_precision = check_mixed_precision(
+        "eval_fid", args.mixed_precision, args.cpu or not torch.cuda.is_available()
+    )
     temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
     check_sampling_flags("eval_fid", args.steps, args.guidance, temperature)
     args.sampling_cache = cache_from_args("eval_fid", args)

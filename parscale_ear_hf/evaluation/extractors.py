@@ -115,10 +115,14 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> ExtractedFeatures:
-        """uint8 images `(B, C, H, W)` -> :class:`ExtractedFeatures`, float32 on CPU."""
-        return ExtractedFeatures(
-            *(None if x is None else x.float().cpu() for x in self._forward(self._prepare(images)))
-        )
+        """uint8 images `(B, C, H, W)` -> :class:`ExtractedFeatures`, float32 on CPU.
+
+        Computed in float32 even inside an autocast region (`eval --mixed-precision bf16` autocasts sampling): the
+        reference statistics are float32 features, and bf16 features would shift FID by their own rounding.
+        """
+        images = self._prepare(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return ExtractedFeatures(*(None if x is None else x.float().cpu() for x in self._forward(images)))
 
     def describe(self) -> dict:
         return {

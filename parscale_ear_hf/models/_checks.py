@@ -106,3 +106,45 @@ def check_device(owner: str, name: str, device: str) -> None:
             f"{owner}: `{name}` {device!r} is not a device this machine can use ({build}); accepted here: "
             f"{', '.join(here)}."
         )
+
+
+MIXED_PRECISION_HELP = (
+    "autocast: no (fp32) or bf16 (CPUs, and GPUs with native bf16: Ampere, Hopper and newer); fp16 is refused: "
+    "use bf16. Default: what `accelerate launch` was configured with (its --mixed_precision or config file), "
+    "else no"
+)
+
+
+def check_mixed_precision(owner: str, value, cpu: bool) -> str:
+    """``--mixed-precision`` ``value`` as the run will use it; raises, before any work, unless it runs on the
+    command's device: the CPU when ``cpu``, else this process's CUDA device.
+
+    ``value`` None (the flag left out) takes what ``accelerate launch`` passes its processes
+    (``ACCELERATE_MIXED_PRECISION``, from its ``--mixed_precision`` or ``--config_file``), else "no": a run launched
+    with ``examples/accelerate_configs/h100_bf16.yaml`` trains in bf16 without repeating it.
+
+    "no" runs anywhere. "bf16" runs on CPUs (accelerate's CPU autocast) and on GPUs with native bf16
+    (``torch.cuda.is_bf16_supported(including_emulation=False)``; emulated bf16 is slower than fp32). "fp16" is
+    refused: EAR's per-token gradients (about 1 / the masked tokens of a batch, 3.5e-6 at 28k rows) sit below
+    fp16's smallest normal number (6.1e-5), so fp16 needs a gradient scaler, and an exact resume would need its
+    state in the checkpoints; bf16 has fp32's exponent range and needs neither. (On a CPU accelerate would not
+    even autocast fp16: it would train in fp32 without a word.)
+    """
+    import os
+
+    import torch
+
+    if value is None:
+        value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if cpu:
+        device, accepted = "cpu", ("no", "bf16")
+    else:
+        device = f"cuda ({torch.cuda.get_device_name()})"
+        accepted = ("no", "bf16") if torch.cuda.is_bf16_supported(including_emulation=False) else ("no",)
+    if value in accepted:
+        return value
+    why = {
+        "fp16": " (fp16 needs a gradient scaler, whose state our checkpoints do not keep: use bf16, which needs none)",
+        "bf16": " (this GPU has no native bf16: torch.cuda.is_bf16_supported(including_emulation=False) is False)",
+    }.get(value, "")
+    raise ValueError(f"{owner}: `--mixed-precision` must be one of {accepted} on {device}, got {value!r}{why}.")

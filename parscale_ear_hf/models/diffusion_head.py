@@ -36,7 +36,12 @@ class DiffusionHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin
         num_train_timesteps: diffusion steps of the training schedule (MAR: 1000, cosine).
         num_sampling_steps: respaced steps at sampling (MAR: 100); one forward pass each.
         mlp_ratio: hidden width of each block's MLP relative to `width`.
+
+    In training, ``enable_gradient_checkpointing()`` recomputes each block in the backward pass (MAR's
+    ``--grad_checkpointing``).
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -54,6 +59,7 @@ class DiffusionHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin
             check_int("DiffusionHead", name, locals()[name])
         check_int("DiffusionHead", "num_sampling_steps", num_sampling_steps, 1, num_train_timesteps)
         check_float("DiffusionHead", "mlp_ratio", mlp_ratio, 1e-3, 64.0)
+        self.gradient_checkpointing = False
         self.input_proj = nn.Linear(token_channels, width)
         self.time_proj = Timesteps(TIME_FREQUENCY_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(TIME_FREQUENCY_DIM, width)
@@ -103,7 +109,10 @@ class DiffusionHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin
         cond = self.time_embed(self.time_proj(timesteps).to(x_t.dtype)) + self.cond_proj(z)
         x = self.input_proj(x_t)
         for block in self.blocks:
-            x = block(x, cond, 1.0)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, cond, 1.0)
+            else:
+                x = block(x, cond, 1.0)
         shift, scale = self.final_modulation(cond).chunk(2, dim=-1)
         return self.out(self.final_norm(x) * (1 + scale) + shift)
 
@@ -127,13 +136,16 @@ class DiffusionHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin
         if noise is None:
             noise = torch.randn(
                 z.shape[0], *self.noise_shape, generator=generator, device=generator.device if generator else z.device
-            ).to(z.device, z.dtype)
+            ).to(z.device)
         self.scheduler.set_timesteps(self.config.num_sampling_steps, device=z.device)
+        # The chain x_T -> x_0 stays in float32 whatever the head's dtype: each step divides by sqrt(alpha_bar_t)
+        # (down to ~0.03) and the state would be rounded at every one of the steps (bf16: 14x the error at 100).
+        noise = noise.float()
         x = noise[:, 0]
         for i, t in enumerate(self.scheduler.timesteps):
-            eps = self(x, t, z)
+            eps = self(x.to(z.dtype), t, z).float()
             x = self.scheduler.step(eps, t, x, eta=1.0, variance_noise=noise[:, i + 1] * temperature).prev_sample
-        return x
+        return x.to(z.dtype)
 
     def loss(
         self,

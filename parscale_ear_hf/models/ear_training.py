@@ -48,6 +48,12 @@ class EARTrainingModel(nn.Module):
         self.energy_lambda = energy_lambda
         self.diffusion_batch_mul = diffusion_batch_mul
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute every backbone and head block in the backward pass instead of keeping its activations
+        (EAR's ``--grad_checkpointing``): the same loss and gradients for much less activation memory."""
+        self.transformer.enable_gradient_checkpointing()
+        self.energy_head.enable_gradient_checkpointing()
+
     def forward(
         self, latents: torch.Tensor, class_labels: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:

@@ -136,7 +136,13 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
         parscale_n: number P of parallel streams.
         parscale_attn_smooth: label smoothing eps of the stream-aggregation weights.
         mlp_activation: "gelu" (exact, EAR's) or "gelu_tanh" (the shipped demo models').
+
+    In training, diffusers' ``enable_gradient_checkpointing()`` keeps only each block's input and
+    recomputes the block in the backward pass (EAR's ``--grad_checkpointing``): less memory, the same
+    loss and gradients, about one more forward pass of compute.
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -181,6 +187,7 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
                 f"EARTransformer: `mlp_activation` must be one of {sorted(MLP_ACTIVATIONS)}, got {mlp_activation!r}."
             )
 
+        self.gradient_checkpointing = False
         self.num_tokens = grid_size * grid_size
         self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)
         self.token_proj = nn.Linear(in_channels, hidden_size)
@@ -265,6 +272,8 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
                 if i == cache.full_layers:
                     cache.probe = h.clone()
                 h = block(h, cache.kv[i - cache.full_layers])
+            elif torch.is_grad_enabled() and self.gradient_checkpointing:
+                h = self._gradient_checkpointing_func(block, h)
             else:
                 h = block(h)
         return self.mix_streams(self.norm(h)[:, self.config.buffer_size :], tokens.shape[0])
@@ -340,7 +349,8 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
         return h
 
     def stream_weights(self, streams: torch.Tensor) -> torch.Tensor:
-        """Smoothed softmax weights `(B, N, P)` of `streams` `(P, B, N, D)`; each row sums to one."""
+        """Smoothed softmax weights `(B, N, P)` of `streams` `(P, B, N, D)`, float32 whatever the streams' dtype
+        (as ParScale's): each row sums to one within float32 rounding."""
         p = self.config.parscale_n
         eps = self.config.parscale_attn_smooth
         logits = self.stream_aggregator(streams.permute(1, 2, 0, 3).flatten(2))
@@ -348,6 +358,11 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
         return weights * (1 - eps) + eps / p
 
     def aggregate_streams(self, streams: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over the P streams: `(P, B, N, D) -> (B, N, D)`."""
-        weights = self.stream_weights(streams).to(streams.dtype)
-        return torch.einsum("bnp,pbnd->bnd", weights, streams)
+        """Weighted sum over the P streams: `(P, B, N, D) -> (B, N, D)`, in the streams' dtype.
+
+        As ParScale, the float32 weights multiply the streams and the sum is taken in float32 (products and
+        sums are not autocast ops, so autocast keeps them so), then rounded once: weights rounded to bf16
+        would sum to one only within bf16's unit roundoff 2^-8, a scale error on every hidden vector.
+        """
+        weights = self.stream_weights(streams)
+        return sum(weights[..., s, None] * streams[s] for s in range(self.config.parscale_n)).to(streams.dtype)

@@ -50,7 +50,9 @@ def energy_score_loss(
     sample_1, sample_2 = samples
 
     def distance(a, b):
-        return (a - b).norm(dim=-1).pow(alpha)
+        # float32 whatever the samples' dtype: CPU autocast leaves the norms of bf16 samples in bf16, which rounds
+        # each distance to 2^-8 of itself, and the score is a difference of such distances.
+        return (a.float() - b.float()).norm(dim=-1).pow(alpha)
 
     score = lambda_ * distance(sample_1, sample_2) - distance(sample_1, target) - distance(sample_2, target)
     if weight is None:
@@ -97,7 +99,12 @@ class EnergyHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
         temperature_scales_final_layer: whether the inference temperature also scales the final
             layer's AdaLN shift. EAR scales only the blocks' shifts (False); the shipped demo
             models were trained with True.
+
+    In training, ``enable_gradient_checkpointing()`` recomputes each block in the backward pass, as
+    EAR's ``--grad_checkpointing`` does for its head.
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -117,6 +124,7 @@ class EnergyHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
         check_float("EnergyHead", "mlp_ratio", mlp_ratio, 1e-3, 64.0)
         check_bool("EnergyHead", "block_norm_affine", block_norm_affine)
         check_bool("EnergyHead", "temperature_scales_final_layer", temperature_scales_final_layer)
+        self.gradient_checkpointing = False
         self.z_proj = nn.Linear(condition_dim, width)
         self.noise_embed = nn.Linear(noise_dim, width)
         self.blocks = nn.ModuleList([_AdaLNBlock(width, mlp_ratio, block_norm_affine) for _ in range(depth)])
@@ -170,7 +178,10 @@ class EnergyHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
         x = self.z_proj(z)
         cond = self.noise_embed(noise)
         for block in self.blocks:
-            x = block(x, cond, temperature)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, cond, temperature)
+            else:
+                x = block(x, cond, temperature)
         shift, scale = self.final_modulation(cond).chunk(2, dim=-1)
         if self.config.temperature_scales_final_layer:
             shift = temperature * shift
@@ -188,7 +199,7 @@ class EnergyHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
         """Draw one token per row of ``z`` `(M, condition_dim)` in one forward; returns `(M, token_channels)`."""
         if noise is None:
             noise = self.draw_noise(z.shape[0], generator, device=z.device, dtype=z.dtype)
-        return self(z, noise, temperature)
+        return self(z, noise.to(z.dtype), temperature)  # the pipeline draws the noise in float32 for any dtype
 
     def loss(
         self,

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiTTransformer2DModel, ModelMixin  # noqa: F401
 from diffusers.models.embeddings import LabelEmbedding
 
-from ..models._checks import check_float, check_int
+from ..models._checks import check_float, check_int, check_mixed_precision
 from . import recipe
 
 # `DiTPipeline.__call__` hard-codes this id as the unconditional ("null") class: ImageNet's 1000.
@@ -194,7 +194,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     optim.add_argument("--ema-warmup", action="store_true", help="ramp the rate as diffusers' EMAModel does")
     recipe.add_runtime_arguments(
         parser,
-        mixed_precision={"bf16": "(GPU or CPU)"},
         sample_steps=25,
         sample_steps_help="DPM-Solver steps of the sample grids",
     )
@@ -206,7 +205,7 @@ def _validate(args) -> None:
     owner = "train-dit"
     for name in ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "max_steps", "batch_size"):
         check_int(owner, f"--{name.replace('_', '-')}", getattr(args, name))
-    for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_steps"):
+    for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_steps", "sample_images"):
         check_int(owner, f"--{name.replace('_', '-')}", getattr(args, name))
     for name in ("warmup_steps", "sample_every", "seed"):
         check_int(owner, f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
@@ -220,8 +219,9 @@ def _validate(args) -> None:
     check_float(owner, "--ema-decay", args.ema_decay, 0.0, 1.0)
     check_float(owner, "--sample-guidance", args.sample_guidance, 1.0, math.inf)
     check_float(owner, "--checkpoint-minutes", args.checkpoint_minutes, 0.0, math.inf)
-    if args.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"train-dit: `--mixed-precision` must be 'no' or 'bf16', got {args.mixed_precision!r}.")
+    args.mixed_precision = check_mixed_precision(
+        owner, args.mixed_precision, args.cpu or not torch.cuda.is_available()
+    )
 
 
 def run(args: argparse.Namespace) -> DiTTrainingModel:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..models._checks import check_float, check_int
+from ..models._checks import check_float, check_int, check_mixed_precision
 from ..models.diffusion_head import DiffusionHead
 from ..models.ear_training import EARTrainingModel
 from ..models.ear_transformer import EARTransformer
@@ -53,10 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--parscale-n", type=int, default=None, help="number of ParScale streams P")
     model.add_argument("--no-coarse", action="store_true", help="LiteHybrid without its coarse branch")
     model.add_argument("--no-fine", action="store_true", help="LiteHybrid without its fine branch")
+    parser.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute each backbone and head block in the backward pass (EAR: --grad_checkpointing): far less "
+        "activation memory, same gradients, about a third more compute; `parscale-ear plan` says when it is needed",
+    )
     recipe.add_arguments(parser)
     recipe.add_runtime_arguments(
         parser,
-        mixed_precision={"bf16": "(GPU or CPU)", "fp16": "with a gradient scaler (GPU only; EAR's)"},
         sample_steps=16,
         sample_steps_help="autoregressive steps of the sample grids",
     )
@@ -116,18 +121,15 @@ def build_components(
 def _validate(args) -> None:
     """The checks that need only the flags; the ones that need the latent cache follow its reading in :func:`run`."""
     recipe.check_flags(args)
-    for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_steps"):
+    for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_steps", "sample_images"):
         check_int("train", f"--{name.replace('_', '-')}", getattr(args, name))
     for name in ("sample_every", "seed"):
         check_int("train", f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
     check_float("train", "--sample-guidance", args.sample_guidance, 1.0, math.inf)
     check_float("train", "--checkpoint-minutes", args.checkpoint_minutes, 0.0, math.inf)
-    # accelerate would quietly train in fp32 on a CPU: no fp16 autocast and no gradient scaler there.
-    if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
-        raise ValueError(
-            "train: `--mixed-precision` fp16 needs a CUDA GPU (autocast with a gradient scaler), got 'fp16' on CPU; "
-            "use bf16 or no."
-        )
+    args.mixed_precision = check_mixed_precision(
+        "train", args.mixed_precision, args.cpu or not torch.cuda.is_available()
+    )
 
 
 def run(args: argparse.Namespace) -> EARTrainingModel:
@@ -168,6 +170,8 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
         energy_lambda=args.energy_lambda,
         diffusion_batch_mul=args.diffusion_batch_mul,
     )
+    if args.grad_checkpointing:
+        model.enable_gradient_checkpointing()
     groups = recipe.param_groups(model, args.param_groups, args.head_lr_scale, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=tuple(args.adam_betas))
     ema = recipe.make_ema(model.parameters(), args.ema_decay, warmup=args.ema_warmup)

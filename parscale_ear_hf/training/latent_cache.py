@@ -1,14 +1,15 @@
 r"""Cache VAE posteriors once, so generator training never runs the VAE encoder.
 
     accelerate launch examples/cache_latents.py --vae outputs/vae_mnist/vae --dataset data/mnist_demo \
-        --output-dir outputs/latents_mnist
+        --output-dir outputs/latents_mnist --no-hflip
 
 Each process encodes its shard of the dataset and writes ``shard-<rank>`` (`save_to_disk`) with
-the posterior moments (mean and log-variance, float32) and the label; with ``--hflip`` also the
-moments of the horizontally flipped image, for flip augmentation as MAR does on ImageNet (not for
-MNIST digits, which are not mirror-symmetric). Like MAR, training then draws a fresh posterior
-sample each time (:func:`sample_latents`) instead of storing one fixed sample. ``cache_info.json``,
-written last, records the VAE, its latent scale and the dataset; a folder without it is incomplete.
+the posterior moments (mean and log-variance, float32) and the label; with ``--hflip`` (the default)
+also the moments of the horizontally flipped image, for flip augmentation as MAR and EAR do on
+ImageNet (``--no-hflip`` for MNIST digits, which are not mirror-symmetric). Like MAR, training then
+draws a fresh posterior sample each time (:func:`sample_latents`) instead of storing one fixed
+sample. ``cache_info.json``, written last, records the VAE, its latent scale and the dataset; a
+folder without it is incomplete.
 
 The cache holds a copy of its VAE (``vae/``, written by ``save_pretrained``), so that training finds it from
 any working directory, after the folder is moved (e.g. to a cluster's scratch disk), and on nodes without the
@@ -69,6 +70,7 @@ def encode_to_cache(
     world_size: int = 1,
     accelerator: Accelerator | None = None,
     num_workers: int = 0,
+    allow_upsampling: bool = False,
 ) -> int:
     """Encode this process's shard of ``dataset`` and write it to ``output_dir/shard-<rank>``.
 
@@ -93,7 +95,9 @@ def encode_to_cache(
     output_dir.mkdir(parents=True, exist_ok=True)
     device = accelerator.device if accelerator is not None else vae.device
     shard = shard_for_process(dataset, rank, world_size)
-    loader = image_loader(shard, image_size, channels, batch_size=batch_size, num_workers=num_workers)
+    loader = image_loader(
+        shard, image_size, channels, batch_size=batch_size, num_workers=num_workers, allow_upsampling=allow_upsampling
+    )
     progress = tqdm(
         total=len(shard) if isinstance(shard, datasets.Dataset) else None,
         desc=f"encode {shard_name(rank)}",
@@ -374,8 +378,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--hflip",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="also cache flipped images (ImageNet: yes; MNIST digits: no, they are not mirror-symmetric)",
+        default=True,
+        help="also cache horizontally flipped images, as MAR and EAR do on ImageNet (default); --no-hflip for "
+        "data that is not mirror-symmetric, such as the MNIST demo's digits",
     )
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
     parser.add_argument("--cpu", action="store_true", help="encode on CPU even when a GPU is present")
@@ -411,6 +416,7 @@ def run(args: argparse.Namespace) -> dict:
         world_size=accelerator.num_processes,
         accelerator=accelerator,
         num_workers=args.num_workers,
+        allow_upsampling=args.allow_upsampling,
     )
     info = None
     if accelerator.is_main_process:

@@ -188,13 +188,13 @@ class Steps:
 
 
 def save_sample_grid(pipe, num_classes: int, args, grid_path: Path, caption) -> None:
-    """Save a grid of one image for each of the first (up to 10) classes to ``grid_path``.
+    """Save a grid of one image for each of the first ``--sample-images`` classes (at most all) to ``grid_path``.
 
     Image ``i`` is sampled from generator ``args.seed + i`` with ``--sample-steps`` and ``--sample-guidance``, so
     the grids of a run show how the same draws change as it trains; ``caption(class_id)`` is written under it.
     """
     pipe.set_progress_bar_config(disable=True)
-    labels = list(range(min(10, num_classes)))
+    labels = list(range(min(args.sample_images, num_classes)))
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(labels))]
     images = pipe(
         labels, num_inference_steps=args.sample_steps, guidance_scale=args.sample_guidance, generator=generators

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from diffusers.training_utils import EMAModel
 
-from ..models._checks import check_float, check_int
+from ..models._checks import MIXED_PRECISION_HELP, check_float, check_int
 from .checkpointing import CHECKPOINT_MINUTES, CHECKPOINT_MINUTES_HELP
 
 PARAM_GROUPS = ("reference", "parscale-v0")
@@ -103,21 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_runtime_arguments(
-    parser: argparse.ArgumentParser, *, mixed_precision: dict[str, str], sample_steps: int, sample_steps_help: str
-) -> None:
-    """The runtime flags every generator trainer shares (seed, precision, checkpoints, logs, sample grids).
-
-    ``mixed_precision``: the accepted ``--mixed-precision`` values after ``no``, each with its help.
-    """
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, sample_steps: int, sample_steps_help: str) -> None:
+    """The runtime flags every generator trainer shares (seed, precision, checkpoints, logs, sample grids)."""
     run_args = parser.add_argument_group("runtime")
     run_args.add_argument("--seed", type=int, default=0)
-    run_args.add_argument(
-        "--mixed-precision",
-        choices=("no", *mixed_precision),
-        default="no",
-        help="autocast: " + ", or ".join(f"{name} {why}" for name, why in mixed_precision.items()),
-    )
+    # No argparse choices: `check_mixed_precision` refuses a value with the device and the reason (fp16: use bf16).
+    run_args.add_argument("--mixed-precision", default=None, metavar="{no,bf16}", help=MIXED_PRECISION_HELP)
     run_args.add_argument("--cpu", action="store_true", help="force CPU (gloo between processes)")
     run_args.add_argument(
         "--checkpoint-every",
@@ -137,6 +128,12 @@ def add_runtime_arguments(
     run_args.add_argument("--sample-every", type=int, default=0, help="sample grid every N steps (0: only at the end)")
     run_args.add_argument("--sample-steps", type=int, default=sample_steps, help=sample_steps_help)
     run_args.add_argument("--sample-guidance", type=float, default=3.0, help="CFG scale of the sample grids (>= 1)")
+    run_args.add_argument(
+        "--sample-images",
+        type=int,
+        default=10,
+        help="images in a sample grid, one per class from class 0 (at most the classes; default 10)",
+    )
 
 
 def check_flags(args: argparse.Namespace) -> None:

@@ -43,7 +43,7 @@ from ..data import (
     load_dataset_from_args,
     shard_for_process,
 )
-from ..models._checks import check_float, check_int
+from ..models._checks import MIXED_PRECISION_HELP, check_float, check_int, check_mixed_precision
 from ..models.lite_vae import LiteVAE, haar_dwt
 from ..results import write_results
 from .checkpointing import (
@@ -142,7 +142,9 @@ def learning_rate(step: int, *, lr: float, max_steps: int, warmup_steps: int = 0
     raise ValueError(f"learning_rate: `schedule` must be 'constant' or 'cosine', got {schedule!r}.")
 
 
-def _vae_loader(vae: LiteVAE, dataset, accelerator: Accelerator | None, batch_size: int, num_workers: int):
+def _vae_loader(
+    vae: LiteVAE, dataset, accelerator: Accelerator | None, batch_size: int, num_workers: int, allow_upsampling: bool
+):
     """This process's shard of ``dataset``, preprocessed to the VAE's size and channels."""
     rank, world_size = _rank_and_world(accelerator)
     return image_loader(
@@ -151,6 +153,7 @@ def _vae_loader(vae: LiteVAE, dataset, accelerator: Accelerator | None, batch_si
         vae.config.in_channels,
         batch_size=batch_size,
         num_workers=num_workers,
+        allow_upsampling=allow_upsampling,
     )
 
 
@@ -160,7 +163,13 @@ def _rank_and_world(accelerator: Accelerator | None) -> tuple[int, int]:
 
 @torch.no_grad()
 def heldout_psnr(
-    vae: LiteVAE, dataset, *, batch_size: int = 64, accelerator: Accelerator | None = None, num_workers: int = 0
+    vae: LiteVAE,
+    dataset,
+    *,
+    batch_size: int = 64,
+    accelerator: Accelerator | None = None,
+    num_workers: int = 0,
+    allow_upsampling: bool = False,
 ) -> float:
     """Mean over images of ``10 * log10(1 / mse)`` between images and reconstructions in [0, 1].
 
@@ -176,7 +185,7 @@ def heldout_psnr(
     """
     device = accelerator.device if accelerator is not None else vae.device
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    loader = _vae_loader(vae, dataset, accelerator, batch_size, num_workers)
+    loader = _vae_loader(vae, dataset, accelerator, batch_size, num_workers, allow_upsampling)
     for batch in loader:
         images = batch["pixel_values"].to(device)
         reconstruction = vae(images).sample.float().clamp(-1, 1)
@@ -196,6 +205,7 @@ def measure_latent_scale(
     max_images: int | None = 10_000,
     accelerator: Accelerator | None = None,
     num_workers: int = 0,
+    allow_upsampling: bool = False,
 ) -> tuple[float, float]:
     """``shift_factor`` (mean) and ``scaling_factor`` (1 / std) of posterior samples, over all latent
     elements of the first ``max_images`` images of ``dataset`` (all when None).
@@ -211,7 +221,7 @@ def measure_latent_scale(
     if max_images is not None and max_images < len(dataset):
         dataset = dataset.select(range(max_images))
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    loader = _vae_loader(vae, dataset, accelerator, batch_size, num_workers)
+    loader = _vae_loader(vae, dataset, accelerator, batch_size, num_workers, allow_upsampling)
     for batch in loader:
         posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
         mean, var = posterior.mean.double(), posterior.var.double()
@@ -277,7 +287,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight, per latent element")
     train.add_argument("--wavelet-weight", type=float, default=0.1, help="weight of the wavelet high-band L1")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="bf16 on GPU")
+    train.add_argument("--mixed-precision", default=None, metavar="{no,bf16}", help=MIXED_PRECISION_HELP)
     train.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
     train.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
     train.add_argument("--log-every", type=int, default=10, help="steps between loss-log lines")
@@ -338,7 +348,11 @@ def run(args: argparse.Namespace) -> dict:
     """Train, evaluate, measure the latent scale and save ``output_dir/vae``; returns a summary dict
     ("heldout_psnr" (None without ``--eval-split``), "shift_factor", "scaling_factor", "vae_path")."""
     # Without a GPU, accelerate joins a torchrun world (gloo) only when told cpu=True.
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu or not torch.cuda.is_available())
+    cpu = args.cpu or not torch.cuda.is_available()
+    args.mixed_precision = check_mixed_precision(
+        "train_vae", args.mixed_precision, cpu
+    )  # before the Accelerator, which takes fp16 on CPUs
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu)
     check_supported(accelerator)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     output_dir = Path(args.output_dir)
@@ -375,7 +389,7 @@ def run(args: argparse.Namespace) -> dict:
     batches = iter(
         image_loader(
             train_set, vae.config.sample_size, vae.config.in_channels,
-            batch_sampler=sampler, num_workers=args.num_workers,
+            batch_sampler=sampler, num_workers=args.num_workers, allow_upsampling=args.allow_upsampling,
         )
     )  # fmt: skip
     unwrapped = accelerator.unwrap_model(model).vae
@@ -385,7 +399,12 @@ def run(args: argparse.Namespace) -> dict:
     def evaluate(step: int) -> float:
         unwrapped.eval()
         psnr = heldout_psnr(
-            unwrapped, eval_set, batch_size=args.eval_batch_size, accelerator=accelerator, num_workers=args.num_workers
+            unwrapped,
+            eval_set,
+            batch_size=args.eval_batch_size,
+            accelerator=accelerator,
+            num_workers=args.num_workers,
+            allow_upsampling=args.allow_upsampling,
         )
         log.write({"step": step, "heldout_psnr": psnr})
         return psnr
@@ -445,6 +464,7 @@ def run(args: argparse.Namespace) -> dict:
         train_set,
         batch_size=args.eval_batch_size,
         max_images=args.scaling_images,
+        allow_upsampling=args.allow_upsampling,
         accelerator=accelerator,
         num_workers=args.num_workers,
     )
