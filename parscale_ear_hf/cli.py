@@ -7,8 +7,13 @@ parscale-ear train --latents data/latents --model-config cfg.json --output-dir r
 parscale-ear train-dit --latents data/latents --output-dir runs/dit --max-steps 1000   # the DiT baseline
 parscale-ear generate --model models/mnist_demo --labels 0 1 2 --output grid.png [--token-cache --condition-cache]
 parscale-ear info --model models/mnist_demo
-parscale-ear eval --help
+parscale-ear eval --help                        # FID / IS / precision / recall; eval-vae: a VAE's reconstruction FID
 parscale-ear card --model models/mnist_demo --results results/eval/mnist_demo.json
+parscale-ear app --model models/mnist_demo      # the web demo
+parscale-ear plan                               # GPU memory and time of ImageNet training (predicted)
+parscale-ear convert --checkpoint checkpoint-last.pth --vae kl16.ckpt --output-dir ear-b   # the authors' EAR
+parscale-ear convert-vae --checkpoint kl16.ckpt --output-dir kl16-diffusers                # MAR's KL-16 VAE
+parscale-ear bench --help                       # speed and memory benchmarks
 
 An error prints one line, `parscale-ear <command>: error: <message>`, and exits with status 1;
 `parscale-ear --debug <command> ...` (or `--debug` after the command) shows the traceback instead.

@@ -14,6 +14,8 @@ import pytest
 from parscale_ear_hf.cli import cli_process
 
 ROOT = Path(__file__).resolve().parents[2]
+# Minutes, not seconds: run by `make rehearsal` (REHEARSAL=1), skipped by `make test`.
+pytestmark = pytest.mark.skipif(os.environ.get("REHEARSAL") != "1", reason="run by `make rehearsal` (REHEARSAL=1)")
 
 
 def bash(script: str, **env: str) -> subprocess.CompletedProcess:

@@ -30,6 +30,8 @@ from parscale_ear_hf.cli import cli_process
 from imagenet_like import NUM_CLASSES, write_imagenet_like
 
 ROOT = Path(__file__).resolve().parents[2]
+# Minutes, not seconds: run by `make rehearsal` (REHEARSAL=1), skipped by `make test`.
+pytestmark = pytest.mark.skipif(os.environ.get("REHEARSAL") != "1", reason="run by `make rehearsal` (REHEARSAL=1)")
 MAR_STATS = Path(os.environ.get("MAR_CODE", ROOT.parent / "mar")) / "fid_stats" / "adm_in256_stats.npz"
 TIMINGS: dict[str, dict] = {}
 
