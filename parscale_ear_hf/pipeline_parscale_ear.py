@@ -25,7 +25,18 @@ from .models.lite_vae import LiteVAE
 from .pipeline_components import check_components, check_id2label, eval_mode, vae_spatial_factor
 from .sampling_cache import SamplingCache, SamplingCacheState, check_cache, gather_rows
 
-__all__ = ["HUB_ENTRY_MODULE", "ParScaleEARPipeline", "SamplingCache", "mask_schedule", "mix_guidance"]
+# SamplingCache and HUB_ENTRY_MODULE are re-exported: user code and saved snippets import them from here.
+__all__ = [
+    "COMPONENTS",
+    "GUIDANCE_SCHEDULES",
+    "HUB_ENTRY_MODULE",
+    "OUTPUT_TYPES",
+    "ParScaleEARPipeline",
+    "SamplingCache",
+    "mask_schedule",
+    "mix_guidance",
+    "predicting_steps",
+]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 GUIDANCE_SCHEDULES = ("linear", "constant")
