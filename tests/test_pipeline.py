@@ -501,3 +501,22 @@ def test_sample_tokens_refuses_wrong_shapes(pipe, name, shape, match):
     args[name] = torch.zeros(shape, dtype=args[name].dtype)
     with pytest.raises(ValueError, match=match):
         pipe.sample_tokens(**args, num_inference_steps=4, guidance_scale=3.0)
+
+
+def test_call_checks_its_arguments_once_and_sample_tokens_checks_them_when_called_directly(pipe, monkeypatch):
+    calls = []
+    check_inputs = type(pipe).check_inputs
+
+    def counting(self, *args, **kwargs):
+        calls.append(args)
+        return check_inputs(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "check_inputs", counting)
+    run(pipe, num_inference_steps=2, output_type="latent")
+    assert len(calls) == 1
+    ids, orders, noise = torch.tensor([1, 2]), torch.stack([torch.randperm(16)] * 2), torch.zeros(2, 16, 8)
+    pipe.sample_tokens(ids, orders, noise, 2, 3.0)
+    assert len(calls) == 2
+    for bad, match in [({"num_inference_steps": 0}, "num_inference_steps"), ({"temperature": -1.0}, "temperature")]:
+        with pytest.raises(ValueError, match=match):
+            pipe.sample_tokens(ids, orders, noise, **{"num_inference_steps": 2, "guidance_scale": 3.0, **bad})

@@ -196,12 +196,12 @@ def _load_pipeline(model: str, pipeline_class: str, device, compile: bool):
     if pipeline_class == "DiTPipeline":
         from diffusers import DiTPipeline
 
-        from ..pipeline_parscale_ear import _vae_spatial_factor
+        from ..pipeline_components import vae_spatial_factor
 
         pipe = DiTPipeline.from_pretrained(model).to(device)
         if compile:
             pipe.transformer.compile()  # in place: its state_dict keys are unchanged
-        image_size = pipe.transformer.config.sample_size * _vae_spatial_factor(pipe.vae)
+        image_size = pipe.transformer.config.sample_size * vae_spatial_factor(pipe.vae)
         return pipe, image_size, (pipe.vae, pipe.transformer)
     from ..pipeline_parscale_ear import ParScaleEARPipeline
 

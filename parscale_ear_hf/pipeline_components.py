@@ -1,0 +1,89 @@
+"""What `ParScaleEARPipeline` is built from: checks that its four components fit together and that `id2label`
+is valid, the VAE's spatial factor, and eval mode while sampling."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from diffusers import AutoencoderKL
+
+from .models.diffusion_head import DiffusionHead
+from .models.ear_transformer import EARTransformer
+from .models.energy_head import EnergyHead
+from .models.lite_hybrid import LiteHybrid
+from .models.lite_vae import LiteVAE
+
+
+def check_components(vae, lite_hybrid, transformer, energy_head) -> None:
+    """Raise a ValueError / TypeError naming the fields when the four components do not fit together."""
+    expected = {
+        "vae": (LiteVAE, AutoencoderKL),
+        "lite_hybrid": (LiteHybrid,),
+        "transformer": (EARTransformer,),
+        # MAR's diffusion head fits the same slot: the baseline of the benchmarks and ablations.
+        "energy_head": (EnergyHead, DiffusionHead),
+    }
+    given = {"vae": vae, "lite_hybrid": lite_hybrid, "transformer": transformer, "energy_head": energy_head}
+    for name, classes in expected.items():
+        if not isinstance(given[name], classes):
+            names = " or ".join(c.__name__ for c in classes)
+            raise TypeError(f"ParScaleEARPipeline: `{name}` must be a {names}, got {type(given[name]).__name__}.")
+    # (component, its config field, the transformer's config field that it must equal)
+    pairs = [
+        ("vae", "latent_channels", "in_channels"),
+        ("lite_hybrid", "in_channels", "in_channels"),
+        ("energy_head", "token_channels", "in_channels"),
+        ("lite_hybrid", "grid_size", "grid_size"),
+        ("energy_head", "condition_dim", "hidden_size"),
+    ]
+    for name, field, transformer_field in pairs:
+        a, b = getattr(given[name].config, field), getattr(transformer.config, transformer_field)
+        if a != b:
+            raise ValueError(
+                f"ParScaleEARPipeline: components do not fit: {name}.config.{field}={a} but "
+                f"transformer.config.{transformer_field}={b}; they must be equal."
+            )
+
+
+def check_id2label(id2label, num_classes: int) -> dict[int, str] | None:
+    """`id2label` with int keys, or None; raises naming the entry that is not ``{class id: name}``."""
+    if id2label is None:
+        return None
+    if not isinstance(id2label, dict):
+        raise TypeError(
+            f"ParScaleEARPipeline: `id2label` must be a dict {{class id: name}}, got {type(id2label).__name__}."
+        )
+    out = {}
+    for key, value in id2label.items():
+        try:
+            idx = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"ParScaleEARPipeline: `id2label` key {key!r} is not a class id (an integer).") from None
+        if not 0 <= idx < num_classes or not isinstance(value, str):
+            raise ValueError(
+                f"ParScaleEARPipeline: `id2label` entry {key!r}: {value!r} must map an id in "
+                f"[0, {num_classes - 1}] to a name string."
+            )
+        out[idx] = value
+    return out
+
+
+def vae_spatial_factor(vae) -> int:
+    """Pixels per latent along a side: 2**levels of a LiteVAE, 2**(blocks - 1) of an AutoencoderKL."""
+    if isinstance(vae, LiteVAE):
+        return 2**vae.config.levels
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@contextmanager
+def eval_mode(*modules: torch.nn.Module):
+    """Sample with dropout off even when a component is shared with a training loop; restore after."""
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, was_training):
+            m.train(flag)
