@@ -1,5 +1,6 @@
 """The demo-scale evidence grid: LiteHybrid A1 / A3, ParScale streams against width and depth, the energy head
-against MAR's diffusion head and a diffusers DiT, each over three seeds (examples/research/evidence_grid/experiments.py).
+against MAR's diffusion head and a diffusers DiT, each over three seeds
+(examples/research/evidence_grid/experiments.py).
 
 Run the whole grid (resumable: run it again after a kill; finished runs are skipped):
     python examples/experiments.py
