@@ -28,7 +28,9 @@ install: $(STAMP)
 demo: install
 	$(PY) examples/generate.py --model models/mnist_demo --steps 16 --guidance 3.0 --temperature 0.7 --seed 0 --output outputs/demo_grid.png
 
+# lint-imports: the layers and the research apparatus kept out of the library (.importlinter).
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # The path to ImageNet and the GPU scripts, rehearsed on CPU at tiny data sizes (minutes, not seconds): the

@@ -8,9 +8,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from parscale_ear_hf import app_browser as ab
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.results import write_results
+from research.app_screenshot import app_browser as ab
 
 
 def main(args: argparse.Namespace) -> None:

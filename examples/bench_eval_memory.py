@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.results import write_results
 
 EVAL_FID = Path(__file__).resolve().parent / "eval_fid.py"

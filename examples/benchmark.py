@@ -13,8 +13,8 @@ Then `python examples/update_readme.py` puts the tables in the README's Performa
 
 import argparse
 
-from parscale_ear_hf.benchmark import add_arguments, run
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
+from research.benchmarks.benchmark import add_arguments, run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,7 +11,7 @@ The cache keeps a copy of the VAE (OUTPUT_DIR/vae), so training finds it whereve
 
 import argparse
 
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.training.latent_cache import add_arguments, run
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ The same as `parscale-ear convert-vae`; see `parscale_ear_hf/convert_vae.py` for
 
 import argparse
 
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.convert_vae import add_arguments, run
 
 if __name__ == "__main__":

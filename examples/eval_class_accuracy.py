@@ -15,7 +15,7 @@ import time
 import torch
 
 from parscale_ear_hf import ParScaleEARPipeline
-from parscale_ear_hf.cli import check_sampling_flags, run_script
+from parscale_ear_hf.commands import check_sampling_flags, run_script
 from parscale_ear_hf.digit_classifier import DigitClassifier, class_accuracy_of_pipeline
 from parscale_ear_hf.results import write_results
 

@@ -18,7 +18,7 @@ A killed run resumes from <output-dir>/parts with the same command.
 
 import argparse
 
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.evaluation import add_arguments, run
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ result also holds sFID, precision and recall; the digit classifier has no sFID.
 
 import argparse
 
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.evaluation import add_reconstruction_arguments, run_reconstruction
 
 if __name__ == "__main__":

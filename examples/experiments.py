@@ -1,5 +1,6 @@
 """The demo-scale evidence grid: LiteHybrid A1 / A3, ParScale streams against width and depth, the energy head
-against MAR's diffusion head and a diffusers DiT, each over three seeds (parscale_ear_hf/experiments.py).
+against MAR's diffusion head and a diffusers DiT, each over three seeds
+(examples/research/evidence_grid/experiments.py).
 
 Run the whole grid (resumable: run it again after a kill; finished runs are skipped):
     python examples/experiments.py
@@ -13,8 +14,8 @@ The shipped demo model:    python examples/experiments.py --ship       (the best
 
 import argparse
 
-from parscale_ear_hf import experiments
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
+from research.evidence_grid import experiments
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

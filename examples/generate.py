@@ -6,7 +6,8 @@ python examples/generate.py --model org/repo --labels "tabby cat" --images-per-c
 
 import argparse
 
-from parscale_ear_hf.cli import add_generate_arguments, generate, run_script
+from parscale_ear_hf.cli import add_generate_arguments, generate
+from parscale_ear_hf.commands import run_script
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,7 +6,7 @@ python examples/update_readme.py    # then regenerate the README's tables
 
 import argparse
 
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.info import default_parameter_counts, parameter_table
 from parscale_ear_hf.results import write_results
 

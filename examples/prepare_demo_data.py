@@ -7,7 +7,7 @@ The data folder is git-ignored: third-party data is never committed.
 
 import argparse
 
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.data import add_prepare_demo_arguments, run_prepare_demo
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.results import write_results
 
 

@@ -12,7 +12,7 @@ import argparse
 import datasets
 import torch
 
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.digit_classifier import train_digit_classifier
 from parscale_ear_hf.results import write_results
 

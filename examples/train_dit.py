@@ -13,7 +13,7 @@ Score it:       parscale-ear eval --model runs/demo_dit/pipeline ... (the driver
 
 import argparse
 
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.training.dit import add_arguments, run
 
 if __name__ == "__main__":

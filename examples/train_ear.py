@@ -14,7 +14,7 @@ EAR's recipe:   the defaults (--blr 1e-4, reference param groups, constant-rate 
 
 import argparse
 
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.training.generator import add_arguments, run
 
 if __name__ == "__main__":

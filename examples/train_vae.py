@@ -16,7 +16,7 @@ import argparse
 
 from accelerate import PartialState
 
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.training.vae import add_arguments, run
 
 

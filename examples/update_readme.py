@@ -6,17 +6,13 @@ python examples/update_readme.py
 import argparse
 from pathlib import Path
 
-from parscale_ear_hf import bench_sampling, experiments
-from parscale_ear_hf.benchmark import performance_section, write_reports
-from parscale_ear_hf.cli import run_script
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.info import parameter_table
-from parscale_ear_hf.results import (
-    demo_results_table,
-    eval_results_table,
-    load_results,
-    test_suite_summary,
-    update_readme,
-)
+from parscale_ear_hf.results import load_results
+from research.benchmarks import bench_sampling
+from research.benchmarks.benchmark import performance_section, write_reports
+from research.evidence_grid import experiments
+from research.readme.tables import demo_results_table, eval_results_table, test_suite_summary, update_readme
 
 
 def main(args: argparse.Namespace) -> None:

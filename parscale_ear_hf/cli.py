@@ -17,134 +17,27 @@ parscale-ear bench --help                       # speed and memory benchmarks
 
 An error prints one line, `parscale-ear <command>: error: <message>`, and exits with status 1;
 `parscale-ear --debug <command> ...` (or `--debug` after the command) shows the traceback instead.
-The scripts in examples/ behave the same through :func:`run_script`.
+The scripts in examples/ behave the same through :func:`parscale_ear_hf.commands.run_script`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import PIL.Image
 import torch
 
+from . import app, convert, convert_vae, data, evaluation, model_card, plan
+from .commands import add_cache_arguments, add_debug_flag, cache_from_args, check_sampling_flags, run_command
 from .image_grid import labelled_grid
-from .models._checks import check_device, check_float, check_int
-
-# Errors whose message says what to fix; anything else (AttributeError, TypeError, a RuntimeError
-# from torch, ...) is more likely a bug, and its one line says how to get the traceback.
-USER_ERRORS = (ValueError, OSError, ImportError)
-
-
-def cli_process(*argv: str, env: dict | None = None) -> tuple[list[str], dict]:
-    """The command line and environment that run ``parscale-ear <argv>`` in a fresh process on this very code.
-
-    ``python -m`` alone puts the working directory first on ``sys.path``: a driver started from one checkout,
-    in another checkout's folder, would train and score with the other's code while recording its own
-    revision. ``-P`` keeps the working directory off the path and this package's root leads ``PYTHONPATH``.
-
-    Args:
-        argv: the subcommand and its flags.
-        env: the environment to start from (default: this process's).
-    """
-    env = dict(os.environ if env is None else env)
-    root = str(Path(__file__).resolve().parents[1])
-    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-    env["PYTHONPATH"] = os.pathsep.join([root, *rest])
-    return [sys.executable, "-P", "-m", "parscale_ear_hf.cli", *argv], env
-
-
-def error_line(error: BaseException) -> str:
-    """``error`` as one line: its message, plus its type and the --debug hint when it is not a user error."""
-    message = " ".join(str(error).split())
-    if isinstance(error, USER_ERRORS) and message:
-        return message
-    return f"{message or 'no message'} ({type(error).__name__}; rerun with --debug for the traceback)"
-
-
-def _add_debug_flag(parser: argparse.ArgumentParser, default=False) -> None:
-    parser.add_argument(
-        "--debug", action="store_true", default=default, help="on an error, show the traceback, not one line"
-    )
-
-
-def _run_command(prog: str, func: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
-    """``func(args)``; an error prints ``<prog>: error: <one line>`` to stderr and exits 1 (Ctrl-C: 130),
-    or propagates with its traceback under --debug."""
-    try:
-        func(args)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        sys.exit(130)
-    except Exception as error:
-        if args.debug:
-            raise
-        print(f"{prog}: error: {error_line(error)}", file=sys.stderr)
-        sys.exit(1)
-
-
-def run_script(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], object]) -> None:
-    """Parse the command line and run ``func(args)`` as `parscale-ear` runs a subcommand: the entry
-    point of every script in examples/ (which gets a --debug flag)."""
-    _add_debug_flag(parser)
-    _run_command(parser.prog, func, parser.parse_args())
-
-
-def check_sampling_flags(owner: str, steps: int | None, guidance: float, temperature: float) -> None:
-    """Refuse, before any model is loaded, the --steps / --guidance / --temperature that the pipeline
-    would refuse (``steps`` None: the command's default), inf and nan included."""
-    if steps is not None:
-        check_int(owner, "--steps", steps, 1)
-    check_float(owner, "--guidance", guidance, 1.0, math.inf)
-    check_float(owner, "--temperature", temperature, 0.0, math.inf)
-
-
-def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of :class:`~parscale_ear_hf.SamplingCache` (LazyMAR's caches); see :func:`cache_from_args`."""
-    cache = parser.add_argument_group(
-        "sampling caches (LazyMAR's; not exact): without --token-cache or --condition-cache sampling is exact; "
-        "unset values are SamplingCache's defaults"
-    )
-    cache.add_argument("--token-cache", action="store_true", help="recompute only the positions that changed")
-    cache.add_argument(
-        "--token-share", type=float, default=None, help="with --token-cache: share of other positions recomputed"
-    )
-    cache.add_argument("--condition-cache", action="store_true", help="reuse the guidance residual between refreshes")
-    cache.add_argument("--cache-refresh-every", type=int, default=None, help="a full pass every this many steps")
-    parser.add_argument(
-        "--compile", action="store_true", help="torch.compile the backbone step (pipe.enable_compiled_step())"
-    )
-
-
-def cache_from_args(owner: str, args: argparse.Namespace):
-    """The :class:`~parscale_ear_hf.SamplingCache` of the flags of :func:`add_cache_arguments`, or None
-    (exact sampling); refuses flags that would do nothing."""
-    from .pipeline_parscale_ear import SamplingCache
-
-    if args.token_share is not None and not args.token_cache:
-        raise ValueError(f"{owner}: --token-share is the token cache's; add --token-cache, or leave it out.")
-    if not (args.token_cache or args.condition_cache):
-        if args.cache_refresh_every is not None:
-            raise ValueError(
-                f"{owner}: --cache-refresh-every paces the sampling caches; add --token-cache and/or "
-                "--condition-cache, or leave it out (exact sampling)."
-            )
-        return None
-    fields = {"token_cache": args.token_cache, "condition_cache": args.condition_cache}
-    if args.token_share is not None:
-        check_float(owner, "--token-share", args.token_share, 0.0, 1.0)
-        fields["token_share"] = args.token_share
-    if args.cache_refresh_every is not None:
-        check_int(owner, "--cache-refresh-every", args.cache_refresh_every, 1)
-        fields["refresh_every"] = args.cache_refresh_every
-    return SamplingCache(**fields)
+from .info import pipeline_summary
+from .models._checks import check_device, check_int
+from .pipeline_parscale_ear import ParScaleEARPipeline
+from .training import dit, generator, latent_cache
+from .training import vae as vae_training
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -164,8 +57,6 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def generate(args: argparse.Namespace) -> list[PIL.Image.Image]:
     """Generate with a saved pipeline and write a labelled grid (or single PNGs)."""
-    from .pipeline_parscale_ear import ParScaleEARPipeline
-
     check_sampling_flags("generate", args.steps, args.guidance, args.temperature)
     check_int("generate", "--images-per-class", args.images_per_class)
     check_device("generate", "--device", args.device)
@@ -210,9 +101,6 @@ def generate(args: argparse.Namespace) -> list[PIL.Image.Image]:
 
 def info(args: argparse.Namespace) -> dict:
     """Components, parameter counts and configs of a saved pipeline."""
-    from .info import pipeline_summary
-    from .pipeline_parscale_ear import ParScaleEARPipeline
-
     summary = {"model": args.model, **pipeline_summary(ParScaleEARPipeline.from_pretrained(args.model))}
     counts = summary["parameters"]
     if args.json:
@@ -229,15 +117,10 @@ def info(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `parscale-ear` parser; each subcommand's function is its ``func`` default."""
-    # Imported here: the extras these need matter only to whoever runs them.
-    from . import app, benchmark, convert, convert_vae, data, evaluation, model_card, plan
-    from .training import dit, generator, latent_cache
-    from .training import vae as vae_training
-
     parser = argparse.ArgumentParser(
         prog="parscale-ear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    _add_debug_flag(parser)
+    add_debug_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, add_arguments, func, help: str, description: str | None, raw: bool = False):
@@ -249,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         add_arguments(sub)
         # SUPPRESS: without --debug here, the value given before the command stands.
-        _add_debug_flag(sub, default=argparse.SUPPRESS)
+        add_debug_flag(sub, default=argparse.SUPPRESS)
         sub.set_defaults(func=func)
 
     command(
@@ -300,10 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
         "reconstruction FID of a VAE on a dataset split",
         evaluation.run_reconstruction.__doc__,
     )
-    command(
-        "bench", benchmark.add_arguments, benchmark.run, "speed and memory benchmarks, beside the baselines",
-        benchmark.__doc__,
-    )  # fmt: skip
     command("plan", plan.add_arguments, plan.run,
             "GPU memory and time of ImageNet training, predicted from CPU steps", plan.__doc__, True)  # fmt: skip
     command("app", app.add_arguments, app.run, "serve the Gradio web demo for a pipeline", app.__doc__, True)
@@ -329,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     func = args.func
     del args.func  # the namespace holds only the flags (training writes it to run_config.json)
-    _run_command(f"{parser.prog} {args.command}", func, args)
+    run_command(f"{parser.prog} {args.command}", func, args)
 
 
 if __name__ == "__main__":

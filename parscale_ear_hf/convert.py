@@ -25,9 +25,18 @@ import zipfile
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 
+from .convert_vae import (
+    EAR_LATENT_SCALE,
+    autoencoder_from_ldm,
+    check_scaling_factor,
+    read_ldm_checkpoint,
+    unpickler_reason,
+)
 from .models import EARTransformer, EnergyHead, LiteHybrid
 from .models._checks import check_int
+from .pipeline_parscale_ear import ParScaleEARPipeline
 from .saving import looks_like_local_path
 
 # EAR-B / L / H: `ear_base`, `ear_large`, `ear_huge` in models/ear.py. The number of attention
@@ -37,9 +46,6 @@ EAR_MODELS = {
     "ear_large": dict(hidden_size=1024, num_heads=16),
     "ear_huge": dict(hidden_size=1280, num_heads=16),
 }
-# main_ear.py multiplies the KL-16 posterior sample by this (engine_ear.py: "normalize the std
-# of latent to be 1"), so the converted pipeline's VAE must have it as `scaling_factor`.
-EAR_LATENT_SCALE = 0.2325
 WEIGHTS = ("model_ema", "model")
 # A --vae with one of these suffixes is meant as a checkpoint file, not a Hub repo id.
 LDM_SUFFIXES = (".ckpt", ".pth", ".pt")
@@ -188,19 +194,6 @@ def ear_components(
     return transformer, energy_head
 
 
-def _reason(error: Exception) -> str:
-    """The cause that torch's weights-only unpickler gives (its advice to turn the check off is left out)."""
-    _, found, rest = str(error).partition("WeightsUnpickler error:")
-    reason = next((part.strip() for part in rest.split("\n\n") if part.strip()), "") if found else ""
-    return f" ({' '.join(reason.split())})" if reason else ""
-
-
-def check_scaling_factor(owner: str, name: str, value: float) -> None:
-    """Raise unless the latent scale ``value`` is a finite number above 0."""
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{owner}: `{name}` must be a finite number above 0, got {value!r}.")
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse, before the checkpoint is read, flags that cannot convert: bad numbers and missing files."""
     if args.num_heads is not None:
@@ -238,8 +231,9 @@ def read_ear_checkpoint(path: str | Path, weights: str = "model_ema") -> tuple[d
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as error:
+        reason = unpickler_reason(error)
         raise ValueError(
-            f"convert: {path} cannot be read as tensors, plain containers and argparse.Namespace{_reason(error)}; "
+            f"convert: {path} cannot be read as tensors, plain containers and argparse.Namespace{reason}; "
             "this converter never rebuilds other objects (that would run code from the file)."
         ) from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(weights), dict):
@@ -271,11 +265,6 @@ def convert_ear_checkpoint(
     Returns:
         The pipeline, as saved.
     """
-    from diffusers import AutoencoderKL
-
-    from .convert_vae import autoencoder_from_ldm, read_ldm_checkpoint
-    from .pipeline_parscale_ear import ParScaleEARPipeline
-
     state_dict, run_args = read_ear_checkpoint(checkpoint, weights)
     if num_heads is None and run_args.get("model") in EAR_MODELS:
         num_heads = EAR_MODELS[run_args["model"]]["num_heads"]

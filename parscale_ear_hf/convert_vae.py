@@ -25,6 +25,7 @@ ignored; any other key the VAE lacks, a missing key or a tensor of another shape
 from __future__ import annotations
 
 import argparse
+import math
 import pickle
 import re
 import zipfile
@@ -33,7 +34,22 @@ from pathlib import Path
 
 import torch
 
-from .convert import EAR_LATENT_SCALE, _reason, check_scaling_factor
+# main_ear.py multiplies the KL-16 posterior sample by this (engine_ear.py: "normalize the std
+# of latent to be 1"), so the converted pipeline's VAE must have it as `scaling_factor`.
+EAR_LATENT_SCALE = 0.2325
+
+
+def unpickler_reason(error: Exception) -> str:
+    """The cause that torch's weights-only unpickler gives (its advice to turn the check off is left out)."""
+    _, found, rest = str(error).partition("WeightsUnpickler error:")
+    reason = next((part.strip() for part in rest.split("\n\n") if part.strip()), "") if found else ""
+    return f" ({' '.join(reason.split())})" if reason else ""
+
+
+def check_scaling_factor(owner: str, name: str, value: float) -> None:
+    """Raise unless the latent scale ``value`` is a finite number above 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{owner}: `{name}` must be a finite number above 0, got {value!r}.")
 
 
 def mar_vae_config(
@@ -185,8 +201,9 @@ def read_ldm_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as error:
+        reason = unpickler_reason(error)
         raise ValueError(
-            f"{path} cannot be read as tensors and plain containers{_reason(error)}; this converter never rebuilds "
+            f"{path} cannot be read as tensors and plain containers{reason}; this converter never rebuilds "
             "other objects (that would run code from the file)."
         ) from error
     for name in ("model", "state_dict"):

@@ -23,6 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .evaluation import DigitFeatureExtractor
 from .info import pipeline_summary
+from .pipeline_parscale_ear import ParScaleEARPipeline
 from .results import (
     check_eval_results,
     format_number,
@@ -199,8 +200,7 @@ def build_model_card(
     datasets: list[str] | None = None,
     license: str = "apache-2.0",
     template_path: str | os.PathLike | None = None,
-    grid_cell: str | None = None,
-    grid_results_dir: str | os.PathLike = "results",
+    grid_section: str | None = None,
 ) -> ModelCard:
     """The model card of a saved pipeline, with its evaluation results.
 
@@ -213,15 +213,12 @@ def build_model_card(
         datasets: training data, as Hub dataset ids or names, for the metadata and the card.
         license: the license id in the metadata.
         template_path: a Jinja card template (default: :func:`default_template_path`).
-        grid_cell: a cell of the evidence grid (`examples/experiments.py`) this pipeline's configuration is:
-            the card then shows that cell's scores over seeds and the grid's claims, from the files under
-            ``grid_results_dir``.
+        grid_section: Markdown on this configuration's runs over seeds, shown under its own heading
+            (``examples/make_model_card.py --grid-cell`` writes it from the evidence grid's results).
 
     Returns:
         The card (``card.data`` holds the metadata, ``str(card)`` the README).
     """
-    from .pipeline_parscale_ear import ParScaleEARPipeline
-
     pipeline_dir = Path(pipeline_dir)
     if not (pipeline_dir / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -293,80 +290,8 @@ def build_model_card(
         ],
         datasets=datasets or [],
         training=_training_summary(pipeline_dir),
-        grid_section=cell_card_section(grid_results_dir, grid_cell, pipe) if grid_cell else None,
+        grid_section=grid_section,
     )
-
-
-def cell_config_differences(pipe, cell: str, base_config: str | os.PathLike) -> list[str]:
-    """Where ``pipe``'s component configs differ from the grid cell's model config (its changes on the runs'
-    base config): ``"section.key: ours here, theirs in the grid's runs"``, one per differing field."""
-    import json
-
-    from . import experiments
-
-    path = Path(base_config)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--grid-cell {cell}: the grid's base config {os.fspath(path)!r} (named in its results files) is not "
-            "there; build the card from the repository's root."
-        )
-    config = experiments.model_config(experiments.CELLS_BY_NAME[cell], json.loads(path.read_text(encoding="utf-8")))
-    differences = []
-    for section, fields in config.items():
-        component = getattr(pipe, section, None)
-        for key, theirs in fields.items():
-            ours = component.config.get(key) if component is not None else None
-            if ours != theirs:
-                differences.append(f"{section}.{key}: {ours!r} here, {theirs!r} in the grid's runs")
-    return differences
-
-
-def cell_card_section(results_dir: str | os.PathLike, cell: str, pipe) -> str:
-    """A card's evidence-grid section: the cell's scores (mean ± std over its complete seeds) and the grid's
-    claims, from `<results_dir>/experiments/` (:mod:`parscale_ear_hf.experiments`), and where ``pipe``'s
-    configuration differs from the cell's (:func:`cell_config_differences`)."""
-    from . import experiments
-
-    if cell not in experiments.CELLS_BY_NAME:
-        raise ValueError(f"--grid-cell: unknown cell {cell!r}; accepted: {sorted(experiments.CELLS_BY_NAME)}.")
-    grid = experiments.load_grid(Path(results_dir, "experiments"))
-    runs = grid.get(cell, [])
-    if not runs:
-        raise FileNotFoundError(
-            f"--grid-cell {cell}: {os.fspath(Path(results_dir, 'experiments', cell))} holds no complete run; run "
-            f"`python examples/experiments.py --cells {cell}` first."
-        )
-    steps = runs[0]["settings"]["training_steps"]
-    differences = cell_config_differences(pipe, cell, runs[0]["settings"]["base_config"])
-    table = experiments.main_table(grid)
-    row = next(line for line in table if f"(`{cell}`)" in line)
-    what = "The same configuration" if not differences else f"The grid's cell `{cell}`"
-    lines = [
-        f"{what} trained with the grid's recipe for {steps} steps, once per seed, and scored "
-        f"against the held-out split (mean ± standard deviation over {len(runs)} seeds; training and sampling "
-        "seed both change). These runs are not this model: they show how much its figures move between seeds.",
-        "",
-        *table[:2],
-        row,
-        "",
-        *(
-            [
-                "Its model config differs from this model's in:",
-                "",
-                *[f"- {line}" for line in differences],
-                "",
-            ]
-            if differences
-            else []
-        ),
-        "The grid's claims (a difference exceeds the spread when the means are further apart than the sum of the "
-        "two standard deviations):",
-        "",
-        *experiments.claims_table(grid),
-        "",
-        *experiments.provenance_lines({cell: runs}),
-    ]
-    return "\n".join(lines)
 
 
 def _would_lose(path: Path, card: ModelCard) -> str | None:
@@ -395,8 +320,7 @@ def write_model_card(
     license: str = "apache-2.0",
     template_path: str | os.PathLike | None = None,
     force: bool = False,
-    grid_cell: str | None = None,
-    grid_results_dir: str | os.PathLike = "results",
+    grid_section: str | None = None,
 ) -> ModelCard:
     """Load results JSONs, build the card (:func:`build_model_card`) and write ``<pipeline_dir>/README.md``.
 
@@ -408,7 +332,7 @@ def write_model_card(
         pipeline_dir: a folder written by ``ParScaleEARPipeline.save_pretrained``.
         results_files: results JSONs written by ``examples/eval_fid.py`` for this pipeline; a
             missing, unreadable or foreign file is an error naming it.
-        model_id, datasets, license, template_path, grid_cell, grid_results_dir: as in
+        model_id, datasets, license, template_path, grid_section: as in
             :func:`build_model_card`.
         force: replace an existing README.md whatever it holds.
 
@@ -423,8 +347,7 @@ def write_model_card(
         datasets=datasets,
         license=license,
         template_path=template_path,
-        grid_cell=grid_cell,
-        grid_results_dir=grid_results_dir,
+        grid_section=grid_section,
     )
     path = Path(pipeline_dir) / "README.md"
     loss = None if force or not path.is_file() else _would_lose(path, card)
@@ -454,12 +377,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--force", action="store_true", help="replace an existing README.md even if the new card drops its results"
     )
-    parser.add_argument(
-        "--grid-cell",
-        default=None,
-        help="the evidence grid's cell this configuration is (examples/experiments.py): adds its scores over seeds",
-    )
-    parser.add_argument("--grid-results-dir", default="results", help="holds experiments/<cell>/seed<k>.json")
     return parser
 
 
@@ -473,8 +390,6 @@ def run(args: argparse.Namespace) -> ModelCard:
         license=args.license,
         template_path=args.template,
         force=args.force,
-        grid_cell=args.grid_cell,
-        grid_results_dir=args.grid_results_dir,
     )
     print(f"wrote {os.path.join(args.model, 'README.md')}: {len(card.data.eval_results or [])} eval results")
     return card

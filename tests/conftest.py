@@ -2,7 +2,10 @@
 
 import hashlib
 import math
+import runpy
+import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -224,3 +227,13 @@ def make_latent_workspace(root, count: int, names=None, scale: float = 1.5, shif
     with torch.no_grad():
         classifier.to_features.weight.mul_(30)
     classifier.save_pretrained(root / "clf")
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(script: str, *argv: str) -> None:
+    """`python examples/<script> <argv>`, run in this process (its ``__main__`` block), so tests can patch it."""
+    path = EXAMPLES / script
+    with mock.patch.object(sys, "argv", [str(path), *argv]):
+        runpy.run_path(str(path), run_name="__main__")

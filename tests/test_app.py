@@ -255,7 +255,7 @@ def test_the_flags_reach_the_page_and_the_server(launched):
 def test_a_second_request_waits_for_the_first_and_both_are_answered(model, monkeypatch):
     from gradio_client import Client
 
-    from parscale_ear_hf.app_browser import free_port
+    from research.app_screenshot.app_browser import free_port
 
     spans, original = [], DemoApp.generate
 
@@ -289,7 +289,7 @@ def test_a_second_request_waits_for_the_first_and_both_are_answered(model, monke
 def test_requests_beyond_the_queue_bound_are_turned_away(model, monkeypatch):
     from gradio_client import Client
 
-    from parscale_ear_hf.app_browser import free_port
+    from research.app_screenshot.app_browser import free_port
 
     original = DemoApp.generate
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from parscale_ear_hf import app_browser as ab
+from research.app_screenshot import app_browser as ab
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "mnist_demo"

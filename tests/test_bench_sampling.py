@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from parscale_ear_hf import bench_sampling as bs
-from parscale_ear_hf import reference_ear
-from parscale_ear_hf.benchmark import Bench
-from parscale_ear_hf.cli import main
 from parscale_ear_hf.results import write_results
+from research.benchmarks import bench_sampling as bs
+from research.benchmarks.benchmark import Bench
+from research.reference import reference_ear
 
-from conftest import tiny_pipeline
+from conftest import run_example, tiny_pipeline
 
 # The authors' EAR (shaochenze/EAR at 9256a9f): $EAR_REFERENCE_CODE, else a checkout beside this repository.
 REFERENCE_CODE = Path(os.environ.get("EAR_REFERENCE_CODE", Path(__file__).resolve().parents[2] / "ear_ref" / "src"))
@@ -156,7 +155,7 @@ def test_finished_quality_point_is_skipped_and_other_settings_refused(tmp_path):
 def test_quality_section_scores_each_point_once_with_its_flags(tmp_path, monkeypatch):
     """The orchestration, with `parscale-ear eval` replaced: each point's flags, its JSON, the skip on a
     second run, DiT absent, then present with one step count that fails."""
-    from parscale_ear_hf import benchmark as bm
+    from research.benchmarks import benchmark as bm
 
     calls = []
 
@@ -283,8 +282,10 @@ def test_absent_checkout_or_timm_is_a_clear_error_and_a_skip(tmp_path, monkeypat
 
 def test_bench_cli_records_the_skipped_reference_and_its_targets(tmp_path):
     output = tmp_path / "bench.json"
-    main(["bench", "--device", "cpu", "--sections", "reference", "--reference-code", str(tmp_path / "none"),
-          "--output", str(output)])  # fmt: skip
+    none = str(tmp_path / "none")
+    run_example(
+        "benchmark.py", "--device", "cpu", "--sections", "reference", "--reference-code", none, "--output", str(output)
+    )
     record = json.loads(output.read_text())
     assert "is not a checkout of the authors' EAR" in record["measurements"]["reference/status"]["skipped"]
     assert record["sampling_targets"]["reference_speedup_b1_demo"]["met"] is None

@@ -6,10 +6,9 @@ import json
 import pytest
 import torch
 
-from parscale_ear_hf import benchmark as bm
-from parscale_ear_hf.cli import main
+from research.benchmarks import benchmark as bm
 
-from conftest import tiny_pipeline
+from conftest import run_example, tiny_pipeline
 
 TINY = dict(in_channels=4, grid_size=4, num_classes=10, hidden_size=32, num_layers=2, num_heads=4, buffer_size=4)
 
@@ -85,20 +84,20 @@ def test_targets_markdown_and_plot(tmp_path):
 
 
 def test_cli_runs_a_section_and_merges_results(tmp_path, monkeypatch):
-    """`parscale-ear bench --sections matmul` writes the JSON, Markdown and plot; a second section
+    """`python examples/benchmark.py --sections matmul` writes the JSON, Markdown and plot; a second section
     is merged in without losing the first."""
     output = tmp_path / "bench.json"
-    main(["bench", "--device", "cpu", "--sections", "matmul", "--repeats", "2", "--output", str(output)])
+    run_example("benchmark.py", "--device", "cpu", "--sections", "matmul", "--repeats", "2", "--output", str(output))
     record = json.loads(output.read_text())
     assert record["measurements"]["flops/matmul_peak"]["flop_per_s"] > 1e8
     assert output.with_suffix(".md").is_file() and output.with_suffix(".png").is_file()
     monkeypatch.setattr(bm, "bench_heads", lambda b, counts: b.results.update({"heads/speedup_1": {"ratio": 2.0}}))
-    main(["bench", "--device", "cpu", "--sections", "heads", "--output", str(output)])
+    run_example("benchmark.py", "--device", "cpu", "--sections", "heads", "--output", str(output))
     record = json.loads(output.read_text())
     assert {"flops/matmul_peak", "heads/speedup_1"} <= set(record["measurements"])
     assert set(record["section_provenance"]) == {"matmul", "heads"}
     with pytest.raises(SystemExit):
-        main(["bench", "--sections", "nope"])
+        run_example("benchmark.py", "--sections", "nope")
 
 
 def test_cpu_memory_probe_sees_activations_grow_with_batch():

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from parscale_ear_hf import ParScaleEARPipeline, SamplingCache, cli
-from parscale_ear_hf.cli import main, run_script
+from parscale_ear_hf.cli import main
+from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.info import component_parameter_counts
 
-from conftest import tiny_pipeline
+from conftest import run_example, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -252,14 +253,14 @@ def test_prepare_data_runs_the_examples_implementation(tmp_path, monkeypatch, ca
     ],
 )
 def test_bench_refuses_bad_flags_before_measuring(tmp_path, monkeypatch, capsys, flags, message):
-    from parscale_ear_hf import benchmark
+    from research.benchmarks import benchmark
 
     monkeypatch.setattr(
         benchmark.Bench, "measure", lambda *a, **k: pytest.fail("measured before the flags were checked")
     )
     output = tmp_path / "bench.json"
     with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--profile", "cpu", "--output", str(output), *flags])
+        run_example("benchmark.py", "--profile", "cpu", "--output", str(output), *flags)
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err

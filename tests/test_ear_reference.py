@@ -224,7 +224,7 @@ def test_the_shipped_demo_model_is_at_ears_exact_architecture():
     """models/mnist_demo is the grid's best cell retrained without the legacy switches (issue 13): every
     switch at EAR's value (the class defaults, EXACT_ARCHITECTURE): the settings with which the tests above
     match our classes to the authors' code."""
-    from parscale_ear_hf.experiments import EXACT_ARCHITECTURE
+    from research.evidence_grid.experiments import EXACT_ARCHITECTURE
 
     energy_head, transformer = strictly_loaded("mnist_demo")
     for section, component in (("transformer", transformer), ("energy_head", energy_head)):

@@ -478,12 +478,12 @@ def test_eval_config_without_features_takes_new_settings(tmp_path):
     ],
 )
 def test_reconstruction_flags_fail_before_the_vae_loads(setup, tmp_path, monkeypatch, flags, match):
-    from parscale_ear_hf.training import latent_cache
+    from parscale_ear_hf.evaluation import driver
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the VAE was loaded before the flags were checked")
 
-    monkeypatch.setattr(latent_cache, "load_vae", must_not_load)
+    monkeypatch.setattr(driver, "load_vae", must_not_load)
     parser = ev.add_reconstruction_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
         ["--vae", str(setup / "pipe"), "--vae-subfolder", "vae", "--dataset", str(setup / "data"),

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from parscale_ear_hf import DiffusionHead, EARTransformer, EnergyHead, ParScaleEARPipeline
-from parscale_ear_hf import experiments as ex
 from parscale_ear_hf.models.ear_training import EARTrainingModel
 from parscale_ear_hf.training import generator
+from research.evidence_grid import experiments as ex
 
 from conftest import make_latent_workspace
 
@@ -394,6 +394,7 @@ def test_the_report_is_generated_from_the_files_with_spread_and_plots(tmp_path):
 
 def test_a_model_card_carries_its_cells_scores_over_seeds(tmp_path):
     from parscale_ear_hf.model_card import build_model_card
+    from research.evidence_grid.model_card_grid import cell_card_section
 
     from conftest import tiny_pipeline
 
@@ -410,22 +411,22 @@ def test_a_model_card_carries_its_cells_scores_over_seeds(tmp_path):
             for name in ("lite_hybrid", "transformer", "energy_head")}  # fmt: skip
     deeper = {**base["transformer"], "num_layers": 5}
     (tmp_path / "base.json").write_text(json.dumps({**base, "transformer": deeper}))
-    card = str(build_model_card(tmp_path / "pipe", [], grid_cell="lh_both", grid_results_dir=root))
+    card = str(build_model_card(tmp_path / "pipe", [], grid_section=cell_card_section(root, "lh_both", pipe)))
     section = card[card.index("### This configuration over seeds") :]
     assert "The grid's cell `lh_both` trained" in section and "for 600 steps" in section and "over 3 seeds" in section
     tiny_layers = pipe.transformer.config.num_layers
     assert f"- transformer.num_layers: {tiny_layers} here, 5 in the grid's runs" in section
     assert section.count("in the grid's runs") == 1  # the other fields agree, so are not listed
     (tmp_path / "base.json").write_text(json.dumps(base))
-    same = str(build_model_card(tmp_path / "pipe", [], grid_cell="lh_both", grid_results_dir=root))
+    same = str(build_model_card(tmp_path / "pipe", [], grid_section=cell_card_section(root, "lh_both", pipe)))
     assert "The same configuration trained" in same and "in the grid's runs" not in same
     assert "| 3 | 11.2 ± 1.0 |" in section and "`lh_off`) |" not in section  # its own row only
     assert "| A1: LiteHybrid costs no quality |" in section
     assert "over seeds" not in str(build_model_card(tmp_path / "pipe", []))
     with pytest.raises(ValueError, match="unknown cell 'nope'"):
-        build_model_card(tmp_path / "pipe", [], grid_cell="nope", grid_results_dir=root)
+        cell_card_section(root, "nope", pipe)
     with pytest.raises(FileNotFoundError, match="holds no complete run"):
-        build_model_card(tmp_path / "pipe", [], grid_cell="p4", grid_results_dir=root)
+        cell_card_section(root, "p4", pipe)
 
 
 def test_exact_architecture_is_the_classes_defaults():
@@ -522,9 +523,10 @@ def test_runs_use_the_drivers_code_not_a_package_in_the_working_directory(tmp_pa
 
 
 def test_the_package_root_leads_pythonpath_once_and_the_rest_is_kept():
-    from parscale_ear_hf.cli import cli_process
+    import parscale_ear_hf
+    from parscale_ear_hf.commands import cli_process
 
-    root = str(Path(ex.__file__).resolve().parents[1])
+    root = str(Path(parscale_ear_hf.__file__).resolve().parents[1])
     argv, env = cli_process("info", env={"PYTHONPATH": os.pathsep.join(["/elsewhere", root])})
     assert argv[1:] == ["-P", "-m", "parscale_ear_hf.cli", "info"]
     assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]

@@ -10,7 +10,8 @@ from huggingface_hub import ModelCard
 
 from parscale_ear_hf.cli import main
 from parscale_ear_hf.model_card import TAGS, build_model_card, default_template_path, write_model_card
-from parscale_ear_hf.results import eval_results_table, format_number, write_results
+from parscale_ear_hf.results import format_number, write_results
+from research.readme.tables import eval_results_table
 
 from conftest import tiny_pipeline
 

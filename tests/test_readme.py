@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 
 from parscale_ear_hf.info import default_parameter_counts, parameter_table
-from parscale_ear_hf.results import demo_results_table, replace_section
+from research.readme.tables import demo_results_table, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 

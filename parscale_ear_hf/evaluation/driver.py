@@ -21,10 +21,18 @@ import argparse
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from diffusers import DiffusionPipeline
 
+from ..commands import add_cache_arguments, cache_from_args, check_sampling_flags
+from ..data import add_dataset_arguments, load_dataset_from_args, local_path
+from ..loading import load_pipeline, load_vae
+from ..models._checks import MIXED_PRECISION_HELP, check_device, check_int, check_mixed_precision
+from ..results import write_results
 from .extractors import EXTRACTORS, INCEPTION_WEIGHTS_FILE, choose_extractor, load_extractor
 from .metrics import IS_SPLITS, PR_NEIGHBOURHOOD
 from .reference import (
@@ -68,10 +76,6 @@ OURS_ONLY = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..cli import add_cache_arguments
-    from ..data import add_dataset_arguments
-    from ..models._checks import MIXED_PRECISION_HELP
-
     run = parser.add_argument_group("model and samples")
     run.add_argument("--model", required=True, help="ParScaleEARPipeline or DiTPipeline: folder or Hub repo id")
     count = run.add_mutually_exclusive_group()
@@ -124,9 +128,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _check_flags(args) -> None:
     """Check what the flags alone decide, before anything is loaded or written."""
-    from ..cli import cache_from_args, check_sampling_flags
-    from ..models._checks import check_int, check_mixed_precision
-
     args.mixed_precision = check_mixed_precision(
         "eval_fid", args.mixed_precision, args.cpu or not torch.cuda.is_available()
     )
@@ -150,10 +151,6 @@ def _check_flags(args) -> None:
 def pipeline_class_name(model: str) -> str:
     """The pipeline class that ``model``'s model_index.json names (read alone, no weights): one of
     :data:`PIPELINE_CLASSES`."""
-    from diffusers import DiffusionPipeline
-
-    from ..data import local_path
-
     accepted = "a folder or Hub repo id of a ParScaleEARPipeline or a DiTPipeline (with model_index.json)"
     local = local_path(model, owner="eval_fid", name="--model", accepted=accepted)
     if local is not None and not (local / "model_index.json").is_file():
@@ -190,31 +187,6 @@ def _sampling(args, pipeline_class: str) -> dict:
     }
 
 
-def _load_pipeline(model: str, pipeline_class: str, device, compile: bool):
-    """The pipeline on ``device``; with ``compile``, its sampling step under torch.compile. Returns the
-    pipeline, its image size and the modules whose weights define its samples."""
-    if pipeline_class == "DiTPipeline":
-        from diffusers import DiTPipeline
-
-        from ..pipeline_components import vae_spatial_factor
-
-        pipe = DiTPipeline.from_pretrained(model).to(device)
-        if compile:
-            pipe.transformer.compile()  # in place: its state_dict keys are unchanged
-        image_size = pipe.transformer.config.sample_size * vae_spatial_factor(pipe.vae)
-        return pipe, image_size, (pipe.vae, pipe.transformer)
-    from ..pipeline_parscale_ear import ParScaleEARPipeline
-
-    pipe = ParScaleEARPipeline.from_pretrained(model).to(device)
-    if compile:
-        pipe.enable_compiled_step()
-    return (
-        pipe,
-        pipe.grid_size * pipe.vae_scale_factor,
-        (pipe.vae, pipe.lite_hybrid, pipe.transformer, pipe.energy_head),
-    )
-
-
 def _check_against_model(args, num_classes: int) -> None:
     """Fill in `args.images_per_class` and check the flags that depend on the model (`--classes` among them)."""
     bad = [c for c in args.classes or [] if not 0 <= c < num_classes]
@@ -243,13 +215,6 @@ def _check_against_model(args, num_classes: int) -> None:
 
 def run(args: argparse.Namespace) -> dict | None:
     """`examples/eval_fid.py`: sample, extract, gather, score, write the results JSON (rank 0)."""
-    import time
-
-    from accelerate import Accelerator
-
-    from ..data import load_dataset_from_args
-    from ..results import write_results
-
     # Everything that can be wrong is checked before anything is written: the flags before
     # anything loads, the rest before eval_config.json.
     _check_flags(args)
@@ -259,7 +224,7 @@ def run(args: argparse.Namespace) -> dict | None:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu or not torch.cuda.is_available())
     main = accelerator.is_main_process
     start = time.perf_counter()
-    pipe, image_size, modules = _load_pipeline(args.model, pipeline_class, accelerator.device, args.compile)
+    pipe, image_size, modules = load_pipeline(args.model, pipeline_class, accelerator.device, args.compile)
     pipe.set_progress_bar_config(disable=True)
     num_classes = pipeline_num_classes(pipe)
     _check_against_model(args, num_classes)
@@ -401,8 +366,6 @@ def _describe_reference(reference) -> dict:
 
 
 def add_reconstruction_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..data import add_dataset_arguments
-
     parser.add_argument("--vae", required=True, help="VAE folder, or a pipeline folder with --vae-subfolder vae")
     parser.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' inside a pipeline folder")
     parser.add_argument("--max-images", type=int, default=None, help="use at most this many images of --split")
@@ -429,13 +392,6 @@ def run_reconstruction(args: argparse.Namespace) -> dict:
     their own reconstructions, as LiteVAE and SD-VAE report rFID), with sFID and precision / recall of
     the reconstructions against the originals, optionally beside the same metrics of real images of
     another split (the floor), and a results JSON."""
-    import time
-
-    from ..data import load_dataset_from_args
-    from ..models._checks import check_device, check_int
-    from ..results import write_results
-    from ..training.latent_cache import load_vae
-
     # The flags first: nothing is loaded for a run that cannot start.
     check_device("eval_vae_fid", "--device", args.device)
     check_int("eval_vae_fid", "--batch-size", args.batch_size)

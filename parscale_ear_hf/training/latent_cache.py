@@ -35,7 +35,8 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from ..data import add_dataset_arguments, image_loader, load_dataset_from_args, local_path, shard_for_process
+from ..data import add_dataset_arguments, image_loader, load_dataset_from_args, shard_for_process
+from ..loading import load_vae
 from ..models._checks import check_int
 from ..models.lite_vae import LiteVAE
 
@@ -226,48 +227,6 @@ def sample_latents(
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return (mean + std * eps - shift_factor) * scaling_factor
-
-
-VAE_SOURCES = (
-    "a folder written by `save_pretrained` (LiteVAE or AutoencoderKL), a pipeline folder with --vae-subfolder vae, "
-    "or a Hub repo id ('org/name')"
-)
-
-
-def load_vae(path: str | os.PathLike, subfolder: str | None = None) -> LiteVAE | AutoencoderKL:
-    """A `LiteVAE`, or a `diffusers.AutoencoderKL` when ``config.json`` names that class.
-
-    Args:
-        path: a folder written by ``save_pretrained``, a pipeline folder (with ``subfolder`` "vae"),
-            or a Hub repo id (online, or offline from the Hugging Face cache).
-        subfolder: the VAE's folder inside ``path``.
-
-    Raises a FileNotFoundError for a local path or subfolder that does not exist or holds no
-    config.json, and an OSError naming the repo id when the Hub (or its cache) does not have it.
-    """
-    path = os.fspath(path)
-    local = local_path(path, owner="load_vae", name="--vae", accepted=VAE_SOURCES)
-    if local is not None:
-        folder = local / subfolder if subfolder else local
-        if not (folder / "config.json").is_file():
-            pipeline = not subfolder and (local / "model_index.json").is_file()
-            hint = " (a pipeline folder: add --vae-subfolder vae)" if pipeline else ""
-            raise FileNotFoundError(
-                f"load_vae: {os.fspath(folder)!r} has no config.json{hint}. Accepted: {VAE_SOURCES}."
-            )
-        config = LiteVAE.load_config(path, subfolder=subfolder)
-    else:
-        try:
-            config = LiteVAE.load_config(path, subfolder=subfolder)
-        except OSError as error:
-            where = f" (subfolder {subfolder!r})" if subfolder else ""
-            raise OSError(
-                f"load_vae: --vae={path!r} is not a local folder, and the Hub repo {path!r}{where} could not be read "
-                f"({error}); check the id and the network, or, offline (HF_HUB_OFFLINE=1), that the Hugging Face "
-                f"cache holds it. Accepted: {VAE_SOURCES}."
-            ) from error
-    cls = AutoencoderKL if config.get("_class_name") == "AutoencoderKL" else LiteVAE
-    return cls.from_pretrained(path, subfolder=subfolder)
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

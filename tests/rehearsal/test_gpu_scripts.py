@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from parscale_ear_hf.cli import cli_process
+from parscale_ear_hf.commands import cli_process
 
 ROOT = Path(__file__).resolve().parents[2]
 # Minutes, not seconds: run by `make rehearsal` (REHEARSAL=1), skipped by `make test`.

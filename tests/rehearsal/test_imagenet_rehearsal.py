@@ -25,7 +25,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from parscale_ear_hf.cli import cli_process
+from parscale_ear_hf.commands import cli_process
 
 from imagenet_like import NUM_CLASSES, write_imagenet_like
 

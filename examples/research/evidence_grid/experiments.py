@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import cli_process
+from parscale_ear_hf.commands import cli_process
 
 GRID_STEPS = 600  # training steps per run, chosen from the pilot (`--length-curve`): see the README
 SEEDS = (0, 1, 2)
@@ -190,10 +190,11 @@ def point_guidance(cell: Cell) -> float:
 
 def load_grid_pipeline(path: Path):
     """The run's saved pipeline (ours or a DiTPipeline), in fp32 on the CPU."""
-    from .evaluation.driver import _load_pipeline, pipeline_class_name
-    from .training import dit  # noqa: F401  (registers the DiT baseline's transformer class for from_pretrained)
+    from parscale_ear_hf.evaluation.driver import pipeline_class_name
+    from parscale_ear_hf.loading import load_pipeline
+    from parscale_ear_hf.training import dit  # noqa: F401  (registers the DiT baseline's transformer class for from_pretrained)
 
-    pipe, _, modules = _load_pipeline(str(path), pipeline_class_name(str(path)), torch.device("cpu"), False)
+    pipe, _, modules = load_pipeline(str(path), pipeline_class_name(str(path)), torch.device("cpu"), False)
     pipe.set_progress_bar_config(disable=True)
     return pipe, modules
 
@@ -206,7 +207,7 @@ def pipeline_classes(pipe) -> int:
 
 def generative_parameters(pipe) -> int:
     """Parameters of what generates tokens (the VAE, shared by every cell, excluded)."""
-    from .info import count_parameters
+    from parscale_ear_hf.info import count_parameters
 
     if hasattr(pipe, "lite_hybrid"):
         return sum(count_parameters(m) for m in (pipe.lite_hybrid, pipe.transformer, pipe.energy_head))
@@ -239,10 +240,10 @@ def digit_scores(args, png_dir: Path, images_per_class: int, num_classes: int) -
     that the Inception evaluation wrote: the same images, not a second sampling."""
     import PIL.Image
 
-    from .data import load_dataset_from_args
-    from .evaluation.extractors import load_extractor
-    from .evaluation.reference import load_reference, reference_cache_path, reference_from_dataset
-    from .evaluation.sampling import SampleFeatures, compute_metrics, sample_labels
+    from parscale_ear_hf.data import load_dataset_from_args
+    from parscale_ear_hf.evaluation.extractors import load_extractor
+    from parscale_ear_hf.evaluation.reference import load_reference, reference_cache_path, reference_from_dataset
+    from parscale_ear_hf.evaluation.sampling import SampleFeatures, compute_metrics, sample_labels
 
     labels = sample_labels(num_classes, images_per_class)
     paths = [png_dir / f"{i:06d}.png" for i in range(len(labels))]
@@ -282,7 +283,7 @@ def digit_scores(args, png_dir: Path, images_per_class: int, num_classes: int) -
 def score_point(args, cell: Cell, seed: int, pipeline: Path, steps: int, run_dir: Path) -> dict:
     """One sampling point: `parscale-ear eval` with the FID Inception-v3 (or the extractor of --inception-extractor)
     writing the samples as PNGs, then the digit scores of those PNGs."""
-    from .results import git_revision
+    from parscale_ear_hf.results import git_revision
 
     work = run_dir / f"eval-s{steps}"
     results_file = work / "inception.json"
@@ -318,7 +319,7 @@ def score_point(args, cell: Cell, seed: int, pipeline: Path, steps: int, run_dir
 
 def run_one(args, cell: Cell, seed: int) -> dict:
     """Train, measure and score one (cell, seed), resuming from whatever an earlier call left."""
-    from .results import git_revision, load_results, write_results
+    from parscale_ear_hf.results import git_revision, load_results, write_results
 
     run_dir = Path(args.work_dir) / cell.name / f"seed{seed}"
     train_dir = run_dir / "train"
@@ -451,7 +452,7 @@ def _alive(pid: int) -> bool:
 
 def run_grid(args) -> dict:
     """Every (seed, cell) asked for, seed by seed (a partial grid has whole seeds); returns what each did."""
-    from .results import load_results
+    from parscale_ear_hf.results import load_results
 
     outcome = {}
     for seed in args.seeds:
@@ -583,7 +584,7 @@ def main_table(grid: dict, steps: int = EVAL_STEPS) -> list[str]:
 def floor_row(results_dir: str | os.PathLike) -> str | None:
     """The real-data floor (the demo's train digits against the held-out ones) from the sampling benchmark's
     files, with the digit classifier's held-out accuracy."""
-    from .results import load_results
+    from parscale_ear_hf.results import load_results
 
     inception = load_results(Path(results_dir, "sampling_quality", "floor_inception.json"))
     digit = load_results(Path(results_dir, "sampling_quality", "floor_digit.json"))
@@ -800,7 +801,7 @@ def retrained_line(grid: dict) -> str | None:
 
 def length_lines(results_dir: str | os.PathLike) -> list[str]:
     """The pilot's loss and demo-FID by training step (`results/experiments_length.json`), if it ran."""
-    from .results import load_results, short_revision
+    from parscale_ear_hf.results import load_results, short_revision
 
     pilot = load_results(Path(results_dir, "experiments_length.json"))
     if pilot is None or not pilot.get("points"):
@@ -904,10 +905,10 @@ def pipeline_from_checkpoint(train_dir: Path, checkpoint: Path):
     """A :class:`~parscale_ear_hf.ParScaleEARPipeline` holding the EMA weights of one training checkpoint."""
     from safetensors.torch import load_file
 
-    from .models.ear_training import EARTrainingModel
-    from .pipeline_parscale_ear import ParScaleEARPipeline
-    from .training.generator import build_components
-    from .training.latent_cache import load_cache_vae
+    from parscale_ear_hf.models.ear_training import EARTrainingModel
+    from parscale_ear_hf.pipeline_parscale_ear import ParScaleEARPipeline
+    from parscale_ear_hf.training.generator import build_components
+    from parscale_ear_hf.training.latent_cache import load_cache_vae
 
     run_config = json.loads((train_dir / "run_config.json").read_text(encoding="utf-8"))
     flags = run_config["args"]
@@ -933,7 +934,7 @@ def length_curve(args) -> dict:
     every ``--pilot-every`` steps (all kept), each checkpoint's EMA weights scored by demo-FID (the digit classifier,
     ``--images-per-class`` per class, exact sampling at the grid's point); `<results-dir>/../experiments_length.json`
     holds the loss and demo-FID curves. Resumable like a grid run."""
-    from .results import load_results, write_results
+    from parscale_ear_hf.results import load_results, write_results
 
     cell = CELLS_BY_NAME["lh_both"]
     train_dir = Path(args.work_dir) / "length" / "train"
@@ -982,7 +983,7 @@ def retime(args) -> dict:
     in turn, output as tensors), in this process's threads, for the ``--cells`` and ``--seeds`` given, in that
     order; stored as the point's ``quiet_timing`` (used by the report where present). Points timed already are
     skipped."""
-    from .results import git_revision, load_results, machine_description, write_results
+    from parscale_ear_hf.results import git_revision, load_results, machine_description, write_results
 
     done = {}
     for cell in (CELLS_BY_NAME[name] for name in args.cells):  # in the order given
@@ -1071,8 +1072,8 @@ def ship(args) -> dict:
     the model's scores and card come from `train_demo.sh`'s stages."""
     import shutil
 
-    from .pipeline_parscale_ear import ParScaleEARPipeline
-    from .results import write_results
+    from parscale_ear_hf.pipeline_parscale_ear import ParScaleEARPipeline
+    from parscale_ear_hf.results import write_results
 
     grid = load_grid(Path(args.results_dir))
     choice = {"cell": args.ship_cell, "chosen_by": "--ship-cell"} if args.ship_cell else best_cell(grid)
@@ -1106,7 +1107,7 @@ def ship(args) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .data import add_dataset_arguments
+    from parscale_ear_hf.data import add_dataset_arguments
 
     parser.add_argument("--cells", nargs="+", choices=list(CELLS_BY_NAME), default=list(CELLS_BY_NAME))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
@@ -1158,7 +1159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .models._checks import check_int
+    from parscale_ear_hf.models._checks import check_int
 
     results_root = Path(args.results_dir).parent
     if args.report:

@@ -222,9 +222,9 @@ def our_pipeline(reference: torch.nn.Module, config: dict):
 
     The VAE is a small random LiteVAE of the right latent shape: it only decodes, and
     ``output_type="latent"`` (what is compared) never uses it."""
-    from .convert import ear_components
-    from .models import LiteHybrid, LiteVAE
-    from .pipeline_parscale_ear import ParScaleEARPipeline
+    from parscale_ear_hf.convert import ear_components
+    from parscale_ear_hf.models import LiteHybrid, LiteVAE
+    from parscale_ear_hf.pipeline_parscale_ear import ParScaleEARPipeline
 
     weights = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     transformer, energy_head = ear_components(

@@ -1,5 +1,5 @@
 """Speed and memory of every part and of the whole pipeline, beside the alternatives, as ratios
-measured in one run (`examples/benchmark.py`, `parscale-ear bench`).
+measured in one run (`examples/benchmark.py`).
 
 Every measurement warms up, then repeats (median, min, max), with CUDA-event timing and peak
 allocated memory on a GPU, wall-clock on a CPU. On a CPU, the batch and ParScale sweeps measure
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from . import bench_sampling
-from .info import count_parameters
-from .models import DiffusionHead, EARTransformer, EnergyHead, LiteHybrid, LiteVAE
-from .models._checks import check_device, check_int
+from parscale_ear_hf.info import count_parameters
+from parscale_ear_hf.models import DiffusionHead, EARTransformer, EnergyHead, LiteHybrid, LiteVAE
+from parscale_ear_hf.models._checks import check_device, check_int
+from research.benchmarks import bench_sampling
 
 # The issue's targets, checked by the output (never by timed tests).
 TARGETS = {
@@ -215,9 +215,12 @@ def cpu_peak_memory(spec: dict) -> float:
         spec: ``{"kind": "transformer", "config": {...}, "batch": B}`` (one forward, mask half
             full) or ``{"kind": "pipeline", "model": folder, "batch": B, "steps": S}`` (a generation).
     """
-    code = "import json, sys; from parscale_ear_hf.benchmark import _memory_probe; print(_memory_probe(sys.argv[1]))"
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[2]); "
+        "from research.benchmarks.benchmark import _memory_probe; print(_memory_probe(sys.argv[1]))"
+    )
     done = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(spec)],
+        [sys.executable, "-c", code, json.dumps(spec), str(Path(__file__).resolve().parents[2])],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
@@ -250,7 +253,7 @@ def _memory_probe(spec_json: str) -> float:
             model(torch.randn(batch, n, model.config.in_channels), torch.zeros(batch, dtype=torch.long),
                   _mask(batch, n, "cpu"))  # fmt: skip
         else:
-            from .pipeline_parscale_ear import ParScaleEARPipeline
+            from parscale_ear_hf.pipeline_parscale_ear import ParScaleEARPipeline
 
             pipe = ParScaleEARPipeline.from_pretrained(spec["model"])
             pipe.set_progress_bar_config(disable=True)
@@ -308,7 +311,7 @@ def bench_full_image(b: Bench, guidance: float = 3.0) -> None:
 
 
 def _default_pipeline(b: Bench, transformer_config: dict | None = None):
-    from .pipeline_parscale_ear import ParScaleEARPipeline
+    from parscale_ear_hf.pipeline_parscale_ear import ParScaleEARPipeline
 
     s = b.sizes
     transformer = EARTransformer(**{**s.transformer, **(transformer_config or {})})
@@ -583,7 +586,7 @@ def check_args(args: argparse.Namespace, profile: str, sections: list[str]) -> N
 def run(args: argparse.Namespace) -> dict:
     """Measure the profile's sections, merge them into the results JSON (sections not run keep their
     earlier values, each with its own provenance), and write the Markdown table and the plot."""
-    from .results import load_results, provenance, write_results
+    from parscale_ear_hf.results import load_results, provenance, write_results
 
     profile = args.profile or ("gpu" if args.device.startswith("cuda") else "cpu")
     sections = args.sections or [section for section in SECTIONS if section not in ON_REQUEST]
@@ -645,7 +648,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _batch_section(b: Bench, args, gpu: bool) -> None:
-    from .pipeline_parscale_ear import ParScaleEARPipeline
+    from parscale_ear_hf.pipeline_parscale_ear import ParScaleEARPipeline
 
     if gpu:
         pipe, config, steps = _default_pipeline(b), b.sizes.name, b.sizes.steps
@@ -662,7 +665,7 @@ def _batch_section(b: Bench, args, gpu: bool) -> None:
 def write_reports(path: str | Path) -> str:
     """From a benchmark results JSON, its Markdown table (``.md``) and scaling plot (``.png``) beside
     it; returns the Markdown."""
-    from .results import load_results
+    from parscale_ear_hf.results import load_results
 
     path = Path(path)
     record = load_results(path)
@@ -789,20 +792,10 @@ def _scaling_facts(m: dict) -> list[str]:
     return facts
 
 
-def _section_revisions(record: dict) -> str:
-    """Which sections were measured at which revision (sections can be rerun one at a time)."""
-    from .results import short_revision
-
-    by_revision: dict[str, list[str]] = {}
-    for section, prov in record["section_provenance"].items():
-        by_revision.setdefault(short_revision({"provenance": prov}), []).append(section)
-    return "; ".join(f"{', '.join(sections)} at `{rev}`" for rev, sections in by_revision.items())
-
-
 def performance_section(results_dir: str | Path) -> str:
     """The README's Performance section: per results/benchmark_<profile>.json, the machine and
     revision, the targets, the headline ratios and the scaling plot; the full table is linked."""
-    from .results import load_results, machine_summary
+    from parscale_ear_hf.results import load_results, machine_summary
 
     parts = []
     for profile in ("gpu", "cpu"):
@@ -815,7 +808,7 @@ def performance_section(results_dir: str | Path) -> str:
         m = record["measurements"]
         lines = [
             f"**{profile.upper()} profile** ({record['dtype']}, {machine_summary(record['provenance']['machine'])}, "
-            f"{_section_revisions(record)}). "
+            f"{bench_sampling.section_revisions(record)}). "
             f"Full table: [`results/{path.stem}.md`](results/{path.stem}.md).",
             "",
             *targets_table(record),

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .cli import cli_process
+from parscale_ear_hf.commands import cli_process
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")

@@ -1,8 +1,8 @@
 """Sampling speed and what it costs in quality: sections `reference`, `cache` and `quality` of the
-benchmark (`examples/benchmark.py`, `parscale-ear bench`), their targets, report and plot.
+benchmark (`examples/benchmark.py`), their targets, report and plot.
 
 - `reference`: our exact sampler against the authors' ``EAR.sample_tokens`` (shaochenze/EAR at
-  9256a9f, imported from a checkout outside this repository, see :mod:`parscale_ear_hf.reference_ear`)
+  9256a9f, imported from a checkout outside this repository, see :mod:`research.reference.reference_ear`)
   at the same config and weights, timed in alternating rounds in one process, at the demo model's
   shape and a mid-size config. Without a checkout (``--reference-code DIR``) or timm, the section
   records why it was skipped.
@@ -42,8 +42,9 @@ from typing import Callable
 
 import torch
 
-from .cli import cli_process
-from .reference_ear import DEMO_CONFIG, MID_CONFIG, ReferenceUnavailable
+from parscale_ear_hf.commands import cli_process
+from parscale_ear_hf.results import short_revision
+from research.reference.reference_ear import DEMO_CONFIG, MID_CONFIG, ReferenceUnavailable
 
 GUIDANCE, TEMPERATURE = 3.0, 0.7
 # The cached variants use SamplingCache's defaults, unless --sampling-cache overrides some fields.
@@ -65,7 +66,7 @@ SPEED_VARIANTS = ("exact", "cached", "compiled", "cached_compiled")
 
 def make_cache(fields: dict):
     """A :class:`SamplingCache` from `fields` (the pipeline's dataclass; its defaults fill the rest)."""
-    from .pipeline_parscale_ear import SamplingCache
+    from parscale_ear_hf.pipeline_parscale_ear import SamplingCache
 
     return SamplingCache(**fields)
 
@@ -153,7 +154,7 @@ def bench_reference(b, reference_code, configs: dict[str, dict], batches, steps)
     ``reference/ratio_<config>_b<B>_s<K>`` (ours / reference per round: median, min, max; `speedup`:
     the median of reference / ours per round) and ``reference/agreement_<config>``.
     """
-    from . import reference_ear
+    from research.reference import reference_ear
 
     try:
         reference_ear.import_reference(reference_code)
@@ -197,7 +198,7 @@ def bench_reference(b, reference_code, configs: dict[str, dict], batches, steps)
 
 
 def _agreement(reference, pipe, config: dict, device, steps: int, batch: int = 2) -> dict:
-    from .reference_ear import reference_sample_tokens
+    from research.reference.reference_ear import reference_sample_tokens
 
     g = torch.Generator().manual_seed(0)
     n = config["grid_size"] ** 2
@@ -325,7 +326,7 @@ def run_point(path: Path, settings: dict, measure: Callable[[], dict]) -> tuple[
     Raises:
         ValueError: `path` holds a finished point made with other settings (named, both values).
     """
-    from .results import load_results, write_results
+    from parscale_ear_hf.results import load_results, write_results
 
     record = load_results(path)
     if record is not None and "metrics" in record:
@@ -434,7 +435,7 @@ def score_point(args, kinds, model: str, steps: int, guidance: float, extra: lis
 def bench_quality(b, args) -> None:
     """The `quality` section (see the module docstring): each point scored by `parscale-ear eval`; rows
     ``quality/<point>``, ``quality/floor``, ``quality/dit_status`` and ``quality/dit_s<K>``."""
-    from .evaluation.extractors import choose_extractor
+    from parscale_ear_hf.evaluation.extractors import choose_extractor
 
     kinds = [choose_extractor("bench quality", kind, args.inception_weights) for kind in args.quality_extractors]
     out_dir, work_dir = Path(args.quality_dir), Path(args.quality_work_dir)
@@ -483,7 +484,7 @@ def _add_point(b, path: Path, name: str, settings: dict, measure: Callable[[], d
 def quality_floor(args, kinds, out_dir: Path) -> dict:
     """Real train images against the held-out reference (and the VAE's reconstructions), per extractor,
     by ``parscale-ear eval-vae ... --baseline-split``: the FID that sample noise alone gives."""
-    from .results import load_results
+    from parscale_ear_hf.results import load_results
 
     row = {}
     for kind in kinds:
@@ -549,8 +550,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _pipelines(b, args) -> dict[str, tuple]:
     """The `cache` section's pipelines: the demo model and the mid-size config (random weights, LiteHybrid on)."""
-    from .models import EARTransformer, EnergyHead, LiteHybrid, LiteVAE
-    from .pipeline_parscale_ear import ParScaleEARPipeline
+    from parscale_ear_hf.models import EARTransformer, EnergyHead, LiteHybrid, LiteVAE
+    from parscale_ear_hf.pipeline_parscale_ear import ParScaleEARPipeline
 
     pipes = {}
     for name in args.sampling_configs:
@@ -883,7 +884,7 @@ def report_paths(json_path: str | Path) -> tuple[Path, Path]:
 def write_report(json_path: str | Path) -> str | None:
     """From a benchmark results JSON with sampling rows: ``<stem>_sampling.md`` and ``.png`` beside it;
     returns the Markdown (None, writing nothing, when the JSON has no sampling rows)."""
-    from .results import load_results
+    from parscale_ear_hf.results import load_results
 
     record = load_results(json_path)
     if not has_sampling_rows(record):
@@ -899,8 +900,7 @@ def write_report(json_path: str | Path) -> str | None:
 def readme_section(results_dir: str | Path) -> str:
     """The README's `sampling-speed` block: per profile measured, where and when, the targets, the
     headline tables and the plot; how to run each section."""
-    from .benchmark import _section_revisions
-    from .results import load_results, machine_summary
+    from parscale_ear_hf.results import load_results, machine_summary
 
     how = (
         "Run with `python examples/benchmark.py --sections reference cache --reference-code DIR` (DIR: a clone of "
@@ -919,7 +919,7 @@ def readme_section(results_dir: str | Path) -> str:
         markdown_path, plot_path = report_paths(path)
         blocks = [
             f"**{profile.upper()}** ({record['dtype']}, {machine_summary(record['provenance']['machine'])}, "
-            f"{_section_revisions({'section_provenance': sections})}). "
+            f"{section_revisions({'section_provenance': sections})}). "
             f"Full report: [`results/{markdown_path.name}`](results/{markdown_path.name}).",
             "\n".join(targets_table(check_targets(m))),
             "\n".join(speed_tables(m)).strip(),
@@ -931,3 +931,11 @@ def readme_section(results_dir: str | Path) -> str:
     if not parts:
         return f"{lead} _Not measured yet._ {how}"
     return "\n\n".join([lead, *parts, how])
+
+
+def section_revisions(record: dict) -> str:
+    """Which sections were measured at which revision (sections can be rerun one at a time)."""
+    by_revision: dict[str, list[str]] = {}
+    for section, prov in record["section_provenance"].items():
+        by_revision.setdefault(short_revision({"provenance": prov}), []).append(section)
+    return "; ".join(f"{', '.join(sections)} at `{rev}`" for rev, sections in by_revision.items())

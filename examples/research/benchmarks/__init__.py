@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (`examples/benchmark.py`, `examples/bench_gpu.sh`)."""

@@ -1,0 +1,1 @@
+"""The evidence grid (`examples/experiments.py`) and its section of a model card."""

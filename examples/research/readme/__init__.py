@@ -1,0 +1,1 @@
+"""The README's generated tables (`examples/update_readme.py`)."""
