@@ -8,30 +8,20 @@ Then `pipe.save_pretrained(folder, push_to_hub=True, repo_id=...)` uploads the f
 """
 
 import argparse
-import os
 
 from parscale_ear_hf import ParScaleEARPipeline
 from parscale_ear_hf.commands import run_script
-from parscale_ear_hf.model_card import add_arguments, write_model_card
+from parscale_ear_hf.model_card import add_arguments, run
 from research.evidence_grid.model_card_grid import cell_card_section
 
 
 def main(args: argparse.Namespace) -> None:
     section = None
     if args.grid_cell:
-        pipe = ParScaleEARPipeline.from_pretrained(args.model)
-        section = cell_card_section(args.grid_results_dir, args.grid_cell, pipe)
-    card = write_model_card(
-        args.model,
-        args.results,
-        model_id=args.model_id,
-        datasets=args.dataset,
-        license=args.license,
-        template_path=args.template,
-        force=args.force,
-        grid_section=section,
-    )
-    print(f"wrote {os.path.join(args.model, 'README.md')}: {len(card.data.eval_results or [])} eval results")
+        section = cell_card_section(
+            args.grid_results_dir, args.grid_cell, ParScaleEARPipeline.from_pretrained(args.model)
+        )
+    run(args, grid_section=section)
 
 
 if __name__ == "__main__":

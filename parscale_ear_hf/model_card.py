@@ -380,8 +380,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> ModelCard:
-    """Write a pipeline's model card (README.md) from its evaluation results files."""
+def run(args: argparse.Namespace, grid_section: str | None = None) -> ModelCard:
+    """Write a pipeline's model card (README.md) from its evaluation results files (and `grid_section`, Markdown
+    that examples/make_model_card.py builds from the evidence grid)."""
     card = write_model_card(
         args.model,
         args.results,
@@ -390,6 +391,7 @@ def run(args: argparse.Namespace) -> ModelCard:
         license=args.license,
         template_path=args.template,
         force=args.force,
+        grid_section=grid_section,
     )
     print(f"wrote {os.path.join(args.model, 'README.md')}: {len(card.data.eval_results or [])} eval results")
     return card

@@ -28,6 +28,7 @@ import contextvars
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import create_repo, snapshot_download, upload_folder
 from huggingface_hub.errors import LocalEntryNotFoundError
@@ -169,6 +171,17 @@ def verify_manifest(folder: str | os.PathLike, owner: str) -> None:
     manifest = os.path.join(os.fspath(folder), MANIFEST_NAME)
     if os.path.isfile(manifest):
         _check_manifest(manifest, "", owner)
+
+
+def weights_fingerprint(*modules: torch.nn.Module) -> str:
+    """sha256 of the modules' parameters and buffers (names and bytes, in name order): a function of the weights
+    alone, not of the files they came from. Partial evaluation features and a latent cache's VAE are matched by it."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def rewrite_json(path: str, edit: Callable[[dict], dict]) -> None:

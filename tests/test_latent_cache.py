@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL
 
 from parscale_ear_hf import LiteVAE
 from parscale_ear_hf.data import image_loader
+from parscale_ear_hf.saving import weights_fingerprint
 from parscale_ear_hf.training.latent_cache import (
     INFO_FILE,
     add_arguments,
@@ -28,7 +29,6 @@ from parscale_ear_hf.training.latent_cache import (
     load_vae,
     run,
     sample_latents,
-    weights_sha256,
     write_cache_info,
 )
 
@@ -218,15 +218,17 @@ def test_the_cache_keeps_a_copy_of_its_vae_and_refuses_another_in_its_place(vae,
     args = ["--vae", str(tmp_path / "vae"), "--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "c")]
     info = run(add_arguments(argparse.ArgumentParser()).parse_args(args))
     assert (info["vae"], info["vae_folder"], info["vae_class"]) == (str(tmp_path / "vae"), "vae", "LiteVAE")
-    assert info["vae_config"]["scaling_factor"] == 1.5 and info["vae_weights_sha256"] == weights_sha256(vae)
-    assert weights_sha256(load_cache_vae("train", tmp_path / "c", info)) == weights_sha256(vae)
+    assert info["vae_config"]["scaling_factor"] == 1.5 and info["vae_weights_sha256"] == weights_fingerprint(vae)
+    assert weights_fingerprint(load_cache_vae("train", tmp_path / "c", info)) == weights_fingerprint(vae)
     # The VAE that encoded the cache may stand in for the copy; another one is refused, naming what differs.
-    assert weights_sha256(load_cache_vae("train", tmp_path / "c", info, str(tmp_path / "vae"))) == weights_sha256(vae)
+    assert weights_fingerprint(
+        load_cache_vae("train", tmp_path / "c", info, str(tmp_path / "vae"))
+    ) == weights_fingerprint(vae)
     torch.manual_seed(1)
     LiteVAE(**TINY_VAE_CONFIG, scaling_factor=1.5, shift_factor=0.25).save_pretrained(tmp_path / "retrained")
     expected = (
         rf"train: --vae '{re.escape(str(tmp_path / 'retrained'))}' is not the VAE that encoded the latent cache "
-        rf"'{re.escape(str(tmp_path / 'c'))}'; the cache vs --vae: weights sha256 {weights_sha256(vae)} vs "
+        rf"'{re.escape(str(tmp_path / 'c'))}'; the cache vs --vae: weights sha256 {weights_fingerprint(vae)} vs "
         rf"[0-9a-f]{{64}}\. Accepted: the cache's VAE; leave --vae out to use the cache's copy "
         rf"'{re.escape(str(tmp_path / 'c' / 'vae'))}'"
     )
@@ -252,7 +254,7 @@ def test_a_cache_without_a_copy_of_its_vae_loads_it_from_where_it_was_made(vae, 
     vae.save_pretrained(tmp_path / "runs" / "vae" / "vae")
     encode_to_cache(vae, dataset, tmp_path / "cache", image_size=16, channels=3)
     info = write_cache_info(tmp_path / "cache", 1, vae="runs/vae/vae", vae_class="LiteVAE", scaling_factor=1.5)
-    assert weights_sha256(load_cache_vae("train", "cache", info)) == weights_sha256(vae)
+    assert weights_fingerprint(load_cache_vae("train", "cache", info)) == weights_fingerprint(vae)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     expected = (
@@ -263,7 +265,9 @@ def test_a_cache_without_a_copy_of_its_vae_loads_it_from_where_it_was_made(vae, 
     )
     with pytest.raises(FileNotFoundError, match=expected):
         load_cache_vae("train", "../cache", info)
-    assert weights_sha256(load_cache_vae("train", "../cache", info, "../runs/vae/vae")) == weights_sha256(vae)
+    assert weights_fingerprint(load_cache_vae("train", "../cache", info, "../runs/vae/vae")) == weights_fingerprint(
+        vae
+    )
     torch.manual_seed(0)
     kl = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4, sample_size=16)
     kl.save_pretrained(tmp_path / "kl")

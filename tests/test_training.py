@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from parscale_ear_hf import EARTrainingModel, EARTransformer, EnergyHead, LiteHybrid, LiteVAE, cli
+from parscale_ear_hf.saving import weights_fingerprint
 from parscale_ear_hf.training import checkpointing, latent_cache, recipe
 from parscale_ear_hf.training.checkpointing import (
     FORMAT,
@@ -32,7 +33,7 @@ from parscale_ear_hf.training.checkpointing import (
     resolve_resume,
 )
 from parscale_ear_hf.training.generator import add_arguments, run
-from parscale_ear_hf.training.latent_cache import encode_to_cache, weights_sha256, write_cache_info
+from parscale_ear_hf.training.latent_cache import encode_to_cache, write_cache_info
 
 from conftest import TINY_VAE_CONFIG
 
@@ -253,7 +254,7 @@ def test_a_moved_cache_trains_from_another_folder_with_its_copy_of_the_vae(works
     run(parse(argv))
     saved = LiteVAE.from_pretrained(tmp_path / "elsewhere" / "out" / "pipeline" / "vae")
     original = LiteVAE.from_pretrained(workspace / "vae")
-    assert weights_sha256(saved) == weights_sha256(original) == info["vae_weights_sha256"]
+    assert weights_fingerprint(saved) == weights_fingerprint(original) == info["vae_weights_sha256"]
     torch.manual_seed(1)
     LiteVAE(**TINY_VAE_CONFIG).save_pretrained("other")
     with pytest.raises(ValueError, match=r"train: --vae 'other' is not the VAE .* weights sha256 [0-9a-f]{64} vs"):

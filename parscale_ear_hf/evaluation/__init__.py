@@ -29,6 +29,7 @@ One concern per file, each importing only those above it:
 * ``driver``: the commands ``parscale-ear eval`` (:func:`run`) and ``eval-vae`` (:func:`run_reconstruction`).
 """
 
+from ..saving import weights_fingerprint
 from .driver import add_arguments, add_reconstruction_arguments, run, run_reconstruction
 from .extractors import (
     EXTRACTORS,
@@ -66,7 +67,6 @@ from .sampling import (
     generate_features,
     part_path,
     sample_labels,
-    weights_fingerprint,
     write_adm_npz,
 )
 

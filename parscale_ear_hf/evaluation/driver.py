@@ -33,6 +33,7 @@ from ..data import add_dataset_arguments, load_dataset_from_args, local_path
 from ..loading import load_pipeline, load_vae
 from ..models._checks import MIXED_PRECISION_HELP, check_device, check_int, check_mixed_precision
 from ..results import write_results
+from ..saving import weights_fingerprint
 from .extractors import EXTRACTORS, INCEPTION_WEIGHTS_FILE, choose_extractor, load_extractor
 from .metrics import IS_SPLITS, PR_NEIGHBOURHOOD
 from .reference import (
@@ -51,7 +52,6 @@ from .sampling import (
     generate_features,
     pipeline_num_classes,
     sampling_timing,
-    weights_fingerprint,
     write_adm_npz,
 )
 

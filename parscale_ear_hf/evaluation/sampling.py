@@ -5,7 +5,7 @@ and its own generator seeded by ``derived_seed(seed, i)``; batch ``k`` holds sam
 ``[k * batch_size, (k+1) * batch_size)`` and belongs to process ``k % world_size``. :func:`generate_features`
 saves every finished batch to ``<output_dir>/parts/`` (:func:`part_path`, atomically, with the wall clock of its
 pipeline call: :func:`sampling_timing`) before the next starts, so a killed run resumes; :func:`check_run_config`
-refuses to resume with other settings (:func:`weights_fingerprint` among them). :func:`collect_features`
+refuses to resume with other settings (the weights' fingerprint among them). :func:`collect_features`
 gathers the parts (each index exactly once; logits and spatial features where the extractor has them),
 :func:`compute_metrics` scores them against a reference, and
 :func:`write_adm_npz` assembles ADM's sample file from the PNGs.
@@ -13,7 +13,6 @@ gathers the parts (each index exactly once; logits and spatial features where th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -61,16 +60,6 @@ def pipeline_call_kwargs(sampling: dict | None) -> dict:
 
         kwargs["cache"] = SamplingCache(**kwargs["cache"])
     return kwargs
-
-
-def weights_fingerprint(*modules: torch.nn.Module) -> str:
-    """sha256 of the modules' parameters and buffers: partial features are reused only for the same weights."""
-    digest = hashlib.sha256()
-    for module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def check_run_config(output_dir: str | os.PathLike, config: dict) -> None:

@@ -22,7 +22,6 @@ hash), against which a trainer's ``--vae`` is checked (:func:`load_cache_vae`).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from ..data import add_dataset_arguments, image_loader, load_dataset_from_args, 
 from ..loading import load_vae
 from ..models._checks import check_int
 from ..models.lite_vae import LiteVAE
+from ..saving import weights_fingerprint
 
 INFO_FILE = "cache_info.json"
 VAE_FOLDER = "vae"  # the cache's copy of its VAE
@@ -229,27 +229,14 @@ def sample_latents(
     return (mean + std * eps - shift_factor) * scaling_factor
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 of ``model``'s state dict: each tensor's name, dtype, shape and bytes, in name order.
-
-    A function of the weights alone, not of the files they were loaded from (sharding, metadata).
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def vae_record(vae: LiteVAE | AutoencoderKL) -> dict:
     """What ``cache_info.json`` records of the VAE that encoded the cache: "vae_class", "vae_config" (its config
-    fields without a leading underscore, as JSON) and "vae_weights_sha256" (:func:`weights_sha256`)."""
+    fields without a leading underscore, as JSON) and "vae_weights_sha256" (:func:`~.saving.weights_fingerprint`)."""
     config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
     return {
         "vae_class": type(vae).__name__,
         "vae_config": json.loads(json.dumps(config)),
-        "vae_weights_sha256": weights_sha256(vae),
+        "vae_weights_sha256": weights_fingerprint(vae),
     }
 
 
