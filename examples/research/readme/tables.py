@@ -211,8 +211,9 @@ def grid_summary(results_dir: str | os.PathLike) -> str:
     lines = [
         f"_{total} runs ({len(experiments.CELLS)} cells x {len(experiments.SEEDS)} seeds, "
         f"{settings['training_steps']} training steps each on the demo latents), scored against "
-        f"`{settings['dataset']}` [{settings['split']}]; \"beyond the spread\": the means differ by more than the "
-        "sum of the two standard deviations. Full tables: [docs/experiments.md](docs/experiments.md)._",
+        f"`{settings['dataset']}` [{settings['split']}]. A vs B: A's mean relative to B's; beyond the spread: the "
+        "means differ by more than the sum of the two standard deviations. Full report: "
+        "[docs/experiments.md](docs/experiments.md)._",
         "",
         "| claim | A vs B | beyond the spread? | verdict |",
         "|---|---:|---|---|",
