@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
 # The whole benchmark on one NVIDIA GPU: bf16 weights, CUDA-event timing, ImageNet-256 default
-# configs everywhere (profile "gpu"), then the README tables. Sized to finish in under 6 minutes
+# configs everywhere (profile "gpu"), then the README's and docs/' tables. Sized to finish in under 6 minutes
 # on an H100. Usage: bash examples/bench_gpu.sh [--compile]
 #
 # BENCH_DEVICE=cpu runs the same steps on a CPU at tiny sizes (`--tiny`), to check the script, not to measure
-# anything: the results and a README copy go to $BENCH_OUT (default /tmp/bench_gpu_cpu), never to results/.
+# anything: the results and copies of README.md and docs/ go to $BENCH_OUT (default /tmp/bench_gpu_cpu), never to results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}
 if [ "$BENCH_DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  RESULTS=results README=README.md SIZE=()
+  RESULTS=results PAGES=. SIZE=()
 else
   BENCH_OUT=${BENCH_OUT:-/tmp/bench_gpu_cpu}
   rm -rf "$BENCH_OUT" && mkdir -p "$BENCH_OUT"
-  cp -r results "$BENCH_OUT/results" && cp README.md "$BENCH_OUT/README.md"
-  RESULTS=$BENCH_OUT/results README=$BENCH_OUT/README.md SIZE=(--tiny --no-memory-probe)
+  cp -r results docs README.md "$BENCH_OUT/"
+  RESULTS=$BENCH_OUT/results PAGES=$BENCH_OUT SIZE=(--tiny --no-memory-probe)
 fi
 $PY examples/benchmark.py --device "$BENCH_DEVICE" --profile gpu "${SIZE[@]}" --repeats 5 --budget-s 20 \
   --output "$RESULTS/benchmark_gpu.json" "$@"
-$PY examples/update_readme.py --readme "$README" --results-dir "$RESULTS"
+$PY examples/update_readme.py --root "$PAGES" --results-dir "$RESULTS"

@@ -8,7 +8,7 @@ Sampling:    python examples/benchmark.py --sections reference cache --reference
              -> also results/benchmark_<profile>_sampling.{md,png} and results/sampling_quality/*.json
 GPU smoke:   bash examples/gpu_smoke.sh (the fast-sampling checks on one NVIDIA GPU, under 5 minutes)
 
-Then `python examples/update_readme.py` puts the tables in the README's Performance section.
+Then `python examples/update_readme.py` puts the tables in docs/benchmarks.md.
 """
 
 import argparse

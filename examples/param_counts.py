@@ -1,7 +1,7 @@
 """Count the parameters of the ImageNet-256 default configs and write them to a results JSON.
 
 python examples/param_counts.py --output results/param_counts.json
-python examples/update_readme.py    # then regenerate the README's tables
+python examples/update_readme.py    # then regenerate the tables of README.md and docs/
 """
 
 import argparse

@@ -7,9 +7,9 @@ GPUs:           accelerate launch --config_file examples/accelerate_configs/h100
                     examples/train_ear.py ... --mixed-precision bf16
 Resume:         the same command with --resume latest (a checkpoint is saved every --checkpoint-every steps
                 and whenever --checkpoint-minutes, 5, have passed); new --lr / --blr / --energy-lambda /
-                --ema-decay values take effect at once (EAR's second phase is such a resume, see the README)
+                --ema-decay values take effect at once (EAR's second phase is such a resume, see docs/training.md)
 EAR's recipe:   the defaults (--blr 1e-4, reference param groups, constant-rate EMA, --score-batch-mul 2);
-                the README's "EAR's recipe, flag for flag" maps each main_ear.py flag to this script's
+                docs/training.md's "EAR's recipe, flag for flag" maps each main_ear.py flag to this script's
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""The README's snippet runs, its component table comes from the results file, the demo script works."""
+"""The README and docs/ pages: the snippet and shell blocks run, every table comes from the results files, links
+resolve, the module map matches the package, and the demo script works."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import PIL.Image
 import pytest
 
 from parscale_ear_hf.info import default_parameter_counts, parameter_table
-from research.readme.tables import demo_results_table, replace_section
+from research.readme.tables import demo_results_table, markdown_documents, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,23 +28,29 @@ def test_usage_snippet_runs(tmp_path, monkeypatch):
     assert (tmp_path / "my-pipeline" / "model_index.json").is_file()
 
 
+def pages() -> dict[str, str]:
+    """README.md and docs/*.md by their path from the repository root."""
+    return {path.relative_to(ROOT).as_posix(): path.read_text() for path in markdown_documents(ROOT)}
+
+
 def test_readme_tables_are_generated_from_the_results_files(tmp_path):
     record = json.loads((ROOT / "results" / "param_counts.json").read_text())
     assert record["components"] == default_parameter_counts()["components"]  # the results file is current
     assert record["provenance"]["command"].endswith("examples/param_counts.py --output results/param_counts.json")
-    readme = (ROOT / "README.md").read_text()
-    assert parameter_table(record["components"]) in readme
-    # Regenerating the README from results/ changes nothing: no figure in it was typed by hand.
-    copy = tmp_path / "README.md"
-    copy.write_text(readme)
+    texts = pages()
+    assert parameter_table(record["components"]) in texts["docs/architecture.md"]
+    # Regenerating the README and docs/ from results/ changes nothing: no figure in them was typed by hand.
+    (tmp_path / "docs").mkdir()
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
     # A copy of results/: the command also rewrites the benchmark tables and plots beside the JSON.
     shutil.copytree(ROOT / "results", tmp_path / "results")
     subprocess.run(
         [
             sys.executable,
             str(ROOT / "examples" / "update_readme.py"),
-            "--readme",
-            str(copy),
+            "--root",
+            str(tmp_path),
             "--results-dir",
             str(tmp_path / "results"),
         ],
@@ -51,10 +58,56 @@ def test_readme_tables_are_generated_from_the_results_files(tmp_path):
         capture_output=True,
         timeout=120,
     )
-    assert copy.read_text() == readme
+    for name, text in texts.items():
+        assert (tmp_path / name).read_text() == text, f"{name} is not what examples/update_readme.py writes"
     for table in (tmp_path / "results").glob("benchmark_*.md"):  # derived from the JSON alone
         assert table.read_text() == (ROOT / "results" / table.name).read_text()
-    assert demo_results_table(ROOT / "results") in readme
+    assert demo_results_table(ROOT / "results") in texts["README.md"]
+
+
+def test_readme_is_a_landing_page_that_says_what_is_not_done():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    top = readme[: readme.index("## The two commands")]
+    assert "No ImageNet model has been trained" in top and "never run on a GPU" in top
+
+
+def test_no_page_shows_a_dirty_revision():
+    """A figure measured with uncommitted code cannot be reproduced from its revision: none is shown."""
+    for name, text in pages().items():
+        assert "-dirty" not in text, f"{name} shows a -dirty revision"
+
+
+def test_benchmark_tables_say_first_which_rows_measured_a_model_that_no_longer_ships():
+    text = pages()["docs/benchmarks.md"]
+    for section in ("performance", "sampling-speed"):
+        first = text.split(f"<!-- {section}:start -->\n", 1)[1].splitlines()[0]
+        assert "former 1.5M-parameter demo model, which no longer ships" in first, first
+        assert "issue 28" in first
+
+
+# A link target: a path (no scheme), with an optional #anchor.
+LINK = re.compile(r"!?\[[^\]]*\]\((?![a-z][a-z0-9+.-]*:)([^)\s#]*)(#[^)\s]*)?\)")
+
+
+def test_every_relative_link_of_the_readme_and_docs_resolves():
+    for name, text in pages().items():
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)  # links in code blocks are code
+        for target, _ in LINK.findall(prose):
+            if target:
+                assert (ROOT / name).parent.joinpath(target).exists(), f"{name}: broken link '{target}'"
+
+
+def test_module_map_lists_every_module_of_the_package():
+    """The README's module map names each file of parscale_ear_hf/ once: adding, moving or removing a module
+    fails here until the map says what it does."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `([^`]+\.py)` \|", section, re.M)
+    package = ROOT / "parscale_ear_hf"
+    modules = [path.relative_to(package).as_posix() for path in package.rglob("*.py")]
+    assert len(listed) == len(set(listed)), "a module is listed twice"
+    assert sorted(listed) == sorted(modules)
 
 
 def test_replace_section_requires_one_marker_pair():
@@ -82,10 +135,10 @@ def test_demo_command_generates_a_labelled_grid_from_the_shipped_model(tmp_path)
     assert PIL.Image.open(out).size == (10 * 32, 32 + 12)
 
 
-# ------------------------------------------------------------------ the README's shell blocks run as written
+# ------------------------------------------------------------------ the shell blocks run as written
 
 NOT_RUN = "# not run by tests/test_readme.py:"
-# The README shows real budgets; the test runs the same commands with these (flag -> tiny value).
+# The pages show real budgets; the test runs the same commands with these (flag -> tiny value).
 TINY_BUDGETS = {
     "--max-steps": "2",
     "--lr-warmup-steps": "1",
@@ -96,8 +149,14 @@ TINY_BUDGETS = {
 }
 
 
-def readme_shell_blocks() -> list[str]:
-    return re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+def shell_blocks(text: str) -> list[str]:
+    return re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S)
+
+
+def readme_shell_blocks() -> list[tuple[str, str]]:
+    """(page, block) for every shell block of README.md, then of docs/*.md in name order: the docs pages
+    continue where the README leaves off, in the same folder."""
+    return [(name, block) for name, text in pages().items() for block in shell_blocks(text)]
 
 
 def with_tiny_budgets(block: str) -> str:
@@ -108,16 +167,19 @@ def with_tiny_budgets(block: str) -> str:
 
 def test_readme_shell_blocks_say_why_they_are_not_run_and_hide_no_flags():
     blocks = readme_shell_blocks()
-    runnable = [b for b in blocks if not b.startswith(NOT_RUN)]
-    assert len(runnable) >= 4
-    for block in blocks:
-        assert "..." not in block, f"a README command hides its flags behind '...':\n{block}"
-    assert "source .venv/bin/activate" in runnable[0]
+    runnable = [(name, b) for name, b in blocks if not b.startswith(NOT_RUN)]
+    assert len([name for name, _ in runnable if name == "README.md"]) >= 3  # try, train, evaluate
+    assert {name for name, _ in runnable} >= {"README.md", "docs/training.md", "docs/sampling.md"}
+    for name, block in blocks:
+        assert "..." not in block, f"a command of {name} hides its flags behind '...':\n{block}"
+        if block.startswith(NOT_RUN):
+            assert len(block.splitlines()[0]) > len(NOT_RUN) + 5, f"{name}: a block not run gives no reason"
+    assert "source .venv/bin/activate" in runnable[0][1]
 
 
 def test_readme_shell_blocks_run_in_order_in_a_fresh_folder(tmp_path):
-    """Every runnable ```bash block of the README, in order, from a folder holding only what a clone holds
-    (examples/, models/) and the virtual environment, with tiny step counts: the README cannot drift."""
+    """Every runnable shell block of the README, then of docs/*.md, in order, from a folder holding only what a
+    clone holds (examples/, models/) and the virtual environment, with tiny step counts: the pages cannot drift."""
     for name in ("examples", "models"):
         shutil.copytree(ROOT / name, tmp_path / name)
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))
@@ -128,7 +190,8 @@ def test_readme_shell_blocks_run_in_order_in_a_fresh_folder(tmp_path):
         "OMP_NUM_THREADS": "1",
     }
     # One shell for all blocks, as a reader would type them: `source .venv/bin/activate` carries over.
-    blocks = [with_tiny_budgets(b) for b in readme_shell_blocks() if not b.startswith(NOT_RUN)]
+    named = [(name, with_tiny_budgets(b)) for name, b in readme_shell_blocks() if not b.startswith(NOT_RUN)]
+    blocks = [block for _, block in named]
     script = "\n".join(f"echo '>>> README block {i}' >&2\n{block}" for i, block in enumerate(blocks))
     proc = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
@@ -139,7 +202,7 @@ def test_readme_shell_blocks_run_in_order_in_a_fresh_folder(tmp_path):
         timeout=900,
     )
     index, _, output = proc.stderr.rsplit(">>> README block ", 1)[-1].partition("\n")
-    assert proc.returncode == 0, f"README block {index} failed:\n{blocks[int(index)]}\n{output[-3000:]}"
+    assert proc.returncode == 0, f"block {index} of {named[int(index)][0]} failed:\n{blocks[int(index)]}\n{output[-3000:]}"
     ran = proc.stderr.count(">>> README block ")
     assert ran == len(blocks) >= 4
     # What the commands promise exists: the demo data, a trained VAE and pipeline, images, scores.

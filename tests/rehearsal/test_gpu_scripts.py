@@ -64,5 +64,5 @@ def test_bench_gpu_runs_in_cpu_mode_without_touching_results(tmp_path):
     record = json.loads((tmp_path / "bench" / "results" / "benchmark_gpu.json").read_text())
     assert record["profile"] == "gpu" and record["sizes"].startswith("tiny")
     assert {"pipeline/full_image", "dit/ratio", "flops/matmul_peak"} <= set(record["measurements"])
-    assert "GPU profile" in (tmp_path / "bench" / "README.md").read_text()
+    assert "GPU profile" in (tmp_path / "bench" / "docs" / "benchmarks.md").read_text()
     assert {p: p.stat().st_mtime_ns for p in (ROOT / "results").glob("benchmark_gpu*")} == before

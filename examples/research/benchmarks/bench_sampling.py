@@ -23,7 +23,7 @@ benchmark (`examples/benchmark.py`), their targets, report and plot.
     python examples/update_readme.py
 
 The rows merge into `results/benchmark_<profile>.json` (each section with its provenance); the
-report is `results/benchmark_<profile>_sampling.{md,png}` and the README's `sampling-speed` block.
+report is `results/benchmark_<profile>_sampling.{md,png}` and the `sampling-speed` block of docs/benchmarks.md.
 The targets are checked by this output, never by timed tests.
 """
 
@@ -898,7 +898,7 @@ def write_report(json_path: str | Path) -> str | None:
 
 
 def readme_section(results_dir: str | Path) -> str:
-    """The README's `sampling-speed` block: per profile measured, where and when, the targets, the
+    """The `sampling-speed` block of docs/benchmarks.md: per profile measured, where and when, the targets, the
     headline tables and the plot; how to run each section."""
     from parscale_ear_hf.results import load_results, machine_summary
 

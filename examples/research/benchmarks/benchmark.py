@@ -793,7 +793,7 @@ def _scaling_facts(m: dict) -> list[str]:
 
 
 def performance_section(results_dir: str | Path) -> str:
-    """The README's Performance section: per results/benchmark_<profile>.json, the machine and
+    """The Performance section of docs/benchmarks.md: per results/benchmark_<profile>.json, the machine and
     revision, the targets, the headline ratios and the scaling plot; the full table is linked."""
     from parscale_ear_hf.results import load_results, machine_summary
 

@@ -36,7 +36,7 @@ import torch
 
 from parscale_ear_hf.commands import cli_process
 
-GRID_STEPS = 600  # training steps per run, chosen from the pilot (`--length-curve`): see the README
+GRID_STEPS = 600  # training steps per run, chosen from the pilot (`--length-curve`): see docs/experiments.md
 SEEDS = (0, 1, 2)
 SAMPLING_SEED_OFFSET = 100  # sampling seed = training seed + 100: both change with the seed
 EVAL_STEPS = 16  # the grid's sampling point (autoregressive steps; a DiT's scheduler steps)
@@ -609,7 +609,7 @@ def floor_row(results_dir: str | os.PathLike) -> str | None:
     return "| real train digits vs held-out (the floor) | – | " + " | ".join(cells) + " |"
 
 
-# The comparisons the README states; each: (claim, metric, cell a, cell b, what would support the claim).
+# The comparisons docs/experiments.md states (the README in short); each: (claim, metric, cell a, cell b, what would support the claim).
 COMPARISONS = (
     ("A1: LiteHybrid costs no quality", "fid", "lh_both", "lh_off", "lh_both not worse"),
     ("A3: the coarse branch contributes", "fid", "lh_both", "lh_fine", "lh_both better"),
@@ -890,7 +890,7 @@ def write_report(results_dir: str | os.PathLike) -> str:
 
 
 def readme_section(results_dir: str | os.PathLike) -> str:
-    """The README's `experiments` block: the report with the plot's path from the repository root."""
+    """The `experiments` block of docs/experiments.md: the report with the plot's path from the repository root."""
     grid = load_grid(Path(results_dir, "experiments"))
     if not any(grid.values()):
         return "\n".join(["_No run of the grid is complete yet: `python examples/experiments.py` runs it._", "",

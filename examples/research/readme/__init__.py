@@ -1,1 +1,1 @@
-"""The README's generated tables (`examples/update_readme.py`)."""
+"""The generated tables of README.md and docs/*.md (`examples/update_readme.py`)."""

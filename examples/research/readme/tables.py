@@ -1,9 +1,11 @@
-"""The README's generated tables: the demo model's figures, the evaluation results, the test suite's time,
-and the marker-comment sections they replace (`examples/update_readme.py`). Never typed by hand."""
+"""The generated tables of the README and the docs/ pages: the demo model's figures, the evaluation results,
+the test suite's time, the grid's verdicts, notes on what a table measured, and the marker-comment sections
+they replace in whichever page holds them (`examples/update_readme.py`). Never typed by hand."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from parscale_ear_hf.results import (
@@ -28,9 +30,44 @@ def replace_section(text: str, name: str, body: str) -> str:
     return f"{head}{start}\n{body.rstrip()}\n{end}{tail}"
 
 
-def update_readme(readme: str | os.PathLike, name: str, body: str) -> None:
-    path = Path(readme)
-    path.write_text(replace_section(path.read_text(encoding="utf-8"), name, body), encoding="utf-8")
+def markdown_documents(root: str | os.PathLike) -> list[Path]:
+    """The pages that may hold generated sections: ``README.md`` and ``docs/*.md`` under ``root``."""
+    root = Path(root)
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def section_document(root: str | os.PathLike, name: str) -> Path:
+    """The one page of :func:`markdown_documents` that holds the ``<!-- {name}:start -->`` marker."""
+    holders = [path for path in markdown_documents(root) if f"<!-- {name}:start -->" in path.read_text(encoding="utf-8")]
+    if len(holders) != 1:
+        raise ValueError(
+            f"section_document: expected one page under {root} (README.md, docs/*.md) holding '<!-- {name}:start -->', "
+            f"found {[str(path) for path in holders]}."
+        )
+    return holders[0]
+
+
+# A Markdown link or image target that is a path (no scheme, no anchor-only, not absolute).
+_RELATIVE_LINK = re.compile(r"(!?\[[^\]]*\])\((?![a-z][a-z0-9+.-]*:|#|/)([^)\s]+)\)")
+
+
+def relink(body: str, document: Path, root: str | os.PathLike) -> str:
+    """Rewrite the relative links of ``body``, written from the repository root, as seen from ``document``."""
+    base = Path(os.path.relpath(Path(root).resolve(), document.parent.resolve()))
+
+    def target(match: re.Match) -> str:
+        return f"{match.group(1)}({(base / match.group(2)).as_posix().removeprefix('./')})"
+
+    return _RELATIVE_LINK.sub(target, body)
+
+
+def update_section(root: str | os.PathLike, name: str, body: str) -> Path:
+    """Write ``body`` (links relative to the repository root) between the markers of section ``name``, in the page
+    under ``root`` that holds them; returns that page."""
+    path = section_document(root, name)
+    text = replace_section(path.read_text(encoding="utf-8"), name, relink(body, path, root))
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def demo_results_table(results_dir: str | os.PathLike) -> str:
@@ -105,3 +142,86 @@ def eval_results_table(results_dir: str | os.PathLike) -> str:
             f"{sampling_summary(record['sampling'])} | `eval/{path.name}` ({short_revision(record)}) |"
         )
     return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------ which model a table measured
+
+DEMO_MODEL = "models/mnist_demo"
+ISSUE_RERUN = "issue 28"
+
+
+def _ran_demo_model(row: dict, results_dir: Path) -> bool:
+    """Whether a benchmark measurement ran the demo model: named by its path, as the sampling benchmark's "demo"
+    config, or through a results file (``results/...``, read from ``results_dir``) whose settings name it."""
+    config = row.get("config")
+    if isinstance(config, str) and (config == "demo" or config.startswith(DEMO_MODEL)):
+        return True
+    results_file = row.get("results_file")
+    if isinstance(results_file, str) and results_file.startswith("results/"):
+        record = load_results(results_dir / results_file.removeprefix("results/"))
+        return bool(record) and record.get("settings", {}).get("model") == DEMO_MODEL
+    return False
+
+
+def former_demo_model_note(results_dir: str | os.PathLike, record: dict | None, sections: tuple[str, ...]) -> str:
+    """The first line of a benchmark table: which of its ``sections`` measured ``models/mnist_demo`` before the
+    grid's best cell replaced it (``experiments_ship.json``'s time), and so measured a model that no longer ships.
+
+    The former model's parameter count is the grid's base cell's (the cell that trains the base config, the former
+    demo model's, unchanged). Returns "" when no section of ``record`` measured a former model.
+    """
+    from research.evidence_grid import experiments
+
+    results_dir = Path(results_dir)
+    ship = load_results(results_dir / "experiments_ship.json")
+    if record is None or ship is None:
+        return ""
+    shipped_at = ship["provenance"]["time_utc"]
+    provenance = record["section_provenance"]
+    ran = {key.split("/", 1)[0] for key, row in record["measurements"].items() if _ran_demo_model(row, results_dir)}
+    former = sorted(s for s in ran if s in sections and s in provenance and provenance[s]["time_utc"] < shipped_at)
+    if not former:
+        return ""
+    base = next(cell for cell in experiments.CELLS if cell.kind == "ear" and not cell.flags and not cell.config)
+    runs = experiments.load_grid(results_dir / "experiments").get(base.name)
+    if not runs:
+        raise ValueError(f"former_demo_model_note: no complete run of the grid's base cell '{base.name}' in {results_dir}.")
+    names = ", ".join(f"`{section}`" for section in former)
+    return (
+        f"_The demo-model rows (sections {names}) were measured on the former "
+        f"{runs[0]['parameters'] / 1e6:.1f}M-parameter demo model, which no longer ships (`{runs[0]['settings']['base_config']}`, "
+        f"the grid's `{base.name}` cell); a rerun on `{DEMO_MODEL}` (the grid's `{ship['cell']}` cell since "
+        f"{shipped_at[:10]}) is pending ({ISSUE_RERUN})._"
+    )
+
+
+# ------------------------------------------------------------------------------ the grid in short
+
+
+def grid_summary(results_dir: str | os.PathLike) -> str:
+    """The README's short account of the evidence grid: per claim, the FID (or time) change and the verdict,
+    computed from ``results/experiments/`` as the full report's claims table is."""
+    from research.evidence_grid import experiments
+
+    grid = experiments.load_grid(Path(results_dir, "experiments"))
+    total = sum(len(runs) for runs in grid.values())
+    if not total:
+        return "_No run of the grid is complete yet: `python examples/experiments.py` runs it._"
+    settings = next(r["settings"] for runs in grid.values() for r in runs)
+    lines = [
+        f"_{total} runs ({len(experiments.CELLS)} cells x {len(experiments.SEEDS)} seeds, "
+        f"{settings['training_steps']} training steps each on the demo latents), scored against "
+        f"`{settings['dataset']}` [{settings['split']}]. A vs B: A's mean relative to B's; beyond the spread: the "
+        "means differ by more than the sum of the two standard deviations. Full report: "
+        "[docs/experiments.md](docs/experiments.md)._",
+        "",
+        "| claim | A vs B | beyond the spread? | verdict |",
+        "|---|---:|---|---|",
+    ]
+    yes_no = {True: "yes", False: "no", None: "-"}
+    for claim, metric, a, b, support in experiments.COMPARISONS:
+        v = experiments.verdict(grid, metric, a, b, support)
+        name = experiments.METRIC_NAMES[metric][0]
+        change = f"{name} {v['change']:+.1%}" if "change" in v else "-"
+        lines.append(f"| {claim} (`{a}` vs `{b}`) | {change} | {yes_no[v.get('beyond_spread')]} | {v['verdict']} |")
+    return "\n".join(lines)
