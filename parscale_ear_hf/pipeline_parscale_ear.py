@@ -483,8 +483,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         )
         ids = [i for i in ids for _ in range(num_images_per_class)]
 
-        # 2. Prepare: all randomness of image i is drawn up front from its own generator: its order, then
-        # one noise vector per token (each token is sampled exactly once).
+        # 2. Prepare all randomness up front, image i's from its own generator: its order, then a noise per token.
         batch, device, n, head = len(ids), self._execution_device, self.grid_size**2, self.energy_head
         orders = torch.argsort(uniform(batch, (n,), generator, device), dim=1)
         noise = head.noise_from_uniform(uniform(batch, (n, *head.noise_shape), generator, device))
