@@ -1,5 +1,5 @@
 """What `ParScaleEARPipeline` is built from: checks that its four components fit together and that `id2label`
-is valid, the VAE's spatial factor, and eval mode while sampling."""
+is valid, its class names, class labels flattened, the VAE's spatial factor, and eval mode while sampling."""
 
 from __future__ import annotations
 
@@ -67,6 +67,24 @@ def check_id2label(id2label, num_classes: int) -> dict[int, str] | None:
             )
         out[idx] = value
     return out
+
+
+def label_names(id2label: dict[int, str] | None) -> dict[str, int]:
+    """``{name: class id}`` for every comma-separated synonym in `id2label`, sorted by name; empty without it."""
+    labels = {}
+    for key, value in (id2label or {}).items():
+        for name in value.split(","):
+            labels[name.strip()] = key
+    return dict(sorted(labels.items()))
+
+
+def flatten_labels(class_labels) -> list:
+    """Class labels in a list, tuple, tensor or array of any shape (DiTPipeline accepts ``[[1], [1]]``), flattened."""
+    if hasattr(class_labels, "tolist"):  # tensors, numpy arrays and numpy scalars
+        class_labels = class_labels.tolist()
+    if isinstance(class_labels, (list, tuple)):
+        return [label for item in class_labels for label in flatten_labels(item)]
+    return [class_labels]
 
 
 def vae_spatial_factor(vae) -> int:

@@ -1,14 +1,15 @@
 """ParScale-EAR pipeline: class label -> masked autoregressive sampling -> VAE decode.
 
 LazyMAR's sampling caches are in :mod:`parscale_ear_hf.sampling_cache`, saving and loading in
-:mod:`parscale_ear_hf.hub_mixin`.
+:mod:`parscale_ear_hf.hub_mixin`, the checks of the components and labels in
+:mod:`parscale_ear_hf.pipeline_components`, the sampling loop's plumbing (per-image randomness, the
+checks of given tensors, step callbacks' results) in :mod:`parscale_ear_hf.sampling_utils`.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,12 +19,20 @@ from diffusers.image_processor import VaeImageProcessor
 from .hub_mixin import HUB_ENTRY_MODULE, PipelineHubMixin
 from .models._checks import check_float, check_int
 from .models.diffusion_head import DiffusionHead
-from .models.ear_transformer import EARTransformer, latents_to_tokens, tokens_to_latents
+from .models.ear_transformer import EARTransformer, tokens_to_latents
 from .models.energy_head import EnergyHead
 from .models.lite_hybrid import LiteHybrid
 from .models.lite_vae import LiteVAE
-from .pipeline_components import check_components, check_id2label, eval_mode, vae_spatial_factor
+from .pipeline_components import (
+    check_components,
+    check_id2label,
+    eval_mode,
+    flatten_labels,
+    label_names,
+    vae_spatial_factor,
+)
 from .sampling_cache import SamplingCache, SamplingCacheState, check_cache, gather_rows
+from .sampling_utils import check_sampling_tensors, expand_to, tokens_from_callback, uniform, warn_skipped_steps
 
 # SamplingCache and HUB_ENTRY_MODULE are re-exported: user code and saved snippets import them from here.
 __all__ = [
@@ -82,29 +91,6 @@ def predicting_steps(num_steps: int, num_tokens: int) -> list[int]:
     return steps
 
 
-def _expand_to(positions: torch.Tensor, width: int) -> torch.Tensor:
-    """Index `(B, T)` -> `(B, T, width)` for gather / scatter along dim 1."""
-    return positions.unsqueeze(-1).expand(-1, -1, width)
-
-
-def _flatten_labels(class_labels) -> list:
-    """Class labels in a list, tuple, tensor or array of any shape (DiTPipeline accepts ``[[1], [1]]``), flattened."""
-    if hasattr(class_labels, "tolist"):  # tensors, numpy arrays and numpy scalars
-        class_labels = class_labels.tolist()
-    if isinstance(class_labels, (list, tuple)):
-        return [label for item in class_labels for label in _flatten_labels(item)]
-    return [class_labels]
-
-
-def _uniform(batch: int, shape: tuple[int, ...], generator, device) -> torch.Tensor:
-    """``U[0, 1)`` of shape `(batch, *shape)`; with a list of generators, row i comes from generator i alone."""
-    if isinstance(generator, list):
-        rows = [torch.rand(shape, generator=g, device=g.device) for g in generator]
-        return torch.stack(rows).to(device)
-    gen_device = generator.device if generator is not None else device
-    return torch.rand((batch, *shape), generator=generator, device=gen_device).to(device)
-
-
 class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
     r"""Class-conditional image generation with EAR's energy head over a masked-AR ParScale backbone.
 
@@ -135,11 +121,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         # JSON keys are strings: store them so, to make the config identical after a reload.
         id2label = check_id2label(id2label, transformer.config.num_classes)
         self.register_to_config(id2label={str(k): v for k, v in id2label.items()} if id2label else None)
-        self.labels = {}
-        for key, value in (id2label or {}).items():
-            for name in value.split(","):
-                self.labels[name.strip()] = key
-        self.labels = dict(sorted(self.labels.items()))
+        self.labels = label_names(id2label)
         self._compiled_hidden = None
         self.vae_scale_factor = vae_spatial_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -172,7 +154,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         Nested labels are flattened (``[[1], [2]]`` is ``[1, 2]``, as in ``DiTPipeline``); raises for
         unknown names, out-of-range ids and anything else.
         """
-        labels = _flatten_labels(class_labels)
+        labels = flatten_labels(class_labels)
         if not labels:
             raise ValueError(
                 f"ParScaleEARPipeline: `class_labels` must hold at least one int or name, got {class_labels!r}."
@@ -283,43 +265,41 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
     ) -> torch.Tensor:
         r"""Masked autoregressive sampling from given generation orders and noise: EAR's ``sample_tokens``.
 
-        With the LiteHybrid off and ``parscale_n=1`` this is the math of the authors'
-        ``EAR.sample_tokens`` (shaochenze/EAR, `models/ear.py`), with the noise that their
-        ``ScoreLoss.sample`` draws passed in. While `m` tokens are masked, they are the positions
-        ``orders[:, :m]``. Step `k` of `K` keeps ``m_k = mask_schedule(k, K, N, m)`` masked,
-        and predicts the others still masked from the backbone's hidden states, mixed before the head
-        as ``cfg_k * h_cond + (1 - cfg_k) * h_uncond``. The "linear" schedule uses
-        ``cfg_k = 1 + (cfg - 1) * (N - max(1, m_k)) / N`` (EAR / MAR count at least one masked token,
-        so even the last step uses ``1 + (cfg - 1) (N - 1) / N``, not `cfg`); "constant" uses `cfg`.
-        With more steps than tokens, once one token is left the steps before the last predict nothing,
-        and the last step predicts it: as in EAR, but those steps are skipped (:func:`predicting_steps`;
-        a warning says so), so the time does not grow with them. `num_timesteps` counts the steps run.
+        With the LiteHybrid off and ``parscale_n=1`` this is the math of the authors' ``EAR.sample_tokens``
+        (shaochenze/EAR, `models/ear.py`), with the noise that their ``ScoreLoss.sample`` draws passed in. While
+        `m` tokens are masked, they are the positions ``orders[:, :m]``. Step `k` of `K` keeps
+        ``m_k = mask_schedule(k, K, N, m)`` masked, and predicts the others still masked from the backbone's
+        hidden states, mixed before the head as ``cfg_k * h_cond + (1 - cfg_k) * h_uncond``. The "linear"
+        schedule uses ``cfg_k = 1 + (cfg - 1) * (N - max(1, m_k)) / N`` (EAR / MAR count at least one masked
+        token, so even the last step uses ``1 + (cfg - 1) (N - 1) / N``, not `cfg`); "constant" uses `cfg`.
+        With more steps than tokens, once one token is left the steps before the last predict nothing, and the
+        last step predicts it: as in EAR, but those steps are skipped (:func:`predicting_steps`; a warning says
+        so), so the time does not grow with them. `num_timesteps` counts the steps run.
 
-        `cfg` is read from ``self._guidance_scale`` at every step, so a step callback can change it
-        (diffusers' dynamic guidance): at most 1 skips the unconditional pass from the next step on,
-        above 1 runs it.
+        `cfg` is read from ``self._guidance_scale`` at every step, so a step callback can change it (diffusers'
+        dynamic guidance): at most 1 skips the unconditional pass from the next step on, above 1 runs it.
 
         Args:
             class_ids: `(B,)` class ids.
             orders: `(B, N)` one permutation of ``range(N)`` per image (N = grid_size**2).
             noise: `(B, N, *energy_head.noise_shape)` in the head's noise space (what
-                ``energy_head.sample(z, temperature, noise=...)`` takes); token `n` of image `b` is
-                sampled with ``noise[b, n]``.
+                ``energy_head.sample(z, temperature, noise=...)`` takes); token `n` of image `b` is sampled
+                with ``noise[b, n]``.
             num_inference_steps: autoregressive steps `K`, any integer >= 1.
             guidance_scale: classifier-free guidance `cfg` >= 1; 1 disables guidance.
             guidance_schedule: "linear" (EAR / MAR) or "constant".
             temperature: the energy head's temperature; EAR uses 0.7.
-            callback_on_step_end: ``fn(pipe, i, step, tensors) -> dict`` called after the `i`-th step
-                run (schedule step `step`; the two differ only past skipped steps) with the tensors
-                named in `callback_on_step_end_tensor_inputs`: `tokens` `(B, N, C)`, `latents`
-                `(B, C, h, w)` (a view of the tokens, as ``output_type="latent"`` returns them) and
-                `mask` `(B, N)` (read-only). A returned `tokens` or `latents` that is a new tensor
-                replaces the tokens; new tensors for both raise a ValueError. Setting
-                ``pipe._interrupt = True`` skips the remaining steps (tokens still masked stay 0).
+            callback_on_step_end: ``fn(pipe, i, step, tensors) -> dict`` called after the `i`-th step run
+                (schedule step `step`; the two differ only past skipped steps) with the tensors named in
+                `callback_on_step_end_tensor_inputs`: `tokens` `(B, N, C)`, `latents` `(B, C, h, w)` (a view of
+                the tokens, as ``output_type="latent"`` returns them) and `mask` `(B, N)` (read-only). A
+                returned `tokens` or `latents` that is a new tensor replaces the tokens; new tensors for both
+                raise a ValueError. Setting ``pipe._interrupt = True`` skips the remaining steps (tokens still
+                masked stay 0).
             callback_on_step_end_tensor_inputs: which tensors the callback receives.
-            cache: a :class:`SamplingCache` for LazyMAR's token and condition caches (faster, not exact);
-                None (or both caches off) samples exactly. A callback that returns new tokens makes the
-                next step refresh the caches.
+            cache: a :class:`SamplingCache` for LazyMAR's token and condition caches (faster, not exact); None
+                (or both caches off) samples exactly. A callback that returns new tokens makes the next step
+                refresh the caches.
 
         Returns:
             Tokens `(B, N, C)` in raster order (see ``tokens_to_latents``).
@@ -332,19 +312,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs,
             cache,
         )
-        n, head = self.grid_size**2, self.energy_head
-        if class_ids.dim() != 1 or len(class_ids) == 0:
-            raise ValueError(
-                f"ParScaleEARPipeline.sample_tokens: `class_ids` must be a 1-d tensor of B >= 1 class ids, got "
-                f"shape {tuple(class_ids.shape)}."
-            )
-        batch = len(class_ids)
-        for name, value, shape in (("orders", orders, (batch, n)), ("noise", noise, (batch, n, *head.noise_shape))):
-            if tuple(value.shape) != shape:
-                raise ValueError(
-                    f"ParScaleEARPipeline.sample_tokens: `{name}` must have shape {shape} for {batch} images of "
-                    f"N = {n} tokens, got {tuple(value.shape)}."
-                )
+        check_sampling_tensors(class_ids, orders, noise, self.grid_size**2, self.energy_head.noise_shape)
         return self._sample_tokens(
             class_ids,
             orders,
@@ -376,13 +344,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         n, channels = self.grid_size**2, self.transformer.config.in_channels
         batch = len(class_ids)
         steps = predicting_steps(num_inference_steps, n)
-        if len(steps) < num_inference_steps:
-            warnings.warn(
-                f"ParScaleEARPipeline: num_inference_steps={num_inference_steps} but only {len(steps)} steps "
-                f"predict tokens for N = {n} tokens; the other {num_inference_steps - len(steps)} (once one token "
-                "is left, before the last step) predict nothing, as in EAR, and are skipped.",
-                stacklevel=4,  # the caller of `pipe(...)` or `pipe.sample_tokens(...)`
-            )
+        warn_skipped_steps(num_inference_steps, len(steps), n)
         self._guidance_scale = guidance_scale
         self._num_timesteps = len(steps)
         self._interrupt = False
@@ -422,7 +384,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
                     z_cond, z_uncond = state.hidden(step, tokens, mask, labels, uncond, recompute, predict)
                 z = z_cond if z_uncond is None else mix_guidance(z_cond, z_uncond, cfg)
                 sampled = head.sample(z.flatten(0, 1), temperature, noise=gather_rows(noise, predict).flatten(0, 1))
-                tokens.scatter_(1, _expand_to(predict, channels), sampled.view(batch, -1, channels).to(dtype))
+                tokens.scatter_(1, expand_to(predict, channels), sampled.view(batch, -1, channels).to(dtype))
                 last_pass = num_masked
                 mask, num_masked = mask_next, num_masked_next
 
@@ -430,25 +392,10 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
                     local = {"tokens": tokens, "latents": tokens_to_latents(tokens, self.grid_size), "mask": mask}
                     given = {k: local[k] for k in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, i, step, given)
-                    tokens = self._tokens_from_callback(outputs, local, step)
+                    tokens = tokens_from_callback(outputs, local, step)
                     if state is not None and tokens is not local["tokens"]:
                         state.invalidate()
         return tokens
-
-    @staticmethod
-    def _tokens_from_callback(outputs: dict, local: dict, step: int) -> torch.Tensor:
-        # Callbacks commonly return their inputs unchanged (diffusers' examples do), so only a new
-        # tensor replaces the tokens; in-place edits need nothing: `latents` is a view of `tokens`.
-        # Compared with the pipeline's own tensors: a callback may have put new ones in the dict it got.
-        new = {k: outputs[k] for k in ("tokens", "latents") if k in outputs and outputs[k] is not local[k]}
-        if len(new) == 2:
-            raise ValueError(
-                f"ParScaleEARPipeline: `callback_on_step_end` returned both a new `tokens` and a new `latents` at "
-                f"step {step}; return a new tensor for one of them only (the other unchanged, or left out)."
-            )
-        if "latents" in new:
-            return latents_to_tokens(new["latents"])
-        return new.get("tokens", local["tokens"])
 
     def _hidden(self, tokens, mask, labels, null_labels=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One exact step's backbone: hidden states `(B, N, D)` of the conditional pass and, given
@@ -496,33 +443,26 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         r"""Generate images of the given classes.
 
         Args:
-            class_labels: class ids or names (see :meth:`get_label_ids`), alone or in a list, tuple,
-                tensor or array of any shape (flattened); one image each (times `num_images_per_class`).
-            num_inference_steps: autoregressive steps, any integer >= 1; a cosine schedule decides
-                how many tokens are predicted at each (with more steps than tokens, some predict
-                nothing, as in EAR). See :meth:`sample_tokens`.
-            guidance_scale: classifier-free guidance ``cfg``; hidden states are mixed before the
-                head as ``cfg_k * h_cond + (1 - cfg_k) * h_uncond``. 1 disables guidance. A step
-                callback may change `pipe._guidance_scale` for the steps after it.
-            guidance_schedule: "linear" (EAR / MAR: ``cfg_k`` grows from about 1 towards
-                `guidance_scale` as tokens are revealed, ending at ``1 + (cfg - 1) (N - 1) / N``)
-                or "constant" (``cfg_k = cfg``).
+            class_labels: class ids or names (see :meth:`get_label_ids`), alone or in a list, tuple, tensor or array of
+                any shape (flattened); one image each (times `num_images_per_class`).
+            num_inference_steps: autoregressive steps, any integer >= 1; a cosine schedule decides how many tokens each
+                predicts (with more steps than tokens some predict nothing, as in EAR; see :meth:`sample_tokens`).
+            guidance_scale: classifier-free guidance ``cfg``; hidden states are mixed before the head as
+                ``cfg_k * h_cond + (1 - cfg_k) * h_uncond``. 1 disables guidance. A step callback may change
+                `pipe._guidance_scale` for the steps after it.
+            guidance_schedule: "linear" (EAR / MAR: ``cfg_k`` grows from about 1 towards `guidance_scale` as tokens are
+                revealed, ending at ``1 + (cfg - 1) (N - 1) / N``) or "constant" (``cfg_k = cfg``).
             temperature: the energy head's temperature (scales the AdaLN shifts); EAR uses 0.7.
-            generator: a ``torch.Generator``, or one per image so that each image is reproducible
-                alone or inside any batch.
+            generator: a ``torch.Generator``, or one per image: each image is then reproducible alone or in any batch.
             num_images_per_class: images per entry of `class_labels`.
-            output_type: "pil", "np", "pt" (images in [0, 1]) or "latent" (scaled VAE latents
-                `(B, C, h, w)`).
+            output_type: "pil", "np", "pt" (images in [0, 1]) or "latent" (scaled VAE latents `(B, C, h, w)`).
             return_dict: return an :class:`~diffusers.ImagePipelineOutput` instead of a tuple.
-            callback_on_step_end: ``fn(pipe, i, step, tensors) -> dict`` called after the `i`-th step
-                run (schedule step `step`; the two differ only past skipped steps) with the tensors
-                named in `callback_on_step_end_tensor_inputs` (`tokens` `(B, N, C)`, `latents`
-                `(B, C, h, w)`, `mask` `(B, N)`, read-only); a returned new `tokens` or
-                `latents` replaces the current tokens. Setting `pipe._interrupt = True` skips the
-                remaining steps. See :meth:`sample_tokens`.
+            callback_on_step_end: ``fn(pipe, i, step, tensors) -> dict`` called after each step run with the tensors
+                named in `callback_on_step_end_tensor_inputs`; a returned new `tokens` or `latents` replaces the
+                tokens, and `pipe._interrupt = True` skips the remaining steps. See :meth:`sample_tokens`.
             callback_on_step_end_tensor_inputs: which tensors the callback receives.
-            cache: None (the default) samples exactly, as EAR does; a :class:`SamplingCache` turns on
-                LazyMAR's token and condition caches: faster, slightly different images.
+            cache: None (the default) samples exactly, as EAR does; a :class:`SamplingCache` turns on LazyMAR's token
+                and condition caches: faster, slightly different images.
 
         Returns:
             :class:`~diffusers.ImagePipelineOutput` with `.images`, or a tuple `(images,)`.
@@ -543,11 +483,10 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         )
         ids = [i for i in ids for _ in range(num_images_per_class)]
 
-        # 2. Prepare: all randomness of image i is drawn up front from its own generator: its order, then
-        # one noise vector per token (each token is sampled exactly once).
+        # 2. Prepare all randomness up front, image i's from its own generator: its order, then a noise per token.
         batch, device, n, head = len(ids), self._execution_device, self.grid_size**2, self.energy_head
-        orders = torch.argsort(_uniform(batch, (n,), generator, device), dim=1)
-        noise = head.noise_from_uniform(_uniform(batch, (n, *head.noise_shape), generator, device))
+        orders = torch.argsort(uniform(batch, (n,), generator, device), dim=1)
+        noise = head.noise_from_uniform(uniform(batch, (n, *head.noise_shape), generator, device))
 
         # 3. Masked autoregressive sampling of the tokens.
         tokens = self._sample_tokens(
@@ -564,13 +503,9 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         )
 
         # 4. Decode and post-process.
-        latents = tokens_to_latents(tokens, self.grid_size)
-        if output_type == "latent":
-            images = latents
-        else:
+        images = tokens_to_latents(tokens, self.grid_size)
+        if output_type != "latent":
             with eval_mode(self.vae):
-                images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+                images = self.image_processor.postprocess(self.decode_latents(images), output_type=output_type)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

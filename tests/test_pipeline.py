@@ -459,6 +459,16 @@ def test_a_million_steps_cost_what_the_tokens_need(pipe, monkeypatch):
         assert np.array_equal(images, run(pipe, num_inference_steps=10**6 + 7))
 
 
+def test_the_skipped_steps_warning_points_at_the_callers_line(pipe):
+    noise = torch.zeros(1, 16, *pipe.energy_head.noise_shape)
+    with pytest.warns(UserWarning, match="predict nothing") as warned:
+        pipe([1], num_inference_steps=20, output_type="latent", generator=gen(0))
+        pipe.sample_tokens(torch.tensor([1]), torch.arange(16)[None], noise, 20, 1.0)
+    # Not the pipeline's own files, nor torch.no_grad's wrapper: the two calls above, one line apart.
+    assert [w.filename for w in warned] == [__file__, __file__]
+    assert warned[1].lineno == warned[0].lineno + 1
+
+
 def test_sample_tokens_reveals_in_the_given_order_with_each_tokens_noise(pipe):
     ids = torch.tensor([1, 2])
     orders = torch.stack([torch.randperm(16, generator=gen(s)) for s in (1, 2)])
