@@ -43,22 +43,17 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 # ModelMixin is here for diffusers' loader: `DiffusionPipeline.from_pretrained` loads model_index.json's
 # ["parscale_ear_hf.training.dit", "<class>"] only when this module has `ModelMixin` (it looks for its loaders here).
-from diffusers import DDPMScheduler, DiTTransformer2DModel, ModelMixin  # noqa: F401
-from diffusers.models.embeddings import LabelEmbedding
+from diffusers import DiTTransformer2DModel, ModelMixin  # noqa: F401
 
 from ..models._checks import check_float, check_int, check_mixed_precision
 from . import recipe
+from .objectives import NOISE_SCHEDULE, DiTTrainingModel
 
 # `DiTPipeline.__call__` hard-codes this id as the unconditional ("null") class: ImageNet's 1000.
 DIT_PIPELINE_NULL_CLASS = 1000
-# DiT's diffusion: linear betas over 1000 steps, epsilon prediction (Peebles & Xie; ADM's schedule).
-NOISE_SCHEDULE = dict(
-    num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon"
-)
 LATENT_SCALING = "z * scaling_factor (DiTPipeline decodes latents / vae.config.scaling_factor; no shift_factor)"
 
 
@@ -75,46 +70,6 @@ class NullClassDiTTransformer2DModel(DiTTransformer2DModel):
             null = self.config.num_embeds_ada_norm
             class_labels = torch.where(class_labels == DIT_PIPELINE_NULL_CLASS, null, class_labels)
         return super().forward(hidden_states, timestep, class_labels, *args, **kwargs)
-
-
-class DiTTrainingModel(torch.nn.Module):
-    """DiT's training loss around a :class:`NullClassDiTTransformer2DModel`.
-
-    Labels are dropped once per example here, from the caller's generator. diffusers' transformer has
-    a label table in every block, and in training mode each would drop labels on its own (from the
-    global generator); those tables are kept in eval mode, so every block sees the same label.
-    """
-
-    def __init__(self, transformer: DiTTransformer2DModel, class_dropout_prob: float = 0.1):
-        super().__init__()
-        self.transformer = transformer
-        self.noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
-        self.class_dropout_prob = class_dropout_prob
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in self.transformer.modules():
-            if isinstance(module, LabelEmbedding):
-                module.eval()
-        return self
-
-    def forward(self, latents: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The epsilon-prediction MSE of a batch.
-
-        Args:
-            latents: `(B, C, h, w)`, scaled as :data:`LATENT_SCALING` says.
-            labels: `(B,)` class ids in ``[0, num_embeds_ada_norm)``.
-            generator: a CPU generator for the timesteps, the noise and the label dropout.
-        """
-        batch, device = latents.shape[0], latents.device
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (batch,), generator=generator).to(device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
-        drop = (torch.rand(batch, generator=generator) < self.class_dropout_prob).to(device)
-        labels = torch.where(drop, self.transformer.config.num_embeds_ada_norm, labels)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.transformer(noisy, timestep=timesteps, class_labels=labels).sample
-        return F.mse_loss(prediction.float(), noise.float())
 
 
 def build_transformer(info: dict, args) -> NullClassDiTTransformer2DModel:

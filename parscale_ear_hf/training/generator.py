@@ -1,8 +1,7 @@
 """Generator training: LiteHybrid + EARTransformer + EnergyHead on cached latents, with `accelerate`.
 
 `examples/train_ear.py` and `parscale-ear train` parse :func:`add_arguments` and call :func:`run`.
-The method itself (masking, label dropout, the energy loss) is
-:class:`parscale_ear_hf.models.ear_training.EARTrainingModel`.
+The method itself (masking, label dropout, the energy loss) is :class:`~.objectives.EARTrainingModel`.
 """
 
 from __future__ import annotations
@@ -19,11 +18,11 @@ import torch
 
 from ..models._checks import check_float, check_int, check_mixed_precision
 from ..models.diffusion_head import DiffusionHead
-from ..models.ear_training import EARTrainingModel
 from ..models.ear_transformer import EARTransformer
 from ..models.energy_head import EnergyHead
 from ..models.lite_hybrid import LiteHybrid
 from . import recipe
+from .objectives import EARTrainingModel
 
 # ---------------------------------------------------------------------------------------------
 # The training loop: `examples/train_ear.py` and `parscale-ear train` parse these arguments and
