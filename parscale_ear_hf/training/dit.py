@@ -186,8 +186,6 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
     """
     from accelerate import Accelerator
 
-    from ..data import derived_seed
-    from ..info import count_parameters
     from . import loop
     from .checkpointing import JsonlLog, resume_point
     from .latent_cache import load_cache_vae
@@ -211,9 +209,7 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
     vae = load_cache_vae("train-dit", args.latents, info, args.vae)  # up front: a wrong VAE fails now
     torch.manual_seed(args.seed)
     model = DiTTrainingModel(build_transformer(info, args), args.class_dropout_prob)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"name": "all", "params": params, "lr_scale": 1.0, "weight_decay": args.weight_decay}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas))
+    optimizer = _optimizer(model, args)
     ema = recipe.make_ema(model.parameters(), args.ema_decay, warmup=args.ema_warmup)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -221,25 +217,14 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
     sample = functools.partial(_ema_pipeline, unwrapped, ema, vae, info, args)
 
     log = JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
-    parameters = {"dit_transformer": count_parameters(unwrapped.transformer)}
-    if compared is not None:
-        parameters["compared"] = compared
-        parameters["ratio_to_compared"] = parameters["dit_transformer"] / compared["generator_total"]
-    # `parscale-ear train-dit` puts its handler function in the namespace (`set_defaults(func=...)`).
-    this_run = {"args": {k: v for k, v in vars(args).items() if not callable(v)}}
+    details = _run_details(unwrapped.transformer, compared, info)
     start_step = loop.load_resume(accelerator, resume_from, log, parts)
     if resume_from is not None:
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
-    details = {
-        "transformer": {k: v for k, v in unwrapped.transformer.config.items() if not k.startswith("_")},
-        "noise_schedule": NOISE_SCHEDULE,
-        "latent_scaling": LATENT_SCALING,
-        "parameters": parameters,
-        "latent_cache": info,
-    }
+    this_run = {"args": loop.run_flags(args)}
     loop.write_run_config(accelerator, output_dir, log, this_run, details, start_step, resumed=resume_from is not None)
     accelerator.print(
-        f"DiT: {parameters['dit_transformer']:,} parameters"
+        f"DiT: {details['parameters']['dit_transformer']:,} parameters"
         + (f"; compared generator: {compared['generator_total']:,}" if compared else "")
     )
 
@@ -248,21 +233,54 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
         model.train()
         lr = schedule.lr_at(step)
         recipe.set_lr(optimizer, lr)
-        generator = torch.Generator().manual_seed(derived_seed(args.seed, step, 0, accelerator.process_index))
-        # shift_factor 0.0: the DiT learns z * scaling_factor (LATENT_SCALING)
-        latents, labels = loop.read_batch(accelerator, dataset, info, step, generator, args.batch_size, args.seed, 0.0)
-        loss = model(latents, labels, generator=generator)  # the prepared model autocasts (bf16)
-        accelerator.backward(loss)
-        if args.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_loss = _update(accelerator, model, optimizer, dataset, info, step, args)
         ema.step(unwrapped.parameters())
-        step_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
         steps.end(step, step_loss, {"lr": lr})
 
     loop.save_final_pipeline(accelerator, sample, output_dir, "DiTPipeline")
     return unwrapped
+
+
+def _optimizer(model: DiTTrainingModel, args) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, one group ``all`` at ``--weight-decay``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"name": "all", "params": params, "lr_scale": 1.0, "weight_decay": args.weight_decay}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas))
+
+
+def _run_details(transformer: NullClassDiTTransformer2DModel, compared: dict | None, info: dict) -> dict:
+    """What the run is, for run_config.json: the transformer's config, the diffusion, the latent scaling, the
+    parameter counts (beside ``compared``'s, when ``--compare-parameters`` is given) and the latent cache."""
+    from ..info import count_parameters
+
+    parameters = {"dit_transformer": count_parameters(transformer)}
+    if compared is not None:
+        parameters["compared"] = compared
+        parameters["ratio_to_compared"] = parameters["dit_transformer"] / compared["generator_total"]
+    return {
+        "transformer": {k: v for k, v in transformer.config.items() if not k.startswith("_")},
+        "noise_schedule": NOISE_SCHEDULE,
+        "latent_scaling": LATENT_SCALING,
+        "parameters": parameters,
+        "latent_cache": info,
+    }
+
+
+def _update(accelerator, model, optimizer, dataset, info: dict, step: int, args) -> float:
+    """Optimizer update ``step`` on global batch ``step``; returns its loss, the mean over the processes."""
+    from ..data import derived_seed
+    from . import loop
+
+    generator = torch.Generator().manual_seed(derived_seed(args.seed, step, 0, accelerator.process_index))
+    # shift_factor 0.0: the DiT learns z * scaling_factor (LATENT_SCALING)
+    latents, labels = loop.read_batch(accelerator, dataset, info, step, generator, args.batch_size, args.seed, 0.0)
+    loss = model(latents, labels, generator=generator)  # the prepared model autocasts (bf16)
+    accelerator.backward(loss)
+    if args.grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(loss.detach(), reduction="mean").item()
 
 
 def _ema_pipeline(model: DiTTrainingModel, ema, vae, info: dict, args, grid_path: Path):

@@ -71,6 +71,12 @@ def load_resume(accelerator, resume_from: Path | None, log: JsonlLog, parts: dic
     return start_step
 
 
+def run_flags(args) -> dict:
+    """The flags of a run as its record keeps them: ``vars(args)`` without the handler function that the
+    ``parscale-ear`` subcommands put in the namespace (``set_defaults(func=...)``)."""
+    return {k: v for k, v in vars(args).items() if not callable(v)}
+
+
 def write_run_config(
     accelerator, output_dir: Path, log: JsonlLog, this_run: dict, details: dict, start_step: int, resumed: bool
 ) -> None:

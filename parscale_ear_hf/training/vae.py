@@ -432,8 +432,7 @@ def run(args: argparse.Namespace) -> dict:
 
     log = JsonlLog(output_dir / LOG_FILE, enabled=accelerator.is_main_process)
     start_step = loop.load_resume(accelerator, resume_from, log, parts)
-    # `parscale-ear train-vae` puts its handler function in the namespace (`set_defaults(func=...)`).
-    this_run = {"args": {k: v for k, v in vars(args).items() if not callable(v)}}
+    this_run = {"args": loop.run_flags(args)}
     details = {"vae_config": config}
     loop.write_run_config(accelerator, output_dir, log, this_run, details, start_step, resumed=resume_from is not None)
 
