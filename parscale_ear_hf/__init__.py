@@ -2,8 +2,8 @@
 a wavelet LiteVAE and a Lite-Hybrid token module, as a Hugging Face diffusers pipeline."""
 
 from .models import DiffusionHead, EARTransformer, EnergyHead, LiteHybrid, LiteVAE, energy_score_loss
-from .models.ear_training import EARTrainingModel
 from .pipeline_parscale_ear import ParScaleEARPipeline, SamplingCache
+from .training.objectives import EARTrainingModel
 
 __version__ = "0.1.0"
 

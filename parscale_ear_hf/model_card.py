@@ -237,15 +237,6 @@ def build_model_card(
         model_name=model_name,
         eval_results=[e for record in results for e in eval_results(record)] or None,
     )
-    hybrid = summary["configs"]["lite_hybrid"]
-    branches = [name for name, on in (("coarse", hybrid["use_coarse"]), ("fine", hybrid["use_fine"])) if on]
-    names = [pipe.id2label[i].split(",")[0] for i in sorted(pipe.id2label)] if pipe.id2label else []
-    num_tokens = pipe.grid_size**2
-    sampled = [r["sampling"] for r in results if r["sampling"] is not None]
-    if sampled:
-        snippet_sampling = {k: sampled[0][k] for k in ("num_inference_steps", "guidance_scale", "temperature")}
-    else:
-        snippet_sampling = {"num_inference_steps": min(64, num_tokens)}
     card_provenance = provenance()
     return ModelCard.from_template(
         card_data,
@@ -254,6 +245,25 @@ def build_model_card(
         card_revision=card_provenance["git_revision"],
         model_name=model_name,
         repo_id=model_id or os.fspath(pipeline_dir),
+        **_model_fields(pipe, summary),
+        snippet_sampling=_snippet_sampling(results, pipe.grid_size**2),
+        demo_extractors=sorted(
+            {r["extractor"]["name"] for r in results if any(k.startswith(DEMO_PREFIX) for k in r["metrics"])}
+        ),
+        results=[_result_fields(r) for r in results],
+        datasets=datasets or [],
+        training=_training_summary(pipeline_dir),
+        grid_section=grid_section,
+    )
+
+
+def _model_fields(pipe: ParScaleEARPipeline, summary: dict) -> dict:
+    """The template's fields that describe the model: sizes, components, parameters, class names."""
+    hybrid = summary["configs"]["lite_hybrid"]
+    branches = [name for name, on in (("coarse", hybrid["use_coarse"]), ("fine", hybrid["use_fine"])) if on]
+    names = [pipe.id2label[i].split(",")[0] for i in sorted(pipe.id2label)] if pipe.id2label else []
+    num_tokens = pipe.grid_size**2
+    return dict(
         image_size=summary["image_size"],
         image_channels=summary["image_channels"],
         num_classes=summary["num_classes"],
@@ -265,33 +275,35 @@ def build_model_card(
         label_preview=", ".join(names[:5]) + (", ..." if len(names) > 5 else ""),
         has_label_names=bool(names),
         example_labels=list(range(min(4, summary["num_classes"]))),
-        snippet_sampling=snippet_sampling,
-        demo_extractors=sorted(
-            {r["extractor"]["name"] for r in results if any(k.startswith(DEMO_PREFIX) for k in r["metrics"])}
-        ),
-        results=[
-            {
-                "headline": f"`{r['metric']}` = {format_number(r['value'])}",
-                "rows": [
-                    {"key": key, "name": metric_name(key), "value": format_number(value)}
-                    for key, value in r["metrics"].items()
-                ],
-                "samples": samples_summary(r["samples"]),
-                "reference": reference_summary(r["reference"]),
-                "extractor": r["extractor"]["name"],
-                "sampling": sampling_summary(r["sampling"]),
-                "revision": short_revision(r),
-                "git_revision": r["provenance"]["git_revision"],
-                "time_utc": r["provenance"]["time_utc"],
-                "machine": machine_summary(r["provenance"]["machine"]),
-                "command": r["provenance"]["command"],
-            }
-            for r in results
-        ],
-        datasets=datasets or [],
-        training=_training_summary(pipeline_dir),
-        grid_section=grid_section,
     )
+
+
+def _snippet_sampling(results: list[dict], num_tokens: int) -> dict:
+    """The sampling settings of the card's loading snippet: the first sampled result's, else at most 64 steps."""
+    sampled = [r["sampling"] for r in results if r["sampling"] is not None]
+    if sampled:
+        return {k: sampled[0][k] for k in ("num_inference_steps", "guidance_scale", "temperature")}
+    return {"num_inference_steps": min(64, num_tokens)}
+
+
+def _result_fields(record: dict) -> dict:
+    """One evaluation record as the template shows it: headline, metric rows, and how it was measured."""
+    return {
+        "headline": f"`{record['metric']}` = {format_number(record['value'])}",
+        "rows": [
+            {"key": key, "name": metric_name(key), "value": format_number(value)}
+            for key, value in record["metrics"].items()
+        ],
+        "samples": samples_summary(record["samples"]),
+        "reference": reference_summary(record["reference"]),
+        "extractor": record["extractor"]["name"],
+        "sampling": sampling_summary(record["sampling"]),
+        "revision": short_revision(record),
+        "git_revision": record["provenance"]["git_revision"],
+        "time_utc": record["provenance"]["time_utc"],
+        "machine": machine_summary(record["provenance"]["machine"]),
+        "command": record["provenance"]["command"],
+    }
 
 
 def _would_lose(path: Path, card: ModelCard) -> str | None:

@@ -56,9 +56,9 @@ from torch.utils import flop_counter
 
 from .info import count_parameters
 from .models._checks import check_float, check_int
-from .models.ear_training import EARTrainingModel
 from .results import short_revision, write_results
 from .training.generator import build_components
+from .training.objectives import EARTrainingModel
 
 GIB = 2**30
 # The shipped configs the plan reads, by file stem, with their names in the tables.

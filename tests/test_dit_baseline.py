@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from parscale_ear_hf import LiteVAE, ParScaleEARPipeline, cli
 from parscale_ear_hf import evaluation as ev
 from parscale_ear_hf.info import count_parameters
-from parscale_ear_hf.training import checkpointing, dit, latent_cache
+from parscale_ear_hf.training import checkpointing, dit, latent_cache, objectives
 from parscale_ear_hf.training.checkpointing import JsonlLog
 
 from conftest import make_latent_workspace, tiny_pipeline
@@ -90,7 +90,7 @@ def test_labels_are_dropped_once_per_example_from_the_callers_generator():
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2, sample_size=4,
         patch_size=1, num_embeds_ada_norm=10,
     )  # fmt: skip
-    model = dit.DiTTrainingModel(transformer, class_dropout_prob=0.5).train()
+    model = objectives.DiTTrainingModel(transformer, class_dropout_prob=0.5).train()
     tables = [m for m in model.modules() if isinstance(m, LabelEmbedding)]
     assert len(tables) == 2 and not any(m.training for m in tables) and transformer.transformer_blocks[0].training
     seen = []

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from parscale_ear_hf import DiffusionHead, EARTransformer, EnergyHead, ParScaleEARPipeline
-from parscale_ear_hf.models.ear_training import EARTrainingModel
 from parscale_ear_hf.training import generator
+from parscale_ear_hf.training.objectives import EARTrainingModel
 from research.evidence_grid import experiments as ex
 
 from conftest import make_latent_workspace

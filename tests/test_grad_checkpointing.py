@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from parscale_ear_hf.models.diffusion_head import DiffusionHead
-from parscale_ear_hf.models.ear_training import EARTrainingModel
 from parscale_ear_hf.plan import measure_step
 from parscale_ear_hf.training import generator
+from parscale_ear_hf.training.objectives import EARTrainingModel
 
 from conftest import make_latent_workspace, tiny_components
 

@@ -543,6 +543,21 @@ def test_lr_from_blr_with_a_warm_up_in_epochs_follows_ear(schedule):
     assert (resolved.lr_at(29) < resolved.lr / 10) == (schedule == "cosine")
 
 
+def test_lr_at_step_warms_up_from_0_then_stays_or_follows_a_half_cosine_to_min_lr():
+    cosine = dict(lr=1.0, warmup_steps=4, max_steps=12, schedule="cosine", min_lr=0.1)
+    assert [recipe.lr_at_step(s, **cosine) for s in (0, 1, 2, 4)] == [0.0, 0.25, 0.5, 1.0]  # warm-up start, end
+    assert recipe.lr_at_step(6, **cosine) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+    assert recipe.lr_at_step(8, **cosine) == pytest.approx(0.55)  # mid-cosine: halfway between lr and min_lr
+    assert recipe.lr_at_step(12, **cosine) == pytest.approx(0.1)  # the end
+    lrs = [recipe.lr_at_step(s, **cosine) for s in range(13)]
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    constant = {**cosine, "schedule": "constant"}
+    assert [recipe.lr_at_step(s, **constant) for s in (0, 2, 4, 11, 12)] == [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert recipe.lr_at_step(0, lr=0.1, warmup_steps=0, max_steps=6, schedule="cosine") == 0.1  # no warm-up
+    with pytest.raises(ValueError, match=r"`schedule` must be one of \('constant', 'cosine'\), got 'linear'"):
+        recipe.lr_at_step(5, **{**cosine, "schedule": "linear"})
+
+
 def test_set_lr_scales_each_group():
     model = tiny_model()
     optimizer = torch.optim.AdamW(recipe.param_groups(model, "reference", head_lr_scale=0.25), lr=1.0)

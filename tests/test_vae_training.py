@@ -1,5 +1,5 @@
-"""`parscale_ear_hf.training.vae`: the losses, a short run, exact resume (also from an interim checkpoint),
-latent scale, a fresh start keeps an earlier run's log, errors."""
+"""`parscale_ear_hf.training.vae`: the losses, the learning-rate schedule, a short run, exact resume (also from an
+interim checkpoint), latent scale, a fresh start keeps an earlier run's log, errors."""
 
 import argparse
 import itertools
@@ -21,7 +21,9 @@ from parscale_ear_hf import LiteVAE
 from parscale_ear_hf.data import image_loader
 from parscale_ear_hf.training import checkpointing
 from parscale_ear_hf.training import vae as vae_training
-from parscale_ear_hf.training.vae import LOG_FILE, add_arguments, learning_rate, run, wavelet_highfreq_loss
+from parscale_ear_hf.training.objectives import wavelet_highfreq_loss
+from parscale_ear_hf.training.recipe import lr_at_step
+from parscale_ear_hf.training.vae import LOG_FILE, add_arguments, run
 
 # A 16x16 grayscale LiteVAE with a 4x4x4 latent.
 TINY_FLAGS = (
@@ -80,12 +82,18 @@ def test_wavelet_loss_zero_for_identical_positive_for_blurred():
     assert wavelet_highfreq_loss(images + 0.5, images) < 1e-6
 
 
-def test_learning_rate_warmup_then_constant_or_cosine():
-    lrs = [learning_rate(s, lr=1.0, max_steps=6, warmup_steps=2, schedule="cosine") for s in range(7)]
-    assert lrs[:2] == [0.5, 1.0]
-    assert lrs[2] == 1.0 and lrs[4] == pytest.approx(0.5) and lrs[6] == pytest.approx(0.0)
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
-    assert [learning_rate(s, lr=0.1, max_steps=6) for s in (0, 5)] == [0.1, 0.1]
+def test_the_vae_trains_at_the_recipes_learning_rate_schedule(dataset_dir, tmp_path):
+    """Linear warm-up from 0 (update 0 at lr 0), then a half cosine down to --min-lr, as `lr_at_step` says."""
+    out = tmp_path / "out"
+    flags = ("--max-steps", 6, "--log-every", 1, "--checkpoint-every", 0, "--lr-schedule", "cosine")
+    run(make_args(dataset_dir, out, *flags, "--lr-warmup-steps", 2, "--min-lr", "1e-4"))
+    logged = [r["lr"] for r in read_log(out) if "lr" in r]
+    schedule = dict(lr=3e-3, warmup_steps=2, max_steps=6, schedule="cosine", min_lr=1e-4)
+    assert logged == [lr_at_step(s, **schedule) for s in range(6)]
+    assert logged == pytest.approx(
+        [0.0, 1.5e-3, 3e-3, 3e-3 - 2.9e-3 / 2 * (1 - 0.5**0.5), (3e-3 + 1e-4) / 2, 1e-4 + 2.9e-3 / 2 * (1 - 0.5**0.5)],
+        abs=1e-12,
+    )
 
 
 def test_training_reduces_the_loss_and_saves_a_scaled_vae(dataset_dir, tmp_path):
@@ -118,6 +126,8 @@ def test_training_reduces_the_loss_and_saves_a_scaled_vae(dataset_dir, tmp_path)
     assert record["metric"] == "vae_heldout_psnr" and record["value"] == summary["heldout_psnr"]
     assert record["split"] == "heldout" and record["steps"] == 30 and record["model"] == str(out / "vae")
     assert "provenance" in record
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["vae_config"]["latent_channels"] == 4 and run_config["args"]["max_steps"] == 30
 
 
 class Killed(Exception):
@@ -136,14 +146,12 @@ def test_resume_after_a_kill_continues_exactly(dataset_dir, tmp_path, monkeypatc
 
     # Kill the second run before its 6th step: steps 4 and 5 are logged after the checkpoint at 3. With
     # `interim`, a clock that reads a minute later each time saves interim checkpoints after steps 4 and 5 too.
-    learning_rate = vae_training.learning_rate
-
     def killed_before_step_6(step, **kwargs):
         if step == 5:
             raise Killed
-        return learning_rate(step, **kwargs)
+        return lr_at_step(step, **kwargs)
 
-    monkeypatch.setattr(vae_training, "learning_rate", killed_before_step_6)
+    monkeypatch.setattr(vae_training, "lr_at_step", killed_before_step_6)
     monkeypatch.setattr(checkpointing, "monotonic", itertools.count(0.0, 60.0).__next__)
     minutes = ("--checkpoint-minutes", 1 if interim else 0)
     with pytest.raises(Killed):
@@ -217,6 +225,7 @@ def test_vae_config_file_and_flags(dataset_dir, tmp_path):
             ([flag, value], ValueError, rf"`{flag}` must be a finite number (>=|in) .*, got {value}\.")
             for flag, values in (
                 ("--lr", ("0.0", "-0.001", "inf", "nan")),
+                ("--min-lr", ("-0.001", "0.01", "nan")),  # at most the --lr 3e-3
                 ("--weight-decay", ("-0.1", "inf", "nan")),
                 ("--max-grad-norm", ("-1.0", "inf", "nan")),
                 ("--kl-weight", ("-0.001", "inf", "nan")),

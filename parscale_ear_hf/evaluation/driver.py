@@ -233,44 +233,12 @@ def run(args: argparse.Namespace) -> dict | None:
         args.extractor, inception_weights=args.inception_weights, classifier=args.classifier, device=accelerator.device
     )
     extractor.check_images(channels, image_size)
-    if args.reference is not None:
-        reference = load_reference(args.reference, extractor if main else None)
-    else:
-        if main:
-            reference_from_dataset(
-                lambda: load_dataset_from_args(args, args.split),
-                dataset_name=args.dataset,
-                split=args.split,
-                image_size=image_size,
-                channels=channels,
-                extractor=extractor,
-                cache_dir=args.reference_cache_dir,
-                max_images=args.reference_max_images,
-                allow_upsampling=args.allow_upsampling,
-            )
-        accelerator.wait_for_everyone()
-        reference = load_reference(
-            reference_cache_path(args.reference_cache_dir, args.dataset, args.split, image_size, extractor)
-        )
+    reference = _load_reference(args, accelerator, extractor, image_size, channels)
     reference.check_fits(extractor, image_size)
 
     # A DiTPipeline's samples depend on its scheduler too.
     scheduler = _describe_scheduler(pipe.scheduler) if pipeline_class == "DiTPipeline" else None
-    config = {
-        "model": args.model,
-        "pipeline_class": pipeline_class,
-        "images_per_class": args.images_per_class,
-        "classes": args.classes,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "sampling": sampling,
-        **({"scheduler": scheduler} if scheduler else {}),
-        "compile": args.compile,
-        "extractor": extractor.name,
-        "extractor_weights_sha1": extractor.weights_sha1,
-        "mixed_precision": args.mixed_precision,
-        "weights_sha256": weights_fingerprint(*modules, extractor.model),
-    }
+    config = _eval_config(args, pipeline_class, sampling, scheduler, extractor, modules)
     if main:
         check_run_config(args.output_dir, config)
     accelerator.wait_for_everyone()
@@ -299,8 +267,6 @@ def run(args: argparse.Namespace) -> dict | None:
     )
     if args.adm_npz:
         write_adm_npz(png_dir, args.adm_npz, num_samples)
-    import resource
-
     payload = {
         "metric": f"{extractor.metric_prefix}fid",
         "value": metrics[f"{extractor.metric_prefix}fid"],
@@ -316,6 +282,62 @@ def run(args: argparse.Namespace) -> dict | None:
         },
         "reference": _describe_reference(reference),
         "extractor": extractor.describe(),
+        **_how_it_ran(args, sampling, scheduler, accelerator, start),
+    }
+    results_file = args.results_file or Path(args.output_dir) / "results.json"
+    record = write_results(results_file, payload)
+    print(json.dumps({"results_file": os.fspath(results_file), **metrics}, indent=2))
+    return record
+
+
+def _load_reference(args, accelerator, extractor, image_size: int, channels: int):
+    """The reference statistics: ``--reference``'s, or those of ``--dataset``'s split, computed once by the main
+    process into ``--reference-cache-dir`` (or read from there) and then loaded by every process."""
+    if args.reference is not None:
+        return load_reference(args.reference, extractor if accelerator.is_main_process else None)
+    if accelerator.is_main_process:
+        reference_from_dataset(
+            lambda: load_dataset_from_args(args, args.split),
+            dataset_name=args.dataset,
+            split=args.split,
+            image_size=image_size,
+            channels=channels,
+            extractor=extractor,
+            cache_dir=args.reference_cache_dir,
+            max_images=args.reference_max_images,
+            allow_upsampling=args.allow_upsampling,
+        )
+    accelerator.wait_for_everyone()
+    return load_reference(
+        reference_cache_path(args.reference_cache_dir, args.dataset, args.split, image_size, extractor)
+    )
+
+
+def _eval_config(args, pipeline_class: str, sampling: dict, scheduler: dict | None, extractor, modules) -> dict:
+    """What the features in ``--output-dir`` are of (eval_config.json): a resumed run must match it."""
+    return {
+        "model": args.model,
+        "pipeline_class": pipeline_class,
+        "images_per_class": args.images_per_class,
+        "classes": args.classes,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "sampling": sampling,
+        **({"scheduler": scheduler} if scheduler else {}),
+        "compile": args.compile,
+        "extractor": extractor.name,
+        "extractor_weights_sha1": extractor.weights_sha1,
+        "mixed_precision": args.mixed_precision,
+        "weights_sha256": weights_fingerprint(*modules, extractor.model),
+    }
+
+
+def _how_it_ran(args, sampling: dict, scheduler: dict | None, accelerator, start: float) -> dict:
+    """The results' record of the sampling, its timing, the processes, the time since ``start`` and the peak
+    memory."""
+    import resource
+
+    return {
         "sampling": {
             **sampling,
             # Read by results.py's tables: a DiTPipeline guides with one scale at every step, and has no temperature.
@@ -338,10 +360,6 @@ def run(args: argparse.Namespace) -> dict | None:
         # ru_maxrss is in KiB on Linux: the peak of this (main) process, sampling and scoring included.
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    results_file = args.results_file or Path(args.output_dir) / "results.json"
-    record = write_results(results_file, payload)
-    print(json.dumps({"results_file": os.fspath(results_file), **metrics}, indent=2))
-    return record
 
 
 def _describe_scheduler(scheduler) -> dict:

@@ -1,7 +1,6 @@
-"""Training drivers, one concern per file: ``generator`` (the EAR loop and its flags), ``dit`` (the DiT
-baseline's), ``loop`` (the steps those two loops share), ``recipe`` (EAR's optimisation recipe: lr from blr,
-schedule, parameter groups, EMA), ``vae`` (the LiteVAE loop), ``latent_cache`` (encode a dataset once),
+"""Training drivers, one concern per file: ``objectives`` (the losses the trainers optimise: EAR's, the DiT
+baseline's, the LiteVAE's), ``generator`` (the EAR loop and its flags), ``dit`` (the DiT baseline's), ``vae`` (the
+LiteVAE's), ``loop`` (the steps those three loops share), ``recipe`` (EAR's optimisation recipe: lr from blr, the
+learning-rate schedule of every trainer, parameter groups, EMA), ``latent_cache`` (encode a dataset once),
 ``checkpointing`` (atomic, pickle-free checkpoints).
-
-The method they train lives beside the models: :class:`parscale_ear_hf.models.ear_training.EARTrainingModel`.
 """

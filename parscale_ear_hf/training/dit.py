@@ -43,22 +43,17 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 # ModelMixin is here for diffusers' loader: `DiffusionPipeline.from_pretrained` loads model_index.json's
 # ["parscale_ear_hf.training.dit", "<class>"] only when this module has `ModelMixin` (it looks for its loaders here).
-from diffusers import DDPMScheduler, DiTTransformer2DModel, ModelMixin  # noqa: F401
-from diffusers.models.embeddings import LabelEmbedding
+from diffusers import DiTTransformer2DModel, ModelMixin  # noqa: F401
 
 from ..models._checks import check_float, check_int, check_mixed_precision
 from . import recipe
+from .objectives import NOISE_SCHEDULE, DiTTrainingModel
 
 # `DiTPipeline.__call__` hard-codes this id as the unconditional ("null") class: ImageNet's 1000.
 DIT_PIPELINE_NULL_CLASS = 1000
-# DiT's diffusion: linear betas over 1000 steps, epsilon prediction (Peebles & Xie; ADM's schedule).
-NOISE_SCHEDULE = dict(
-    num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon"
-)
 LATENT_SCALING = "z * scaling_factor (DiTPipeline decodes latents / vae.config.scaling_factor; no shift_factor)"
 
 
@@ -75,46 +70,6 @@ class NullClassDiTTransformer2DModel(DiTTransformer2DModel):
             null = self.config.num_embeds_ada_norm
             class_labels = torch.where(class_labels == DIT_PIPELINE_NULL_CLASS, null, class_labels)
         return super().forward(hidden_states, timestep, class_labels, *args, **kwargs)
-
-
-class DiTTrainingModel(torch.nn.Module):
-    """DiT's training loss around a :class:`NullClassDiTTransformer2DModel`.
-
-    Labels are dropped once per example here, from the caller's generator. diffusers' transformer has
-    a label table in every block, and in training mode each would drop labels on its own (from the
-    global generator); those tables are kept in eval mode, so every block sees the same label.
-    """
-
-    def __init__(self, transformer: DiTTransformer2DModel, class_dropout_prob: float = 0.1):
-        super().__init__()
-        self.transformer = transformer
-        self.noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
-        self.class_dropout_prob = class_dropout_prob
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in self.transformer.modules():
-            if isinstance(module, LabelEmbedding):
-                module.eval()
-        return self
-
-    def forward(self, latents: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The epsilon-prediction MSE of a batch.
-
-        Args:
-            latents: `(B, C, h, w)`, scaled as :data:`LATENT_SCALING` says.
-            labels: `(B,)` class ids in ``[0, num_embeds_ada_norm)``.
-            generator: a CPU generator for the timesteps, the noise and the label dropout.
-        """
-        batch, device = latents.shape[0], latents.device
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (batch,), generator=generator).to(device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
-        drop = (torch.rand(batch, generator=generator) < self.class_dropout_prob).to(device)
-        labels = torch.where(drop, self.transformer.config.num_embeds_ada_norm, labels)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.transformer(noisy, timestep=timesteps, class_labels=labels).sample
-        return F.mse_loss(prediction.float(), noise.float())
 
 
 def build_transformer(info: dict, args) -> NullClassDiTTransformer2DModel:
@@ -231,8 +186,6 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
     """
     from accelerate import Accelerator
 
-    from ..data import derived_seed
-    from ..info import count_parameters
     from . import loop
     from .checkpointing import JsonlLog, resume_point
     from .latent_cache import load_cache_vae
@@ -256,9 +209,7 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
     vae = load_cache_vae("train-dit", args.latents, info, args.vae)  # up front: a wrong VAE fails now
     torch.manual_seed(args.seed)
     model = DiTTrainingModel(build_transformer(info, args), args.class_dropout_prob)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"name": "all", "params": params, "lr_scale": 1.0, "weight_decay": args.weight_decay}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas))
+    optimizer = _optimizer(model, args)
     ema = recipe.make_ema(model.parameters(), args.ema_decay, warmup=args.ema_warmup)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -266,25 +217,14 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
     sample = functools.partial(_ema_pipeline, unwrapped, ema, vae, info, args)
 
     log = JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
-    parameters = {"dit_transformer": count_parameters(unwrapped.transformer)}
-    if compared is not None:
-        parameters["compared"] = compared
-        parameters["ratio_to_compared"] = parameters["dit_transformer"] / compared["generator_total"]
-    # `parscale-ear train-dit` puts its handler function in the namespace (`set_defaults(func=...)`).
-    this_run = {"args": {k: v for k, v in vars(args).items() if not callable(v)}}
+    details = _run_details(unwrapped.transformer, compared, info)
     start_step = loop.load_resume(accelerator, resume_from, log, parts)
     if resume_from is not None:
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
-    details = {
-        "transformer": {k: v for k, v in unwrapped.transformer.config.items() if not k.startswith("_")},
-        "noise_schedule": NOISE_SCHEDULE,
-        "latent_scaling": LATENT_SCALING,
-        "parameters": parameters,
-        "latent_cache": info,
-    }
+    this_run = {"args": loop.run_flags(args)}
     loop.write_run_config(accelerator, output_dir, log, this_run, details, start_step, resumed=resume_from is not None)
     accelerator.print(
-        f"DiT: {parameters['dit_transformer']:,} parameters"
+        f"DiT: {details['parameters']['dit_transformer']:,} parameters"
         + (f"; compared generator: {compared['generator_total']:,}" if compared else "")
     )
 
@@ -293,21 +233,54 @@ def run(args: argparse.Namespace) -> DiTTrainingModel:
         model.train()
         lr = schedule.lr_at(step)
         recipe.set_lr(optimizer, lr)
-        generator = torch.Generator().manual_seed(derived_seed(args.seed, step, 0, accelerator.process_index))
-        # shift_factor 0.0: the DiT learns z * scaling_factor (LATENT_SCALING)
-        latents, labels = loop.read_batch(accelerator, dataset, info, step, generator, args.batch_size, args.seed, 0.0)
-        loss = model(latents, labels, generator=generator)  # the prepared model autocasts (bf16)
-        accelerator.backward(loss)
-        if args.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_loss = _update(accelerator, model, optimizer, dataset, info, step, args)
         ema.step(unwrapped.parameters())
-        step_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
         steps.end(step, step_loss, {"lr": lr})
 
     loop.save_final_pipeline(accelerator, sample, output_dir, "DiTPipeline")
     return unwrapped
+
+
+def _optimizer(model: DiTTrainingModel, args) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, one group ``all`` at ``--weight-decay``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"name": "all", "params": params, "lr_scale": 1.0, "weight_decay": args.weight_decay}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas))
+
+
+def _run_details(transformer: NullClassDiTTransformer2DModel, compared: dict | None, info: dict) -> dict:
+    """What the run is, for run_config.json: the transformer's config, the diffusion, the latent scaling, the
+    parameter counts (beside ``compared``'s, when ``--compare-parameters`` is given) and the latent cache."""
+    from ..info import count_parameters
+
+    parameters = {"dit_transformer": count_parameters(transformer)}
+    if compared is not None:
+        parameters["compared"] = compared
+        parameters["ratio_to_compared"] = parameters["dit_transformer"] / compared["generator_total"]
+    return {
+        "transformer": {k: v for k, v in transformer.config.items() if not k.startswith("_")},
+        "noise_schedule": NOISE_SCHEDULE,
+        "latent_scaling": LATENT_SCALING,
+        "parameters": parameters,
+        "latent_cache": info,
+    }
+
+
+def _update(accelerator, model, optimizer, dataset, info: dict, step: int, args) -> float:
+    """Optimizer update ``step`` on global batch ``step``; returns its loss, the mean over the processes."""
+    from ..data import derived_seed
+    from . import loop
+
+    generator = torch.Generator().manual_seed(derived_seed(args.seed, step, 0, accelerator.process_index))
+    # shift_factor 0.0: the DiT learns z * scaling_factor (LATENT_SCALING)
+    latents, labels = loop.read_batch(accelerator, dataset, info, step, generator, args.batch_size, args.seed, 0.0)
+    loss = model(latents, labels, generator=generator)  # the prepared model autocasts (bf16)
+    accelerator.backward(loss)
+    if args.grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(loss.detach(), reduction="mean").item()
 
 
 def _ema_pipeline(model: DiTTrainingModel, ema, vae, info: dict, args, grid_path: Path):

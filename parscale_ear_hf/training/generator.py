@@ -1,8 +1,7 @@
 """Generator training: LiteHybrid + EARTransformer + EnergyHead on cached latents, with `accelerate`.
 
 `examples/train_ear.py` and `parscale-ear train` parse :func:`add_arguments` and call :func:`run`.
-The method itself (masking, label dropout, the energy loss) is
-:class:`parscale_ear_hf.models.ear_training.EARTrainingModel`.
+The method itself (masking, label dropout, the energy loss) is :class:`~.objectives.EARTrainingModel`.
 """
 
 from __future__ import annotations
@@ -19,11 +18,11 @@ import torch
 
 from ..models._checks import check_float, check_int, check_mixed_precision
 from ..models.diffusion_head import DiffusionHead
-from ..models.ear_training import EARTrainingModel
 from ..models.ear_transformer import EARTransformer
 from ..models.energy_head import EnergyHead
 from ..models.lite_hybrid import LiteHybrid
 from . import recipe
+from .objectives import EARTrainingModel
 
 # ---------------------------------------------------------------------------------------------
 # The training loop: `examples/train_ear.py` and `parscale-ear train` parse these arguments and
@@ -139,7 +138,6 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     """
     from accelerate import Accelerator
 
-    from ..data import derived_seed
     from . import loop
     from .checkpointing import JsonlLog, resume_point
     from .latent_cache import load_cache_vae
@@ -161,17 +159,7 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     loop.check_processes("train", accelerator, args.batch_size)
     vae = load_cache_vae("train", args.latents, info, args.vae)  # up front: a wrong VAE fails now
     torch.manual_seed(args.seed)
-    lite_hybrid, transformer, energy_head = build_components(model_config, info, args)
-    model = EARTrainingModel(
-        lite_hybrid,
-        transformer,
-        energy_head,
-        score_batch_mul=args.score_batch_mul,
-        energy_lambda=args.energy_lambda,
-        diffusion_batch_mul=args.diffusion_batch_mul,
-    )
-    if args.grad_checkpointing:
-        model.enable_gradient_checkpointing()
+    model = _training_model(model_config, info, args)
     groups = recipe.param_groups(model, args.param_groups, args.head_lr_scale, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=tuple(args.adam_betas))
     ema = recipe.make_ema(model.parameters(), args.ema_decay, warmup=args.ema_warmup)
@@ -181,11 +169,7 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
     sample = functools.partial(_save_ema_pipeline, unwrapped, ema, vae, info, args)
 
     log = JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
-    # `parscale-ear train` puts its handler function in the namespace (`set_defaults(func=...)`).
-    this_run = {
-        "args": {k: v for k, v in vars(args).items() if not callable(v)},
-        "resolved": dataclasses.asdict(schedule),
-    }
+    this_run = {"args": loop.run_flags(args), "resolved": dataclasses.asdict(schedule)}
     start_step = loop.load_resume(accelerator, resume_from, log, parts)
     if resume_from is not None:
         accelerator.print(
@@ -200,30 +184,55 @@ def run(args: argparse.Namespace) -> EARTrainingModel:
         model.train()
         lr = schedule.lr_at(step)
         recipe.set_lr(optimizer, lr)
-        step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(args.gradient_accumulation_steps):
-            seed = derived_seed(args.seed, step, micro, accelerator.process_index)
-            torch.manual_seed(seed)  # dropout draws from the global generator
-            generator = torch.Generator().manual_seed(seed)
-            index = step * args.gradient_accumulation_steps + micro  # each micro-batch is a global batch of its own
-            latents, labels = loop.read_batch(
-                accelerator, dataset, info, index, generator, args.batch_size, args.seed, info["shift_factor"]
-            )
-            with accelerator.accumulate(model):
-                loss = model(latents, labels, generator=generator)  # the prepared model autocasts (bf16)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.detach() / args.gradient_accumulation_steps
+        step_loss = _update(accelerator, model, optimizer, dataset, info, step, args)
         ema.step(unwrapped.parameters())
-        step_loss = accelerator.reduce(step_loss, reduction="mean").item()
         # lr: of this update, before the groups' scales (the head's: lr * --head-lr-scale).
         steps.end(step, step_loss, {"lr": lr, "energy_lambda": args.energy_lambda})
 
     loop.save_final_pipeline(accelerator, sample, output_dir, "pipeline")
     return unwrapped
+
+
+def _training_model(model_config: dict, info: dict, args) -> EARTrainingModel:
+    """The components of ``--model-config`` (:func:`build_components`) with the flags' loss settings."""
+    lite_hybrid, transformer, energy_head = build_components(model_config, info, args)
+    model = EARTrainingModel(
+        lite_hybrid,
+        transformer,
+        energy_head,
+        score_batch_mul=args.score_batch_mul,
+        energy_lambda=args.energy_lambda,
+        diffusion_batch_mul=args.diffusion_batch_mul,
+    )
+    if args.grad_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def _update(accelerator, model, optimizer, dataset, info: dict, step: int, args) -> float:
+    """Optimizer update ``step`` from ``--gradient-accumulation-steps`` micro-batches, each a global batch of its
+    own; returns its loss, the mean over the micro-batches and the processes."""
+    from ..data import derived_seed
+    from . import loop
+
+    step_loss = torch.zeros((), device=accelerator.device)
+    for micro in range(args.gradient_accumulation_steps):
+        seed = derived_seed(args.seed, step, micro, accelerator.process_index)
+        torch.manual_seed(seed)  # dropout draws from the global generator
+        generator = torch.Generator().manual_seed(seed)
+        index = step * args.gradient_accumulation_steps + micro
+        latents, labels = loop.read_batch(
+            accelerator, dataset, info, index, generator, args.batch_size, args.seed, info["shift_factor"]
+        )
+        with accelerator.accumulate(model):
+            loss = model(latents, labels, generator=generator)  # the prepared model autocasts (bf16)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_loss += loss.detach() / args.gradient_accumulation_steps
+    return accelerator.reduce(step_loss, reduction="mean").item()
 
 
 def _save_ema_pipeline(model: EARTrainingModel, ema, vae, info: dict, args, grid_path: Path):

@@ -22,6 +22,7 @@ hash), against which a trainer's ``--vae`` is checked (:func:`load_cache_vae`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -105,30 +106,48 @@ def encode_to_cache(
         unit="img",
         disable=accelerator is None or not accelerator.is_main_process,
     )
-
-    def examples():
-        for batch in loader:
-            images = batch["pixel_values"].to(device)
-            if hflip:
-                images = torch.cat([images, images.flip(-1)])
-            moments = vae.encode(images).latent_dist.parameters.float().cpu().numpy()
-            count = len(batch["label"])
-            for i, label in enumerate(batch["label"].tolist()):
-                example = {"moments": moments[i], "label": label}
-                if hflip:
-                    example["moments_flip"] = moments[count + i]
-                yield example
-            progress.update(count)
-
+    examples = functools.partial(_encoded_examples, vae, loader, device, hflip, progress)
     # The moments' shape is fixed by the VAE; probe it with one blank image.
     probe = vae.encode(torch.zeros(1, channels, image_size, image_size, device=device)).latent_dist.parameters
     # Streamed sources may not declare features; their labels are plain integers.
     label_feature = dataset.features["label"] if dataset.features is not None else datasets.Value("int64")
     features = _cache_features(tuple(probe.shape[1:]), label_feature, hflip)
-    # Build in a private cache folder (never reused: a unique fingerprint, no hashing of the
-    # VAE), save to a temporary name, and rename: a killed run leaves no half-written shard.
-    build_dir = Path(tempfile.mkdtemp(prefix=f".build-{shard_name(rank)}-", dir=output_dir))
-    tmp, final = output_dir / f".tmp-{shard_name(rank)}", output_dir / shard_name(rank)
+    try:
+        count = _write_shard(examples, features, output_dir, shard_name(rank))
+    finally:
+        progress.close()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return count
+
+
+def _encoded_examples(vae, loader, device, hflip: bool, progress):
+    """The cache's examples, ``{"moments", "label"}`` (and ``"moments_flip"`` with ``hflip``), one image at a time
+    from the batches of ``loader``; ``progress`` counts them."""
+    for batch in loader:
+        images = batch["pixel_values"].to(device)
+        if hflip:
+            images = torch.cat([images, images.flip(-1)])
+        moments = vae.encode(images).latent_dist.parameters.float().cpu().numpy()
+        count = len(batch["label"])
+        for i, label in enumerate(batch["label"].tolist()):
+            example = {"moments": moments[i], "label": label}
+            if hflip:
+                example["moments_flip"] = moments[count + i]
+            yield example
+        progress.update(count)
+
+
+def _write_shard(examples, features, output_dir: Path, name: str) -> int:
+    """Write the dataset of the generator function ``examples`` to ``output_dir/name``; returns its length.
+
+    It is built in a private cache folder (never reused: a unique fingerprint, no hashing of the VAE), saved to a
+    temporary name and renamed: a killed run leaves no half-written shard.
+    """
+    import datasets
+
+    build_dir = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=output_dir))
+    tmp, final = output_dir / f".tmp-{name}", output_dir / name
     try:
         written = datasets.Dataset.from_generator(
             examples, features=features, cache_dir=os.fspath(build_dir), fingerprint=uuid.uuid4().hex
@@ -139,11 +158,8 @@ def encode_to_cache(
         del written
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
-        progress.close()
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
     return count
 
 

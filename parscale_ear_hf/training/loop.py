@@ -1,8 +1,9 @@
-"""The steps that generator training (``generator.run``) and the DiT baseline (``dit.run``) share around their
-own models and losses: where a run starts (fresh or ``--resume``), the latent cache and this rank's slice of
-each global batch, the run's record, and what follows each optimizer update (log, checkpoint, sample grid).
+"""The steps that generator training (``generator.run``), the DiT baseline (``dit.run``) and VAE training
+(``vae.run``) share around their own models and losses: where a run starts (fresh or ``--resume``), the run's
+record, what follows each optimizer update (log, held-out evaluation, checkpoint, sample grid), and for the two
+trainers on cached latents, the latent cache and this rank's slice of each global batch.
 
-``owner`` names the command in error messages (``train``, ``train-dit``). Every random draw comes from a
+``owner`` names the command in error messages (``train``, ``train-dit``, ``train_vae``). Every random draw comes from a
 generator the caller seeds from (seed, step, ...), so a resumed run continues exactly, from a checkpoint saved
 at any step: a kept one every ``--checkpoint-every`` steps, or the interim one saved when
 ``--checkpoint-minutes`` have passed since the last save (default 5, so a kill loses minutes, not the up to
@@ -58,8 +59,9 @@ def load_resume(accelerator, resume_from: Path | None, log: JsonlLog, parts: dic
     """The step to start from: 0, or that of ``resume_from`` after loading it into ``parts``.
 
     Args:
-        parts: ``model``, ``optimizer`` and ``ema``, as :func:`~.checkpointing.load_checkpoint` takes them; this
-            run's flags win over the checkpoint's lr and EMA rate (:func:`~.recipe.flags_win`).
+        parts: ``model``, ``optimizer`` and ``ema`` (None for a run without one), as
+            :func:`~.checkpointing.load_checkpoint` takes them; this run's flags win over the checkpoint's lr and
+            EMA rate (:func:`~.recipe.flags_win`).
     """
     if resume_from is None:
         return 0
@@ -67,6 +69,12 @@ def load_resume(accelerator, resume_from: Path | None, log: JsonlLog, parts: dic
         start_step = load_checkpoint(accelerator, resume_from, **parts)["step"]
     log.truncate_after(start_step)  # the later steps are trained again
     return start_step
+
+
+def run_flags(args) -> dict:
+    """The flags of a run as its record keeps them: ``vars(args)`` without the handler function that the
+    ``parscale-ear`` subcommands put in the namespace (``set_defaults(func=...)``)."""
+    return {k: v for k, v in vars(args).items() if not callable(v)}
 
 
 def write_run_config(
@@ -132,16 +140,37 @@ class Steps:
 
     Args:
         args: the flags ``--output-dir``, ``--log-every``, ``--checkpoint-every``, ``--checkpoint-minutes``,
-            ``--keep-checkpoints`` and ``--sample-every``.
+            ``--keep-checkpoints`` and (with ``sample``) ``--sample-every``.
         log: the run's training log.
         parts: ``model``, ``optimizer`` and ``ema``, as :func:`~.checkpointing.save_checkpoint` takes them.
-        sample: ``sample(grid_path)`` makes a pipeline of the EMA weights and saves its sample grid there.
+        sample: ``sample(grid_path)`` makes a pipeline of the EMA weights and saves its sample grid there; None:
+            no grids.
         desc: the progress bar's label.
+        evaluate: ``evaluate(done)``, called on every process after the log line of update ``done`` and before
+            its checkpoint, so what it logs is in the log that the checkpoint covers (the VAE's held-out PSNR).
+        state: more of the run to record in each checkpoint's ``trainer_state.json`` (the VAE's config).
+        clock: give each log line the ``seconds`` since the start; without them (the VAE's log) a resumed run's
+            log equals an uninterrupted one's.
     """
 
-    def __init__(self, accelerator, args, log: JsonlLog, parts: dict, sample, start_step: int, max_steps: int, desc):
+    def __init__(
+        self,
+        accelerator,
+        args,
+        log: JsonlLog,
+        parts: dict,
+        sample,
+        start_step: int,
+        max_steps: int,
+        desc: str,
+        *,
+        evaluate=None,
+        state: dict | None = None,
+        clock: bool = True,
+    ):
         self.accelerator, self.args, self.log, self.parts, self.sample = accelerator, args, log, parts, sample
         self.start_step, self.max_steps = start_step, max_steps
+        self.evaluate, self.state, self.clock = evaluate, state or {}, clock
         self.progress = tqdm(
             range(start_step, max_steps),
             initial=start_step,
@@ -160,29 +189,36 @@ class Steps:
         process.
 
         A line ``{"step": step + 1, "loss": loss, **record, "seconds": ...}`` every ``--log-every`` updates and at the
-        first and last; a kept checkpoint every ``--checkpoint-every`` and at the last, else an interim one when
-        ``--checkpoint-minutes`` have passed since the last save; a sample grid every ``--sample-every`` when that
-        is set.
+        first and last; the ``evaluate`` that is set; a kept checkpoint every ``--checkpoint-every`` and at the last
+        (none with ``--checkpoint-every 0``), else an interim one when ``--checkpoint-minutes`` have passed since
+        the last save; a sample grid every ``--sample-every`` when that is set.
         """
         accelerator, args, done = self.accelerator, self.args, step + 1
         output_dir = Path(args.output_dir)
         self.progress.set_postfix(loss=f"{loss:.4f}")
         if done % args.log_every == 0 or done == self.max_steps or done == self.start_step + 1:
-            seconds = round(time.perf_counter() - self.start_time, 3)
-            self.log.write({"step": done, "loss": loss, **record, "seconds": seconds})
-        kept = done % args.checkpoint_every == 0 or done == self.max_steps
+            seconds = {"seconds": round(time.perf_counter() - self.start_time, 3)} if self.clock else {}
+            self.log.write({"step": done, "loss": loss, **record, **seconds})
+        if self.evaluate is not None:
+            self.evaluate(done)
+        kept = bool(args.checkpoint_every) and (done % args.checkpoint_every == 0 or done == self.max_steps)
         if kept or self.timer.due():
             save_checkpoint(
                 accelerator,
                 checkpoint_dir(output_dir),
                 done,
-                {"log": str(self.log.path)},
+                {"log": str(self.log.path), **self.state},
                 **self.parts,
                 keep=args.keep_checkpoints,
                 interim=not kept,
             )
             self.timer.saved()
-        if args.sample_every and done % args.sample_every == 0 and accelerator.is_main_process:
+        if (
+            self.sample is not None
+            and args.sample_every
+            and done % args.sample_every == 0
+            and accelerator.is_main_process
+        ):
             self.sample(output_dir / "samples" / f"step-{done:08d}.png")
         accelerator.wait_for_everyone()
 

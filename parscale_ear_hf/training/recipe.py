@@ -184,13 +184,34 @@ class Recipe:
 
     def lr_at(self, step: int) -> float:
         """The learning rate of update ``step`` (0-based), as EAR's ``adjust_learning_rate`` at epoch
-        ``step / steps_per_epoch``: linear from 0, then constant or a half cosine down to ``min_lr``."""
-        if step < self.warmup_steps:
-            return self.lr * (step / self.warmup_steps)
-        if self.lr_schedule == "constant":
-            return self.lr
-        progress = (step - self.warmup_steps) / (self.max_steps - self.warmup_steps)
-        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        ``step / steps_per_epoch`` (:func:`lr_at_step`)."""
+        return lr_at_step(
+            step,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            max_steps=self.max_steps,
+            schedule=self.lr_schedule,
+            min_lr=self.min_lr,
+        )
+
+
+def lr_at_step(
+    step: int, *, lr: float, warmup_steps: float, max_steps: int, schedule: str, min_lr: float = 0.0
+) -> float:
+    """The learning rate of update ``step`` (0-based), the schedule of every trainer: linear from 0 over
+    ``warmup_steps`` (``lr * step / warmup_steps``), then ``lr`` (``schedule="constant"``) or a half cosine from
+    ``lr`` at the end of the warm-up down to ``min_lr`` at ``max_steps`` (``"cosine"``).
+
+    A pure function of the step, so a resumed run needs no scheduler state.
+    """
+    if step < warmup_steps:
+        return lr * (step / warmup_steps)
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"lr_at_step: `schedule` must be one of {LR_SCHEDULES}, got {schedule!r}.")
+    progress = (step - warmup_steps) / (max_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def resolve(args: argparse.Namespace, num_examples: int) -> Recipe:
@@ -288,16 +309,18 @@ def make_ema(parameters, rate: float, warmup: bool) -> EMAModel:
 
 
 @contextlib.contextmanager
-def flags_win(optimizer: torch.optim.Optimizer, ema: EMAModel):
+def flags_win(optimizer: torch.optim.Optimizer, ema: EMAModel | None):
     """Around loading a checkpoint: it restores the state (AdamW moments, EMA weights, step counts),
     while the hyper-parameters stay this run's flags (lr scales, weight decay, betas, EMA rate).
 
     ``Optimizer.load_state_dict`` and ``EMAModel.load_state_dict`` would restore the checkpoint's,
     which would silently undo e.g. EAR's second phase, a new run resumed with a lower ``--blr``.
+    ``ema`` is None for a run without one (the VAE's).
     """
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    rate = ema.decay
+    rate = ema.decay if ema is not None else None
     yield
     for group, ours in zip(optimizer.param_groups, groups):
         group.update(ours)
-    ema.decay = rate
+    if ema is not None:
+        ema.decay = rate

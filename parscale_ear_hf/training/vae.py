@@ -10,15 +10,16 @@ bounded at no cost in reconstruction, and, as in SD's VAE, the posterior becomes
 deterministic (on the MNIST demo its std falls to ~1e-3 while the means have std ~1); raise it
 (e.g. 1e-4) for a noisier, smoother posterior at some cost in PSNR.
 
-Training is reproducible by step: the data order (:func:`~parscale_ear_hf.data.batch_indices`) and
-the posterior noise are functions of the seed and the step, never of a DataLoader's internal
-state, so a run resumed from a checkpoint ends with the same weights as one that was never
-interrupted, whichever step the checkpoint was saved at: a kept one every ``--checkpoint-every``
-steps, or the interim one saved when ``--checkpoint-minutes`` (default 5) have passed since the last
-save, so that a kill loses minutes of training. A fresh start is refused over checkpoints and moves
-an earlier run's log aside (``checkpointing``). Each process takes its slice of every global batch
-and of its noise, so a run on several processes matches a one-process run up to the order of
-floating-point sums.
+The loop is the one the generator trainers share (``loop``), and the learning rate is theirs too
+(:func:`~.recipe.lr_at_step`: linear warm-up from 0, then constant or a half cosine down to ``--min-lr``).
+Training is reproducible by step: the data order (:func:`~parscale_ear_hf.data.batch_indices`) and the
+posterior noise are functions of the seed and the step, never of a DataLoader's internal state, so a run
+resumed from a checkpoint ends with the same weights as one that was never interrupted, whichever step the
+checkpoint was saved at: a kept one every ``--checkpoint-every`` steps, or the interim one saved when
+``--checkpoint-minutes`` (default 5) have passed since the last save, so that a kill loses minutes of
+training. A fresh start is refused over checkpoints and moves an earlier run's log and run_config.json aside
+(``checkpointing``). Each process takes its slice of every global batch and of its noise, so a run on several
+processes matches a one-process run up to the order of floating-point sums.
 """
 
 from __future__ import annotations
@@ -30,9 +31,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import (
@@ -44,21 +43,12 @@ from ..data import (
     shard_for_process,
 )
 from ..models._checks import MIXED_PRECISION_HELP, check_float, check_int, check_mixed_precision
-from ..models.lite_vae import LiteVAE, haar_dwt
+from ..models.lite_vae import LiteVAE
 from ..results import write_results
-from .checkpointing import (
-    CHECKPOINT_MINUTES,
-    CHECKPOINT_MINUTES_HELP,
-    CheckpointTimer,
-    JsonlLog,
-    check_supported,
-    checkpoint_dir,
-    load_checkpoint,
-    read_checkpoint_state,
-    resume_point,
-    save_checkpoint,
-    set_aside_earlier_run,
-)
+from . import loop, recipe
+from .checkpointing import CHECKPOINT_MINUTES, CHECKPOINT_MINUTES_HELP, JsonlLog, read_checkpoint_state, resume_point
+from .objectives import VAETrainingModel
+from .recipe import lr_at_step
 
 # Command-line flag -> LiteVAE config field, for the architecture fields people change most.
 CONFIG_FLAGS = {
@@ -74,72 +64,7 @@ CONFIG_FLAGS = {
     "norm_num_groups": "norm_num_groups",
 }
 LOG_FILE = "train_vae_log.jsonl"
-
-
-def wavelet_highfreq_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L1 distance between the high-frequency Haar bands (LH, HL, HH) of two image batches.
-
-    Pixel L1 is dominated by smooth regions; this term weighs edges and texture on their own,
-    as LiteVAE's wavelet loss does. Zero for identical images, positive when detail is lost.
-
-    Args:
-        reconstruction, target: `(B, C, H, W)` with even `H` and `W`.
-
-    Returns:
-        Scalar, the mean over the `3 * C` high bands at `(H / 2, W / 2)`.
-    """
-    channels = target.shape[1]
-    return F.l1_loss(haar_dwt(reconstruction)[:, channels:], haar_dwt(target)[:, channels:])
-
-
-class VAETrainingModel(nn.Module):
-    """A LiteVAE and its training loss as one module, so `accelerate` / DDP wraps a plain ``forward``.
-
-    Args:
-        vae: the model being trained.
-        kl_weight: weight of the KL term (element mean over latent elements).
-        wavelet_weight: weight of :func:`wavelet_highfreq_loss`.
-    """
-
-    def __init__(self, vae: LiteVAE, kl_weight: float, wavelet_weight: float):
-        super().__init__()
-        self.vae = vae
-        self.kl_weight = kl_weight
-        self.wavelet_weight = wavelet_weight
-
-    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Losses of one batch.
-
-        Args:
-            images: `(B, C, H, W)` in [-1, 1].
-            noise: `(B, latent_channels, H / 2**levels, W / 2**levels)` standard normal; the posterior
-                sample is ``mean + std * noise``. Passed in, so the caller decides the random stream.
-
-        Returns:
-            Dict of scalars: "loss" (the weighted sum that is optimised), "l1", "kl", "wavelet".
-        """
-        posterior = self.vae.encode(images).latent_dist
-        reconstruction = self.vae.decode(posterior.mean + posterior.std * noise).sample
-        l1 = F.l1_loss(reconstruction, images)
-        # KL(q(z|x) || N(0, I)), averaged over latent elements.
-        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
-        wavelet = wavelet_highfreq_loss(reconstruction, images)
-        loss = l1 + self.kl_weight * kl + self.wavelet_weight * wavelet
-        return {"loss": loss, "l1": l1, "kl": kl, "wavelet": wavelet}
-
-
-def learning_rate(step: int, *, lr: float, max_steps: int, warmup_steps: int = 0, schedule: str = "constant") -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup_steps``, then
-    constant, or a cosine decay that reaches 0 at ``max_steps``. A pure function of the step, so a
-    resumed run needs no scheduler state."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return lr
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"learning_rate: `schedule` must be 'constant' or 'cosine', got {schedule!r}.")
+LOSSES = ("loss", "l1", "kl", "wavelet")  # what VAETrainingModel returns, in the log
 
 
 def _vae_loader(
@@ -280,8 +205,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=64, help="global batch per micro-step, all processes")
     train.add_argument("--gradient-accumulation-steps", type=int, default=1)
     train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    train.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"), help="after warmup")
-    train.add_argument("--lr-warmup-steps", type=int, default=0)
+    train.add_argument("--lr-schedule", default="constant", choices=recipe.LR_SCHEDULES, help="after warmup")
+    train.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up from 0")
+    train.add_argument("--min-lr", type=float, default=0.0, help="where the cosine schedule ends")
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     train.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight, per latent element")
@@ -294,7 +220,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train.add_argument("--eval-every", type=int, default=500, help="steps between held-out PSNRs (0: end only)")
     train.add_argument("--eval-batch-size", type=int, default=128)
     train.add_argument(
-        "--checkpoint-every", type=int, default=500, help="steps between the checkpoints that are kept (0: none)"
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        help="steps between the checkpoints that are kept, and one at the end (0: none)",
     )
     train.add_argument(
         "--checkpoint-minutes",
@@ -308,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _check_arguments(args: argparse.Namespace, world_size: int) -> tuple[dict, Path | None]:
+def _check_arguments(args: argparse.Namespace) -> tuple[dict, Path | None]:
     """Everything about the flags that can be wrong, checked before any data is read; returns the
     LiteVAE config and the checkpoint to resume from (or None)."""
     for name in (
@@ -319,6 +248,7 @@ def _check_arguments(args: argparse.Namespace, world_size: int) -> tuple[dict, P
     for name in ("lr_warmup_steps", "eval_every", "checkpoint_every", "num_workers", "seed"):
         check_int("train_vae", f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
     check_float("train_vae", "--lr", args.lr, 1e-12, 10.0)
+    check_float("train_vae", "--min-lr", args.min_lr, 0.0, args.lr)
     for name in ("weight_decay", "max_grad_norm", "kl_weight", "wavelet_weight", "checkpoint_minutes"):
         check_float("train_vae", f"--{name.replace('_', '-')}", getattr(args, name), 0.0, math.inf)
     if args.streaming:
@@ -328,10 +258,6 @@ def _check_arguments(args: argparse.Namespace, world_size: int) -> tuple[dict, P
         )
     if args.results_file is not None and args.eval_split is None:
         raise ValueError("train_vae: --results-file records the held-out PSNR, so it needs --eval-split.")
-    if args.batch_size % world_size:
-        raise ValueError(
-            f"train_vae: --batch-size {args.batch_size} must be divisible by the number of processes {world_size}."
-        )
     config = vae_config_from_args(args)
     resume_path = resume_point("train_vae", args.resume, args.output_dir)
     if resume_path is not None:
@@ -344,123 +270,110 @@ def _check_arguments(args: argparse.Namespace, world_size: int) -> tuple[dict, P
     return config, resume_path
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Train, evaluate, measure the latent scale and save ``output_dir/vae``; returns a summary dict
-    ("heldout_psnr" (None without ``--eval-split``), "shift_factor", "scaling_factor", "vae_path")."""
-    # Without a GPU, accelerate joins a torchrun world (gloo) only when told cpu=True.
-    cpu = args.cpu or not torch.cuda.is_available()
-    args.mixed_precision = check_mixed_precision(
-        "train_vae", args.mixed_precision, cpu
-    )  # before the Accelerator, which takes fp16 on CPUs
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu)
-    check_supported(accelerator)
-    rank, world_size = accelerator.process_index, accelerator.num_processes
-    output_dir = Path(args.output_dir)
-
-    config, resume_path = _check_arguments(args, world_size)
+def _load_splits(args: argparse.Namespace):
+    """The training split and the held-out one (None without ``--eval-split``)."""
     train_set = load_dataset_from_args(args, args.split)
     if len(train_set) < args.batch_size:
         raise ValueError(
             f"train_vae: --batch-size {args.batch_size} is larger than split {args.split!r} ({len(train_set)} images)."
         )
     eval_set = load_dataset_from_args(args, args.eval_split) if args.eval_split else None
+    return train_set, eval_set
 
-    torch.manual_seed(args.seed)
-    vae = LiteVAE(**config)
-    model = VAETrainingModel(vae, kl_weight=args.kl_weight, wavelet_weight=args.wavelet_weight)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
 
-    start_step = 0
-    if resume_path is not None:
-        start_step = load_checkpoint(accelerator, resume_path, model=model, optimizer=optimizer)["step"]
-    log = JsonlLog(output_dir / LOG_FILE, enabled=accelerator.is_main_process)
-    if accelerator.is_main_process:
-        if resume_path is not None:
-            log.truncate_after(start_step)
-        else:
-            set_aside_earlier_run(output_dir, [LOG_FILE])
-
+def _training_batches(accelerator, train_set, vae: LiteVAE, start_step: int, args: argparse.Namespace):
+    """This process's micro-batches of updates ``start_step ..`` (``--gradient-accumulation-steps`` an update): its
+    slices of global batches :func:`~parscale_ear_hf.data.batch_indices` of the seed, images at the VAE's size."""
     accumulation = args.gradient_accumulation_steps
     sampler = StepBatchSampler(
         len(train_set), args.batch_size, args.seed, start_step * accumulation, args.max_steps * accumulation,
-        rank=rank, world_size=world_size,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
     )  # fmt: skip
-    batches = iter(
+    return iter(
         image_loader(
             train_set, vae.config.sample_size, vae.config.in_channels,
             batch_sampler=sampler, num_workers=args.num_workers, allow_upsampling=args.allow_upsampling,
         )
     )  # fmt: skip
-    unwrapped = accelerator.unwrap_model(model).vae
-    latent_size = unwrapped.config.sample_size // unwrapped.spatial_compression
-    latent_shape = (unwrapped.config.latent_channels, latent_size, latent_size)
 
-    def evaluate(step: int) -> float:
-        unwrapped.eval()
-        psnr = heldout_psnr(
-            unwrapped,
-            eval_set,
-            batch_size=args.eval_batch_size,
-            accelerator=accelerator,
-            num_workers=args.num_workers,
-            allow_upsampling=args.allow_upsampling,
+
+def _posterior_noise(accelerator, vae: LiteVAE, index: int, per_rank: int, args: argparse.Namespace) -> torch.Tensor:
+    """This process's slice of the posterior noise of micro-batch ``index``, `(per_rank, C, h, w)`.
+
+    The noise is drawn for the whole global batch and each process takes its slice: the run is the same for any
+    number of processes.
+    """
+    latent_size = vae.config.sample_size // vae.spatial_compression
+    generator = torch.Generator().manual_seed(derived_seed(args.seed, index))
+    noise = torch.randn((args.batch_size, vae.config.latent_channels, latent_size, latent_size), generator=generator)
+    rank = accelerator.process_index
+    return noise[rank * per_rank : (rank + 1) * per_rank].to(accelerator.device)
+
+
+def _update(accelerator, model, optimizer, batches, step: int, args: argparse.Namespace) -> dict[str, float]:
+    """Optimizer update ``step`` from ``--gradient-accumulation-steps`` micro-batches; returns its losses ("loss",
+    "l1", "kl", "wavelet"), each the mean over the micro-batches and the processes."""
+    accumulation, vae = args.gradient_accumulation_steps, accelerator.unwrap_model(model).vae
+    totals = torch.zeros(4, device=accelerator.device)
+    for micro_step in range(accumulation):
+        images = next(batches)["pixel_values"].to(accelerator.device)
+        noise = _posterior_noise(accelerator, vae, step * accumulation + micro_step, len(images), args)
+        with accelerator.no_sync(model) if micro_step < accumulation - 1 else nullcontext():
+            losses = model(images, noise)
+            accelerator.backward(losses["loss"] / accumulation)
+        totals += torch.stack([losses[k].detach().float() for k in LOSSES]) / accumulation
+    if args.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(zip(LOSSES, accelerator.reduce(totals, reduction="mean").tolist()))
+
+
+class HeldOutPSNR:
+    """The held-out PSNR of the VAE being trained, logged every ``--eval-every`` updates and at the end.
+
+    Args:
+        eval_set: the held-out split; None: no evaluation.
+    """
+
+    def __init__(self, accelerator, vae: LiteVAE, eval_set, log: JsonlLog, args: argparse.Namespace):
+        self.accelerator, self.vae, self.eval_set, self.log, self.args = accelerator, vae, eval_set, log, args
+        self.psnr, self.step = None, None
+
+    def __call__(self, done: int) -> None:
+        """After update ``done``: measure and print when ``--eval-every`` says so (on every process)."""
+        every = self.args.eval_every
+        if self.eval_set is not None and every > 0 and done % every == 0:
+            tqdm.write(f"step {done}: held-out PSNR {self.measure(done):.2f} dB")
+
+    def measure(self, step: int) -> float:
+        """The PSNR after update ``step``, logged as ``{"step": step, "heldout_psnr": ...}``."""
+        self.vae.eval()
+        self.psnr = heldout_psnr(
+            self.vae,
+            self.eval_set,
+            batch_size=self.args.eval_batch_size,
+            accelerator=self.accelerator,
+            num_workers=self.args.num_workers,
+            allow_upsampling=self.args.allow_upsampling,
         )
-        log.write({"step": step, "heldout_psnr": psnr})
-        return psnr
+        self.step = step
+        self.log.write({"step": step, "heldout_psnr": self.psnr})
+        return self.psnr
 
-    psnr, psnr_step = None, None
-    timer = CheckpointTimer(accelerator, args.checkpoint_minutes)
-    progress = tqdm(
-        total=args.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train_vae"
-    )
-    for step in range(start_step, args.max_steps):
-        model.train()
-        lr = learning_rate(
-            step, lr=args.lr, max_steps=args.max_steps, warmup_steps=args.lr_warmup_steps, schedule=args.lr_schedule
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        totals = torch.zeros(4, device=accelerator.device)
-        for micro_step in range(accumulation):
-            images = next(batches)["pixel_values"].to(accelerator.device)
-            # Noise for the whole global batch, of which this process takes its slice: the run is the
-            # same for any number of processes.
-            generator = torch.Generator().manual_seed(derived_seed(args.seed, step * accumulation + micro_step))
-            noise = torch.randn((args.batch_size, *latent_shape), generator=generator)
-            noise = noise[rank * len(images) : (rank + 1) * len(images)].to(accelerator.device)
-            with accelerator.no_sync(model) if micro_step < accumulation - 1 else nullcontext():
-                losses = model(images, noise)
-                accelerator.backward(losses["loss"] / accumulation)
-            totals += torch.stack([losses[k].detach().float() for k in ("loss", "l1", "kl", "wavelet")]) / accumulation
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def final(self, max_steps: int) -> float | None:
+        """The PSNR of the trained VAE (measured now unless the last update was measured); None without a split."""
+        if self.eval_set is not None and self.step != max_steps:
+            self.measure(max_steps)
+        return self.psnr
 
-        done = step + 1
-        totals = accelerator.reduce(totals, reduction="mean").tolist()
-        progress.update(1)
-        progress.set_postfix(loss=f"{totals[0]:.4f}")
-        if done % args.log_every == 0 or done == args.max_steps:
-            log.write({"step": done, **dict(zip(("loss", "l1", "kl", "wavelet"), totals)), "lr": lr})
-        if eval_set is not None and args.eval_every > 0 and done % args.eval_every == 0:
-            psnr, psnr_step = evaluate(done), done
-            progress.write(f"step {done}: held-out PSNR {psnr:.2f} dB")
-        kept = args.checkpoint_every > 0 and done % args.checkpoint_every == 0
-        if kept or timer.due():
-            save_checkpoint(
-                accelerator, checkpoint_dir(output_dir), done, {"vae_config": config}, model=model,
-                optimizer=optimizer, keep=args.keep_checkpoints, interim=not kept,
-            )  # fmt: skip
-            timer.saved()
-    progress.close()
 
-    if eval_set is not None and psnr_step != args.max_steps:
-        psnr = evaluate(args.max_steps)
-    unwrapped.eval()
+def _save_scaled_vae(accelerator, vae: LiteVAE, train_set, log: JsonlLog, args: argparse.Namespace) -> tuple:
+    """Measure the latent ``shift_factor`` and ``scaling_factor`` on the training split, record them in the VAE's
+    config and save it to ``<output-dir>/vae`` (main process); returns ``(shift, scale, vae_path)``."""
+    vae.eval()
     shift, scale = measure_latent_scale(
-        unwrapped,
+        vae,
         train_set,
         batch_size=args.eval_batch_size,
         max_images=args.scaling_images,
@@ -468,28 +381,82 @@ def run(args: argparse.Namespace) -> dict:
         accelerator=accelerator,
         num_workers=args.num_workers,
     )
-    vae_path = output_dir / "vae"
+    vae_path = Path(args.output_dir) / "vae"
     if accelerator.is_main_process:
-        unwrapped.register_to_config(shift_factor=shift, scaling_factor=scale)
-        unwrapped.save_pretrained(vae_path)
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        vae.save_pretrained(vae_path)
         log.write({"step": args.max_steps, "shift_factor": shift, "scaling_factor": scale})
-        if args.results_file is not None and psnr is not None:
-            write_results(
-                args.results_file,
-                {
-                    "metric": "vae_heldout_psnr",
-                    "value": psnr,
-                    "unit": "dB",
-                    "definition": "mean over images of 10*log10(1/mse), images in [0, 1], posterior mode",
-                    "dataset": str(args.dataset),
-                    "split": args.eval_split,
-                    "train_split": args.split,
-                    "steps": args.max_steps,
-                    "global_batch_size": args.batch_size * accumulation,
-                    "model": str(vae_path),
-                    "vae_config": dict(unwrapped.config),
-                },
-            )
+    return shift, scale, vae_path
+
+
+def _write_psnr_result(vae: LiteVAE, psnr: float, vae_path: Path, args: argparse.Namespace) -> None:
+    """The held-out PSNR of the saved VAE as a results JSON at ``--results-file``."""
+    write_results(
+        args.results_file,
+        {
+            "metric": "vae_heldout_psnr",
+            "value": psnr,
+            "unit": "dB",
+            "definition": "mean over images of 10*log10(1/mse), images in [0, 1], posterior mode",
+            "dataset": str(args.dataset),
+            "split": args.eval_split,
+            "train_split": args.split,
+            "steps": args.max_steps,
+            "global_batch_size": args.batch_size * args.gradient_accumulation_steps,
+            "model": str(vae_path),
+            "vae_config": dict(vae.config),
+        },
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train, evaluate, measure the latent scale and save ``output_dir/vae``; returns a summary dict
+    ("heldout_psnr" (None without ``--eval-split``), "shift_factor", "scaling_factor", "vae_path")."""
+    # Without a GPU, accelerate joins a torchrun world (gloo) only when told cpu=True.
+    cpu = args.cpu or not torch.cuda.is_available()
+    # Before the Accelerator, which takes fp16 on CPUs.
+    args.mixed_precision = check_mixed_precision("train_vae", args.mixed_precision, cpu)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu)
+    config, resume_from = _check_arguments(args)
+    loop.check_processes("train_vae", accelerator, args.batch_size)
+    train_set, eval_set = _load_splits(args)
+    output_dir = Path(args.output_dir)
+
+    torch.manual_seed(args.seed)
+    model = VAETrainingModel(LiteVAE(**config), kl_weight=args.kl_weight, wavelet_weight=args.wavelet_weight)
+    group = {"params": list(model.parameters()), "lr_scale": 1.0, "weight_decay": args.weight_decay}
+    optimizer = torch.optim.AdamW([group], lr=args.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    vae = accelerator.unwrap_model(model).vae
+    parts = {"model": model, "optimizer": optimizer, "ema": None}
+
+    log = JsonlLog(output_dir / LOG_FILE, enabled=accelerator.is_main_process)
+    start_step = loop.load_resume(accelerator, resume_from, log, parts)
+    this_run = {"args": loop.run_flags(args)}
+    details = {"vae_config": config}
+    loop.write_run_config(accelerator, output_dir, log, this_run, details, start_step, resumed=resume_from is not None)
+
+    held_out = HeldOutPSNR(accelerator, vae, eval_set, log, args)
+    steps = loop.Steps(
+        accelerator, args, log, parts, None, start_step, args.max_steps, "train_vae",
+        evaluate=held_out, state=details, clock=False,
+    )  # fmt: skip
+    batches = _training_batches(accelerator, train_set, vae, start_step, args)
+    for step in steps:
+        model.train()
+        lr = lr_at_step(
+            step, lr=args.lr, warmup_steps=args.lr_warmup_steps, max_steps=args.max_steps,
+            schedule=args.lr_schedule, min_lr=args.min_lr,
+        )  # fmt: skip
+        recipe.set_lr(optimizer, lr)
+        losses = _update(accelerator, model, optimizer, batches, step, args)
+        steps.end(step, losses.pop("loss"), {**losses, "lr": lr})
+    steps.progress.close()
+
+    psnr = held_out.final(args.max_steps)
+    shift, scale, vae_path = _save_scaled_vae(accelerator, vae, train_set, log, args)
+    if accelerator.is_main_process and args.results_file is not None and psnr is not None:
+        _write_psnr_result(vae, psnr, vae_path, args)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"heldout_psnr": psnr, "shift_factor": shift, "scaling_factor": scale, "vae_path": vae_path}

@@ -905,10 +905,10 @@ def pipeline_from_checkpoint(train_dir: Path, checkpoint: Path):
     """A :class:`~parscale_ear_hf.ParScaleEARPipeline` holding the EMA weights of one training checkpoint."""
     from safetensors.torch import load_file
 
-    from parscale_ear_hf.models.ear_training import EARTrainingModel
     from parscale_ear_hf.pipeline_parscale_ear import ParScaleEARPipeline
     from parscale_ear_hf.training.generator import build_components
     from parscale_ear_hf.training.latent_cache import load_cache_vae
+    from parscale_ear_hf.training.objectives import EARTrainingModel
 
     run_config = json.loads((train_dir / "run_config.json").read_text(encoding="utf-8"))
     flags = run_config["args"]
