@@ -34,7 +34,7 @@ from .convert_vae import (
     read_ldm_checkpoint,
     unpickler_reason,
 )
-from .models import EARTransformer, EnergyHead, LiteHybrid
+from .models import DiffusionHead, EARTransformer, EnergyHead, LiteHybrid, MARTransformer
 from .models._checks import check_int
 from .pipeline_parscale_ear import ParScaleEARPipeline
 from .saving import looks_like_local_path
@@ -47,6 +47,7 @@ EAR_MODELS = {
     "ear_huge": dict(hidden_size=1280, num_heads=16),
 }
 WEIGHTS = ("model_ema", "model")
+AUTHORS_SCRIPT = {"EAR": "shaochenze/EAR's main_ear.py", "MAR": "LTH14/mar's main_mar.py"}
 # A --vae with one of these suffixes is meant as a checkpoint file, not a Hub repo id.
 LDM_SUFFIXES = (".ckpt", ".pth", ".pt")
 
@@ -74,19 +75,23 @@ _KEYS = [
 ]
 
 
-def ear_key(component: str, key: str) -> str:
-    """The authors' name of our ``component``'s parameter ``key`` (e.g. `transformer`, `blocks.0.mlp.0.weight`)."""
-    for owner, ours, theirs in _KEYS:
+def _authors_key(table: list, component: str, key: str, what: str) -> str:
+    for owner, ours, theirs in table:
         match = re.fullmatch(ours, key) if owner == component else None
         if match:
             return match.expand(theirs)
-    raise KeyError(f"no EAR name for {component}.{key}")
+    raise KeyError(f"no {what} name for {component}.{key}")
 
 
-def _get(state_dict: dict, key: str) -> torch.Tensor:
+def ear_key(component: str, key: str) -> str:
+    """The authors' name of our ``component``'s parameter ``key`` (e.g. `transformer`, `blocks.0.mlp.0.weight`)."""
+    return _authors_key(_KEYS, component, key, "EAR")
+
+
+def _get(state_dict: dict, key: str, kind: str = "EAR") -> torch.Tensor:
     if key not in state_dict:
         raise ValueError(
-            f"EAR checkpoint: the key `{key}` is missing; is this a checkpoint of shaochenze/EAR's main_ear.py?"
+            f"{kind} checkpoint: the key `{key}` is missing; is this a checkpoint of {AUTHORS_SCRIPT[kind]}?"
         )
     return state_dict[key]
 
@@ -156,28 +161,37 @@ def ear_state_dicts(state_dict: dict, transformer: EARTransformer, energy_head: 
         ValueError naming the authors' key: a key the models lack (missing), a tensor of another
         shape (with both shapes), or a key that belongs to no parameter (unexpected).
     """
+    return _mapped_state_dicts(state_dict, {"transformer": transformer, "energy_head": energy_head}, _KEYS, "EAR")
+
+
+def _mapped_state_dicts(state_dict: dict, models: dict, table: list, kind: str) -> dict[str, dict]:
+    """Every parameter of ``models`` ({component: model}) taken from the authors' ``state_dict`` by ``table``.
+
+    The class embedding (a `transformer`'s) is special: the authors keep the null class apart, as `fake_latent`.
+    """
     used = {"class_emb.weight", "fake_latent"}
-    class_emb, fake = _get(state_dict, "class_emb.weight"), _get(state_dict, "fake_latent")
-    out = {"transformer": {"class_embedding.weight": torch.cat([class_emb, fake.reshape(1, -1)])}, "energy_head": {}}
-    for name, model in (("transformer", transformer), ("energy_head", energy_head)):
+    class_emb, fake = _get(state_dict, "class_emb.weight", kind), _get(state_dict, "fake_latent", kind)
+    out = {name: {} for name in models}
+    out["transformer"]["class_embedding.weight"] = torch.cat([class_emb, fake.reshape(1, -1)])
+    for name, model in models.items():
         for key, param in model.state_dict().items():
-            if key == "class_embedding.weight":
+            if name == "transformer" and key == "class_embedding.weight":
                 theirs, tensor = "class_emb.weight + fake_latent", out[name][key]
             else:
-                theirs = ear_key(name, key)
-                tensor = _get(state_dict, theirs)
+                theirs = _authors_key(table, name, key, kind)
+                tensor = _get(state_dict, theirs, kind)
                 used.add(theirs)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(
-                    f"EAR checkpoint: `{theirs}` has shape {tuple(tensor.shape)}, but {name}.{key} needs "
+                    f"{kind} checkpoint: `{theirs}` has shape {tuple(tensor.shape)}, but {name}.{key} needs "
                     f"{tuple(param.shape)} (config {dict(model.config)})."
                 )
             out[name][key] = tensor
     unexpected = sorted(set(state_dict) - used)
     if unexpected:
         raise ValueError(
-            f"EAR checkpoint: keys that belong to no parameter of the converted models: {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''}; is this a checkpoint of shaochenze/EAR's main_ear.py?"
+            f"{kind} checkpoint: keys that belong to no parameter of the converted models: {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''}; is this a checkpoint of {AUTHORS_SCRIPT[kind]}?"
         )
     return out
 
@@ -215,22 +229,29 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def read_ear_checkpoint(path: str | Path, weights: str = "model_ema") -> tuple[dict, dict]:
-    """The ``weights`` state dict (`model_ema` or `model`) and the run's ``args`` (a dict; empty if absent).
+    """:func:`read_checkpoint` of an EAR checkpoint (main_ear.py's)."""
+    return read_checkpoint(path, weights, "EAR")
+
+
+def read_checkpoint(path: str | Path, weights: str = "model_ema", kind: str = "EAR") -> tuple[dict, dict]:
+    """The ``weights`` state dict (`model_ema` or `model`) and the run's ``args`` (a dict; empty if absent) of a
+    checkpoint of the authors' ``kind`` ("EAR" or "MAR"); a checkpoint of the other kind is refused, by name.
 
     Reads with ``torch.load(weights_only=True)``; `args` is an ``argparse.Namespace``, allowed as
     a safe global (rebuilding one sets attributes, nothing else).
     """
+    script = AUTHORS_SCRIPT[kind].split("'s ")[1]
     if weights not in WEIGHTS:
         raise ValueError(f"convert: `--weights` must be one of {list(WEIGHTS)}, got {weights!r}.")
     if not zipfile.is_zipfile(path):
         raise ValueError(
-            f"convert: {path} is not a PyTorch checkpoint (torch.save's zip archive, as main_ear.py writes "
-            "checkpoint-last.pth); it may be damaged or another kind of file."
+            f"convert: {path} is not a PyTorch checkpoint (torch.save's zip archive, as {script} writes "
+            "checkpoint-last.pth); it may be truncated, damaged or another kind of file."
         )
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         reason = unpickler_reason(error)
         raise ValueError(
             f"convert: {path} cannot be read as tensors, plain containers and argparse.Namespace{reason}; "
@@ -239,11 +260,31 @@ def read_ear_checkpoint(path: str | Path, weights: str = "model_ema") -> tuple[d
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(weights), dict):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(
-            f"convert: {path} has no `{weights}` state dict (found {found}); main_ear.py's checkpoint-last.pth has "
+            f"convert: {path} has no `{weights}` state dict (found {found}); {script}'s checkpoint-last.pth has "
             f"`model` and `model_ema`."
         )
+    check_kind(checkpoint[weights], kind, path)
     args = checkpoint.get("args")
     return checkpoint[weights], (vars(args) if isinstance(args, argparse.Namespace) else {})
+
+
+# Keys that only one family's model has: MAR's encoder and diffusion head, EAR's energy head.
+KIND_MARKERS = {"MAR": ("encoder_blocks.", "diffloss.net."), "EAR": ("scoreloss.net.",)}
+KIND_FLAG = {"EAR": "--checkpoint", "MAR": "--mar"}
+
+
+def check_kind(state_dict: dict, expected: str, path) -> None:
+    """Raise when ``state_dict`` is the other family's (an EAR checkpoint given as MAR's, or the reverse)."""
+    found = {kind for kind, prefixes in KIND_MARKERS.items() if any(k.startswith(prefixes) for k in state_dict)}
+    if found and expected not in found:
+        (other,) = found
+        keys = " and ".join(f"`{prefix}*`" for prefix in KIND_MARKERS[other])
+        want = " and ".join(f"`{prefix}*`" for prefix in KIND_MARKERS[expected])
+        raise ValueError(
+            f"convert: {path} is a checkpoint of {other} ({AUTHORS_SCRIPT[other]}: it has {keys} keys), but "
+            f"{KIND_FLAG[expected]} expects one of {expected} ({AUTHORS_SCRIPT[expected]}: {want} keys); pass it as "
+            f"{KIND_FLAG[other]}."
+        )
 
 
 def convert_ear_checkpoint(
@@ -283,16 +324,7 @@ def convert_ear_checkpoint(
         buffer_size=buffer_size if buffer_size is not None else run_args.get("buffer_size", 64),
         **training_fields,
     )
-    if Path(vae).is_file():
-        autoencoder = autoencoder_from_ldm(read_ldm_checkpoint(vae), source=str(vae))
-    else:
-        autoencoder = AutoencoderKL.from_pretrained(vae)
-    if getattr(autoencoder.config, "shift_factor", None):
-        raise ValueError(
-            f"convert: the VAE in {vae} has shift_factor={autoencoder.config.shift_factor}; EAR's latents are only "
-            f"scaled (x {EAR_LATENT_SCALE}), so it must be None or 0."
-        )
-    autoencoder.register_to_config(scaling_factor=vae_scaling_factor)
+    autoencoder = load_vae(vae, vae_scaling_factor)
     # Both branches off: plain EAR. The coarse grid only has to divide the token grid.
     lite_hybrid = LiteHybrid(
         in_channels=transformer.config.in_channels,
@@ -306,6 +338,147 @@ def convert_ear_checkpoint(
     )
     pipe.save_pretrained(output_dir)
     return pipe
+
+
+def load_vae(vae: str | Path, scaling_factor: float) -> AutoencoderKL:
+    """The ``AutoencoderKL`` of a folder or Hub id, or of MAR's ``kl16.ckpt`` (converted), with ``scaling_factor``."""
+    if Path(vae).is_file():
+        autoencoder = autoencoder_from_ldm(read_ldm_checkpoint(vae), source=str(vae))
+    else:
+        autoencoder = AutoencoderKL.from_pretrained(vae)
+    if getattr(autoencoder.config, "shift_factor", None):
+        raise ValueError(
+            f"convert: the VAE in {vae} has shift_factor={autoencoder.config.shift_factor}; EAR's and MAR's latents "
+            f"are only scaled (x {EAR_LATENT_SCALE}), so it must be None or 0."
+        )
+    autoencoder.register_to_config(scaling_factor=scaling_factor)
+    return autoencoder
+
+
+# MAR-B / L / H: `mar_base`, `mar_large`, `mar_huge` in models/mar.py (encoder and decoder alike).
+MAR_MODELS = {
+    "mar_base": dict(hidden_size=768, num_heads=12),
+    "mar_large": dict(hidden_size=1024, num_heads=16),
+    "mar_huge": dict(hidden_size=1280, num_heads=16),
+}
+_MAR_BLOCK = r"(encoder|decoder)_blocks\.(\d+)"
+_MAR_KEYS = [
+    ("transformer", r"token_proj\.(weight|bias)", r"z_proj.\1"),
+    ("transformer", r"token_norm\.(weight|bias)", r"z_proj_ln.\1"),
+    ("transformer", r"encoder_pos_embedding", r"encoder_pos_embed_learned"),
+    ("transformer", _MAR_BLOCK + r"\.(norm1|norm2|attn\.qkv|attn\.proj)\.(weight|bias)", r"\1_blocks.\2.\3.\4"),
+    ("transformer", _MAR_BLOCK + r"\.mlp\.0\.(weight|bias)", r"\1_blocks.\2.mlp.fc1.\3"),
+    ("transformer", _MAR_BLOCK + r"\.mlp\.3\.(weight|bias)", r"\1_blocks.\2.mlp.fc2.\3"),
+    ("transformer", r"(encoder|decoder)_norm\.(weight|bias)", r"\1_norm.\2"),
+    ("transformer", r"decoder_proj\.(weight|bias)", r"decoder_embed.\1"),
+    ("transformer", r"mask_token", r"mask_token"),
+    ("transformer", r"decoder_pos_embedding", r"decoder_pos_embed_learned"),
+    ("transformer", r"head_pos_embedding", r"diffusion_pos_embed_learned"),
+    # diffusers' TimestepEmbedding names its Linears linear_1 / linear_2; MAR's Sequential has them at 0 and 2.
+    ("energy_head", r"time_embed\.linear_1\.(weight|bias)", r"diffloss.net.time_embed.mlp.0.\1"),
+    ("energy_head", r"time_embed\.linear_2\.(weight|bias)", r"diffloss.net.time_embed.mlp.2.\1"),
+    ("energy_head", r"cond_proj\.(weight|bias)", r"diffloss.net.cond_embed.\1"),
+    ("energy_head", r"input_proj\.(weight|bias)", r"diffloss.net.input_proj.\1"),
+    ("energy_head", r"blocks\.(\d+)\.norm\.(weight|bias)", r"diffloss.net.res_blocks.\1.in_ln.\2"),
+    ("energy_head", r"blocks\.(\d+)\.mlp\.(0|2)\.(weight|bias)", r"diffloss.net.res_blocks.\1.mlp.\2.\3"),
+    ("energy_head", r"blocks\.(\d+)\.modulation\.1\.(weight|bias)", r"diffloss.net.res_blocks.\1.adaLN_modulation.1.\2"),
+    ("energy_head", r"final_modulation\.1\.(weight|bias)", r"diffloss.net.final_layer.adaLN_modulation.1.\1"),
+    ("energy_head", r"out\.(weight|bias)", r"diffloss.net.final_layer.linear.\1"),
+]
+
+
+def mar_key(component: str, key: str) -> str:
+    """MAR's name of our ``component``'s parameter ``key`` (`transformer`: :class:`MARTransformer`,
+    `energy_head`: :class:`DiffusionHead`), e.g. `decoder_blocks.0.mlp.0.weight` -> `decoder_blocks.0.mlp.fc1.weight`."""
+    return _authors_key(_MAR_KEYS, component, key, "MAR")
+
+
+def _num_heads(hidden: int, num_heads: int | None, tensor_name: str) -> int:
+    if num_heads is not None:
+        return num_heads
+    by_width = {m["hidden_size"]: m["num_heads"] for m in MAR_MODELS.values()}
+    if hidden not in by_width:
+        raise ValueError(
+            f"MAR checkpoint: width {hidden} ({tensor_name}) is not MAR-B / L / H's ({sorted(by_width)}), so the "
+            "number of attention heads is unknown: pass --num-heads."
+        )
+    return by_width[hidden]
+
+
+def mar_configs(state_dict: dict, num_heads: int | None = None, num_sampling_steps: int = 100, **training_fields):
+    """Configs of :class:`MARTransformer` and :class:`DiffusionHead` read from a MAR state dict's shapes.
+
+    Args:
+        state_dict: a MAR model's state dict (MAR's key names).
+        num_heads: attention heads of encoder and decoder; None takes MAR-B / L / H's by width.
+        num_sampling_steps: MAR's `--num_sampling_steps` (100): the respacing of the head's sampler.
+        training_fields: training-only fields (`class_dropout_prob`, `attn_dropout`, `proj_dropout`, `mask_ratio_min`).
+
+    Returns:
+        ``(transformer_config, head_config)``; token grid and buffer come from the position embeddings.
+    """
+    num_classes, enc = _get(state_dict, "class_emb.weight", "MAR").shape
+    dec = _get(state_dict, "decoder_embed.weight", "MAR").shape[0]
+    num_tokens = _get(state_dict, "diffusion_pos_embed_learned", "MAR").shape[1]
+    positions = _get(state_dict, "encoder_pos_embed_learned", "MAR").shape[1]
+    grid_size = math.isqrt(num_tokens)
+    if grid_size**2 != num_tokens or positions <= num_tokens:
+        raise ValueError(
+            f"MAR checkpoint: diffusion_pos_embed_learned has {num_tokens} positions (not a square token grid) or "
+            f"encoder_pos_embed_learned's {positions} leave no buffer; is this a checkpoint of LTH14/mar's main_mar.py?"
+        )
+
+    def depth(prefix, index):
+        return len({k.split(".")[index] for k in state_dict if k.startswith(prefix)})
+
+    transformer = dict(
+        in_channels=_get(state_dict, "z_proj.weight", "MAR").shape[1],
+        grid_size=grid_size,
+        num_classes=num_classes,
+        encoder_hidden_size=enc,
+        encoder_num_layers=depth("encoder_blocks.", 1),
+        encoder_num_heads=_num_heads(enc, num_heads, "class_emb.weight"),
+        decoder_hidden_size=dec,
+        decoder_num_layers=depth("decoder_blocks.", 1),
+        decoder_num_heads=_num_heads(dec, num_heads, "decoder_embed.weight"),
+        mlp_ratio=_get(state_dict, "encoder_blocks.0.mlp.fc1.weight", "MAR").shape[0] / enc,
+        buffer_size=positions - num_tokens,
+        **training_fields,
+    )
+    width, channels = _get(state_dict, "diffloss.net.input_proj.weight", "MAR").shape
+    head = dict(
+        condition_dim=_get(state_dict, "diffloss.net.cond_embed.weight", "MAR").shape[1],
+        token_channels=channels,
+        width=width,
+        depth=depth("diffloss.net.res_blocks.", 3),
+        num_sampling_steps=num_sampling_steps,
+        mlp_ratio=_get(state_dict, "diffloss.net.res_blocks.0.mlp.0.weight", "MAR").shape[0] / width,
+    )
+    return transformer, head
+
+
+def mar_state_dicts(state_dict: dict, transformer: MARTransformer, head: DiffusionHead) -> dict[str, dict]:
+    """The tensors of a MAR state dict (or of its gradients) under our names, checked against the models.
+
+    Returns:
+        ``{"transformer": {...}, "energy_head": {...}}``, every parameter of both models.
+
+    Raises:
+        ValueError naming MAR's key: missing, of another shape (both shapes), or unexpected.
+    """
+    return _mapped_state_dicts(state_dict, {"transformer": transformer, "energy_head": head}, _MAR_KEYS, "MAR")
+
+
+def mar_components(
+    state_dict: dict, num_heads: int | None = None, num_sampling_steps: int = 100, **training_fields
+) -> tuple[MARTransformer, DiffusionHead]:
+    """:class:`MARTransformer` and :class:`DiffusionHead` with a MAR state dict's weights (see :func:`mar_configs`)."""
+    transformer_config, head_config = mar_configs(state_dict, num_heads, num_sampling_steps, **training_fields)
+    transformer, head = MARTransformer(**transformer_config), DiffusionHead(**head_config)
+    mapped = mar_state_dicts(state_dict, transformer, head)
+    transformer.load_state_dict(mapped["transformer"])
+    head.load_state_dict(mapped["energy_head"])
+    return transformer, head
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
