@@ -381,15 +381,19 @@ _MAR_KEYS = [
     ("energy_head", r"input_proj\.(weight|bias)", r"diffloss.net.input_proj.\1"),
     ("energy_head", r"blocks\.(\d+)\.norm\.(weight|bias)", r"diffloss.net.res_blocks.\1.in_ln.\2"),
     ("energy_head", r"blocks\.(\d+)\.mlp\.(0|2)\.(weight|bias)", r"diffloss.net.res_blocks.\1.mlp.\2.\3"),
-    ("energy_head", r"blocks\.(\d+)\.modulation\.1\.(weight|bias)", r"diffloss.net.res_blocks.\1.adaLN_modulation.1.\2"),
+    (
+        "energy_head",
+        r"blocks\.(\d+)\.modulation\.1\.(weight|bias)",
+        r"diffloss.net.res_blocks.\1.adaLN_modulation.1.\2",
+    ),
     ("energy_head", r"final_modulation\.1\.(weight|bias)", r"diffloss.net.final_layer.adaLN_modulation.1.\1"),
     ("energy_head", r"out\.(weight|bias)", r"diffloss.net.final_layer.linear.\1"),
 ]
 
 
 def mar_key(component: str, key: str) -> str:
-    """MAR's name of our ``component``'s parameter ``key`` (`transformer`: :class:`MARTransformer`,
-    `energy_head`: :class:`DiffusionHead`), e.g. `decoder_blocks.0.mlp.0.weight` -> `decoder_blocks.0.mlp.fc1.weight`."""
+    """MAR's name of our ``component``'s parameter ``key`` (`transformer`: :class:`MARTransformer`, `energy_head`:
+    :class:`DiffusionHead`), e.g. `decoder_blocks.0.mlp.0.weight` -> `decoder_blocks.0.mlp.fc1.weight`."""
     return _authors_key(_MAR_KEYS, component, key, "MAR")
 
 
@@ -425,7 +429,7 @@ def mar_configs(state_dict: dict, num_heads: int | None = None, num_sampling_ste
     if grid_size**2 != num_tokens or positions <= num_tokens:
         raise ValueError(
             f"MAR checkpoint: diffusion_pos_embed_learned has {num_tokens} positions (not a square token grid) or "
-            f"encoder_pos_embed_learned's {positions} leave no buffer; is this a checkpoint of LTH14/mar's main_mar.py?"
+            f"encoder_pos_embed_learned's {positions} leave no buffer; is this a checkpoint of main_mar.py?"
         )
 
     def depth(prefix, index):

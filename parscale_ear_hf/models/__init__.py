@@ -7,4 +7,12 @@ from .lite_hybrid import LiteHybrid
 from .lite_vae import LiteVAE
 from .mar_transformer import MARTransformer
 
-__all__ = ["DiffusionHead", "EARTransformer", "EnergyHead", "LiteHybrid", "LiteVAE", "MARTransformer", "energy_score_loss"]
+__all__ = [
+    "DiffusionHead",
+    "EARTransformer",
+    "EnergyHead",
+    "LiteHybrid",
+    "LiteVAE",
+    "MARTransformer",
+    "energy_score_loss",
+]
