@@ -11,6 +11,14 @@ given diffusers ``AutoencoderKL`` (a folder, or MAR's ``kl16.ckpt`` converted on
 
     parscale-ear convert --checkpoint output_dir/checkpoint-last.pth --vae kl16.ckpt --output-dir ear-b
 
+MAR's checkpoints (LTH14/mar `main_mar.py`, MAR-B / L / H: the same format, with `encoder_blocks` and the
+diffusion head as ``diffloss.net``) map the same way onto :class:`MARTransformer` and :class:`DiffusionHead`:
+
+    parscale-ear convert --mar checkpoint-last.pth --vae kl16.ckpt --output mar-b
+
+Until the pipeline holds a MAR backbone (issue 27, phase 2) this writes the three components (`transformer/`,
+`energy_head/`, `vae/`), each loadable with its class's ``from_pretrained``, not a pipeline.
+
 The checkpoint is read with ``torch.load(weights_only=True)``: only tensors, plain containers and
 ``argparse.Namespace`` (the ``args`` entry) are rebuilt, never arbitrary objects.
 """
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pickle
 import re
 import zipfile
@@ -37,7 +46,7 @@ from .convert_vae import (
 from .models import DiffusionHead, EARTransformer, EnergyHead, LiteHybrid, MARTransformer
 from .models._checks import check_int
 from .pipeline_parscale_ear import ParScaleEARPipeline
-from .saving import looks_like_local_path
+from .saving import atomic_save, looks_like_local_path
 
 # EAR-B / L / H: `ear_base`, `ear_large`, `ear_huge` in models/ear.py. The number of attention
 # heads is the one shape that the weights do not show.
@@ -213,11 +222,15 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.num_heads is not None:
         check_int("convert", "--num-heads", args.num_heads, 1)
     if args.buffer_size is not None:
+        if args.mar:
+            raise ValueError("convert: --buffer-size is for EAR checkpoints; MAR's buffer is read from its shapes.")
         check_int("convert", "--buffer-size", args.buffer_size, 1)
     check_scaling_factor("convert", "--vae-scaling-factor", args.vae_scaling_factor)
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"convert: --checkpoint {args.checkpoint!r} is not a file; pass main_ear.py's "
-                                "checkpoint-last.pth (or checkpoint-N.pth).")  # fmt: skip
+    flag, path = ("--mar", args.mar) if args.mar else ("--checkpoint", args.checkpoint)
+    if not Path(path).is_file():
+        script = AUTHORS_SCRIPT["MAR" if args.mar else "EAR"].split("'s ")[1]
+        raise FileNotFoundError(f"convert: {flag} {path!r} is not a file; pass {script}'s checkpoint-last.pth "
+                                "(or checkpoint-N.pth).")  # fmt: skip
     vae = Path(args.vae)
     local = vae.exists() or looks_like_local_path(args.vae) or vae.suffix in LDM_SUFFIXES
     if local and not (vae.is_file() or (vae / "config.json").is_file()):
@@ -485,14 +498,71 @@ def mar_components(
     return transformer, head
 
 
+def convert_mar_checkpoint(
+    checkpoint: str | Path,
+    vae: str | Path,
+    output_dir: str | Path,
+    weights: str = "model_ema",
+    num_heads: int | None = None,
+    vae_scaling_factor: float = EAR_LATENT_SCALE,
+) -> dict:
+    """Write a MAR checkpoint's components into ``output_dir``: `transformer/` (:class:`MARTransformer`),
+    `energy_head/` (:class:`DiffusionHead`) and `vae/` (``AutoencoderKL``), each a saved diffusers component.
+
+    ``num_heads`` None: from the checkpoint's ``args.model`` (MAR-B / L / H), else by width. The head's respacing
+    is ``args.num_sampling_steps`` (MAR: "100"); training-only fields come from ``args`` too. Everything is
+    read and checked (the VAE's channels against the tokens') before the folder is written, atomically.
+
+    Returns:
+        ``{"transformer": ..., "energy_head": ..., "vae": ...}``, as saved.
+    """
+    state_dict, run_args = read_checkpoint(checkpoint, weights, "MAR")
+    if num_heads is None and run_args.get("model") in MAR_MODELS:
+        num_heads = MAR_MODELS[run_args["model"]]["num_heads"]
+    steps = str(run_args.get("num_sampling_steps", "100"))
+    if not steps.isdigit():
+        raise ValueError(
+            f"convert: {checkpoint} was trained with --num_sampling_steps {steps!r}; the converter takes MAR's even "
+            "respacing, a number of steps (MAR: '100'), not sections or 'ddimN'."
+        )
+    fields = ("label_drop_prob", "attn_dropout", "proj_dropout", "mask_ratio_min")
+    training_fields = {
+        ("class_dropout_prob" if theirs == "label_drop_prob" else theirs): run_args[theirs]
+        for theirs in fields
+        if theirs in run_args
+    }
+    transformer, head = mar_components(state_dict, num_heads, int(steps), **training_fields)
+    autoencoder = load_vae(vae, vae_scaling_factor)
+    channels = transformer.config.in_channels
+    if autoencoder.config.latent_channels != channels:
+        raise ValueError(
+            f"convert: the MAR checkpoint {checkpoint} takes tokens of {channels} channels (z_proj.weight "
+            f"{tuple(state_dict['z_proj.weight'].shape)}), but the VAE {vae} has latent_channels="
+            f"{autoencoder.config.latent_channels}; MAR-B / L / H take MAR's KL-16 VAE (kl16.ckpt, 16 channels)."
+        )
+    components = {"transformer": transformer, "energy_head": head, "vae": autoencoder}
+
+    def write(folder: str) -> None:
+        for name, component in components.items():
+            component.save_pretrained(os.path.join(folder, name))
+
+    atomic_save(output_dir, write, "convert")
+    return components
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--checkpoint", required=True, help="main_ear.py's checkpoint-last.pth (or checkpoint-N.pth)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="EAR: main_ear.py's checkpoint-last.pth (or checkpoint-N.pth)")
+    source.add_argument(
+        "--mar",
+        help="MAR-B/L/H: main_mar.py's checkpoint-last.pth; writes the components (transformer/, energy_head/, vae/)",
+    )
     parser.add_argument(
         "--vae",
         required=True,
         help="MAR's kl16.ckpt (converted on the way), or a diffusers AutoencoderKL folder (parscale-ear convert-vae)",
     )
-    parser.add_argument("--output-dir", required=True, help="where to write the pipeline")
+    parser.add_argument("--output-dir", "--output", dest="output_dir", required=True, help="where to write it")
     parser.add_argument(
         "--weights",
         choices=WEIGHTS,
@@ -503,7 +573,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--num-heads",
         type=int,
         default=None,
-        help="attention heads (default: from the checkpoint's --model, EAR-B/L/H)",
+        help="attention heads (default: from the checkpoint's --model, EAR-B/L/H or MAR-B/L/H, else by width)",
     )
     parser.add_argument(
         "--buffer-size", type=int, default=None, help="EAR's --buffer_size (default: from the checkpoint, else 64)"
@@ -518,8 +588,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Convert an EAR checkpoint (shaochenze/EAR main_ear.py) into a saved pipeline."""
+    """Convert an EAR checkpoint (shaochenze/EAR main_ear.py) into a saved pipeline, or a MAR checkpoint
+    (LTH14/mar main_mar.py) into its saved components."""
     check_arguments(args)
+    if args.mar:
+        options = dict(weights=args.weights, num_heads=args.num_heads, vae_scaling_factor=args.vae_scaling_factor)
+        parts = convert_mar_checkpoint(args.mar, args.vae, args.output_dir, **options)
+        t, h = parts["transformer"].config, parts["energy_head"].config
+        print(
+            f"wrote {args.output_dir}: {args.weights} of {args.mar}, MAR encoder {t.encoder_hidden_size}x"
+            f"{t.encoder_num_layers} + decoder {t.decoder_hidden_size}x{t.decoder_num_layers} ({t.grid_size}x"
+            f"{t.grid_size} tokens, {t.num_classes} classes), diffusion head {h.width}x{h.depth} "
+            f"({h.num_sampling_steps} steps), VAE scaling_factor {parts['vae'].config.scaling_factor}"
+        )
+        return
     pipe = convert_ear_checkpoint(
         args.checkpoint,
         args.vae,
