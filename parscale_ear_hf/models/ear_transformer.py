@@ -37,13 +37,13 @@ def tokens_to_latents(tokens: torch.Tensor, grid_size: int) -> torch.Tensor:
 
 
 class _Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, dropout: float):
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_dropout: float):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.dropout = dropout
-        self.proj_drop = nn.Dropout(dropout)
+        self.dropout = attn_dropout
+        self.proj_drop = nn.Dropout(proj_dropout)
 
     def forward(
         self, x: torch.Tensor, kv_cache: list | None = None, positions: torch.Tensor | None = None
@@ -72,10 +72,21 @@ MLP_ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, mlp_activation: str):
+    """timm's ViT ``Block`` (pre-norm attention and MLP, LayerNorm eps 1e-6), as EAR and MAR use it: `dropout`
+    is timm's `proj_drop` (attention output and MLP), `attn_dropout` its `attn_drop` (default: `dropout`)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        dropout: float,
+        mlp_activation: str,
+        attn_dropout: float | None = None,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = _Attention(dim, num_heads, dropout)
+        self.attn = _Attention(dim, num_heads, dropout if attn_dropout is None else attn_dropout, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(
@@ -118,7 +129,48 @@ class TokenCache:
         return None if self.probe is None else self.probe.shape[0]
 
 
-class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
+class MaskedTrainingMixin:
+    """What MAR and EAR share in training, for a backbone whose config has `num_classes`, `grid_size`,
+    `mask_ratio_min`, `mask_ratio_std` and `class_dropout_prob`: the null class, the training mask and the
+    label dropout. The caller draws both and passes them to ``forward`` (MAR draws them inside its forward)."""
+
+    @property
+    def null_class(self) -> int:
+        """Index of the learned unconditional class."""
+        return self.config.num_classes
+
+    def sample_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training mask: a random order per image and a mask ratio from the truncated normal.
+
+        Returns:
+            `(batch_size, N)` bool, True at the positions to predict. One ratio per batch, as in
+            MAR / EAR, and at least one masked token.
+        """
+        n = self.num_tokens
+        low, std = self.config.mask_ratio_min, self.config.mask_ratio_std
+        # Inverse-CDF draw of N(1, std) truncated to [low, 1]: exact and generator-driven.
+        normal = torch.distributions.Normal(1.0, std)
+        cdf_low, cdf_high = normal.cdf(torch.tensor(low)), normal.cdf(torch.tensor(1.0))
+        u = torch.rand((), generator=generator)
+        ratio = normal.icdf(cdf_low + u * (cdf_high - cdf_low)).clamp(low, 1.0)
+        num_masked = max(1, math.ceil(n * ratio.item()))
+        orders = torch.argsort(torch.rand(batch_size, n, generator=generator), dim=1)
+        mask = torch.zeros(batch_size, n, dtype=torch.bool)
+        mask.scatter_(1, orders[:, :num_masked], True)
+        return mask.to(self.device)
+
+    def drop_labels(self, class_labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace each label by the null class with probability `class_dropout_prob` (training)."""
+        drop = torch.rand(class_labels.shape, generator=generator) < self.config.class_dropout_prob
+        return torch.where(drop.to(class_labels.device), torch.full_like(class_labels, self.null_class), class_labels)
+
+    @property
+    def num_tokens(self) -> int:
+        """N, the token positions: ``grid_size**2``."""
+        return self.config.grid_size**2
+
+
+class EARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""Bidirectional masked-AR backbone over ``buffer_size + grid_size**2`` positions.
 
     Args:
@@ -188,7 +240,6 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
             )
 
         self.gradient_checkpointing = False
-        self.num_tokens = grid_size * grid_size
         self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)
         self.token_proj = nn.Linear(in_channels, hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
@@ -214,36 +265,6 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-
-    @property
-    def null_class(self) -> int:
-        """Index of the learned unconditional class."""
-        return self.config.num_classes
-
-    def sample_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training mask: a random order per image and a mask ratio from the truncated normal.
-
-        Returns:
-            `(batch_size, N)` bool, True at the positions to predict. One ratio per batch, as in
-            MAR / EAR, and at least one masked token.
-        """
-        n = self.num_tokens
-        low, std = self.config.mask_ratio_min, self.config.mask_ratio_std
-        # Inverse-CDF draw of N(1, std) truncated to [low, 1]: exact and generator-driven.
-        normal = torch.distributions.Normal(1.0, std)
-        cdf_low, cdf_high = normal.cdf(torch.tensor(low)), normal.cdf(torch.tensor(1.0))
-        u = torch.rand((), generator=generator)
-        ratio = normal.icdf(cdf_low + u * (cdf_high - cdf_low)).clamp(low, 1.0)
-        num_masked = max(1, math.ceil(n * ratio.item()))
-        orders = torch.argsort(torch.rand(batch_size, n, generator=generator), dim=1)
-        mask = torch.zeros(batch_size, n, dtype=torch.bool)
-        mask.scatter_(1, orders[:, :num_masked], True)
-        return mask.to(self.device)
-
-    def drop_labels(self, class_labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each label by the null class with probability `class_dropout_prob` (training)."""
-        drop = torch.rand(class_labels.shape, generator=generator) < self.config.class_dropout_prob
-        return torch.where(drop.to(class_labels.device), torch.full_like(class_labels, self.null_class), class_labels)
 
     def forward(
         self,
