@@ -61,14 +61,20 @@ class SamplingCache:
         return self.token_cache or self.condition_cache
 
 
-def check_cache(cache, num_layers: int) -> None:
-    """Raise naming `cache` unless it is None or a :class:`SamplingCache` that fits a backbone of `num_layers`."""
+def check_cache(cache, transformer) -> None:
+    """Raise naming `cache` unless it is None or a :class:`SamplingCache` that fits the backbone `transformer`."""
     if cache is None:
         return
     if not isinstance(cache, SamplingCache):
         raise TypeError(
             f"ParScaleEARPipeline: `cache` must be a SamplingCache or None (exact sampling), got {cache!r}."
         )
+    if not isinstance(transformer, EARTransformer):
+        raise ValueError(
+            f"ParScaleEARPipeline: LazyMAR's caches are not available for the {type(transformer).__name__} backbone "
+            "yet; pass cache=None (exact sampling)."
+        )
+    num_layers = transformer.config.num_layers
     if cache.token_cache and cache.full_layers >= num_layers:
         raise ValueError(
             f"ParScaleEARPipeline: `cache.full_layers` is {cache.full_layers} but the backbone has {num_layers} "
