@@ -16,8 +16,8 @@ diffusion head as ``diffloss.net``) map the same way onto :class:`MARTransformer
 
     parscale-ear convert --mar checkpoint-last.pth --vae kl16.ckpt --output mar-b
 
-Until the pipeline holds a MAR backbone (issue 27, phase 2) this writes the three components (`transformer/`,
-`energy_head/`, `vae/`), each loadable with its class's ``from_pretrained``, not a pipeline.
+That writes a pipeline too, with MAR's backbone and head in the `transformer` and `energy_head` slots, a model card
+(origin, MIT license, the paper) and `conversion.json` (which files it came from); see docs/mar.md.
 
 The checkpoint is read with ``torch.load(weights_only=True)``: only tensors, plain containers and
 ``argparse.Namespace`` (the ``args`` entry) are rebuilt, never arbitrary objects.
@@ -26,10 +26,15 @@ The checkpoint is read with ``torch.load(weights_only=True)``: only tensors, pla
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
+import json
 import math
 import os
 import pickle
 import re
+import shlex
+import sys
 import zipfile
 from pathlib import Path
 
@@ -43,6 +48,7 @@ from .convert_vae import (
     read_ldm_checkpoint,
     unpickler_reason,
 )
+from .model_card import CONVERSION_RECORD, build_model_card
 from .models import DiffusionHead, EARTransformer, EnergyHead, LiteHybrid, MARTransformer
 from .models._checks import check_int
 from .pipeline_parscale_ear import ParScaleEARPipeline
@@ -338,16 +344,8 @@ def convert_ear_checkpoint(
         **training_fields,
     )
     autoencoder = load_vae(vae, vae_scaling_factor)
-    # Both branches off: plain EAR. The coarse grid only has to divide the token grid.
-    lite_hybrid = LiteHybrid(
-        in_channels=transformer.config.in_channels,
-        grid_size=transformer.config.grid_size,
-        coarse_grid_size=1,
-        use_coarse=False,
-        use_fine=False,
-    )
     pipe = ParScaleEARPipeline(
-        vae=autoencoder, lite_hybrid=lite_hybrid, transformer=transformer, energy_head=energy_head
+        vae=autoencoder, lite_hybrid=plain_lite_hybrid(transformer), transformer=transformer, energy_head=energy_head
     )
     pipe.save_pretrained(output_dir)
     return pipe
@@ -370,9 +368,9 @@ def load_vae(vae: str | Path, scaling_factor: float) -> AutoencoderKL:
 
 # MAR-B / L / H: `mar_base`, `mar_large`, `mar_huge` in models/mar.py (encoder and decoder alike).
 MAR_MODELS = {
-    "mar_base": dict(hidden_size=768, num_heads=12),
-    "mar_large": dict(hidden_size=1024, num_heads=16),
-    "mar_huge": dict(hidden_size=1280, num_heads=16),
+    "mar_base": dict(hidden_size=768, num_heads=12, depth=12),
+    "mar_large": dict(hidden_size=1024, num_heads=16, depth=16),
+    "mar_huge": dict(hidden_size=1280, num_heads=16, depth=20),
 }
 _MAR_BLOCK = r"(encoder|decoder)_blocks\.(\d+)"
 _MAR_KEYS = [
@@ -498,6 +496,48 @@ def mar_components(
     return transformer, head
 
 
+def mar_model_name(transformer: MARTransformer, run_args: dict) -> tuple[str | None, str]:
+    """MAR's `--model` (`mar_base`, ...) and its name (MAR-B / L / H) from the run's ``args``, else from the widths
+    and depths; a size MAR did not release is named by its sizes."""
+    t = transformer.config
+    sizes = {(t.encoder_hidden_size, t.encoder_num_layers), (t.decoder_hidden_size, t.decoder_num_layers)}
+    model = run_args.get("model")
+    if model not in MAR_MODELS:
+        model = next((m for m, c in MAR_MODELS.items() if sizes == {(c["hidden_size"], c["depth"])}), None)
+    if model is None:
+        encoder, decoder = (f"{w}x{d}" for w, d in ((t.encoder_hidden_size, t.encoder_num_layers),
+                                                    (t.decoder_hidden_size, t.decoder_num_layers)))  # fmt: skip
+        return None, f"MAR (encoder {encoder}, decoder {decoder})"
+    return model, "MAR-" + model.split("_")[1][0].upper()
+
+
+def imagenet_id2label() -> dict[int, str] | None:
+    """ImageNet-1k's class names by class id (``{0: "tench, Tinca tinca", ...}``), read offline from the files that
+    the `timm` package ships (its synset list, sorted as ImageFolder sorts the training folders, as MAR's classes
+    are, and WordNet lemmas), without importing timm; None when timm is not installed."""
+    try:
+        dist = importlib.metadata.distribution("timm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    synsets_path = Path(dist.locate_file("timm/data/_info/imagenet_synsets.txt"))
+    lemmas_path = Path(dist.locate_file("timm/data/_info/imagenet_synset_to_lemma.txt"))
+    if not (synsets_path.is_file() and lemmas_path.is_file()):
+        return None
+    synsets = synsets_path.read_text(encoding="utf-8").split()
+    lemmas = dict(line.split("\t", 1) for line in lemmas_path.read_text(encoding="utf-8").splitlines() if "\t" in line)
+    if len(synsets) != 1000 or synsets != sorted(synsets) or not all(s in lemmas for s in synsets):
+        return None
+    return {i: lemmas[s].strip() for i, s in enumerate(synsets)}
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def convert_mar_checkpoint(
     checkpoint: str | Path,
     vae: str | Path,
@@ -505,16 +545,21 @@ def convert_mar_checkpoint(
     weights: str = "model_ema",
     num_heads: int | None = None,
     vae_scaling_factor: float = EAR_LATENT_SCALE,
-) -> dict:
-    """Write a MAR checkpoint's components into ``output_dir``: `transformer/` (:class:`MARTransformer`),
-    `energy_head/` (:class:`DiffusionHead`) and `vae/` (``AutoencoderKL``), each a saved diffusers component.
+    command: str | None = None,
+) -> ParScaleEARPipeline:
+    """Write a :class:`ParScaleEARPipeline` from a MAR checkpoint (LTH14/mar's main_mar.py, MAR-B / L / H) and a VAE:
+    :class:`MARTransformer`, :class:`DiffusionHead`, the LiteHybrid off and the ``AutoencoderKL`` (a folder or Hub
+    id, or MAR's ``kl16.ckpt``, converted), with a model card (`README.md`: origin, MIT license, the paper) and
+    `conversion.json` (the files it came from).
 
     ``num_heads`` None: from the checkpoint's ``args.model`` (MAR-B / L / H), else by width. The head's respacing
-    is ``args.num_sampling_steps`` (MAR: "100"); training-only fields come from ``args`` too. Everything is
-    read and checked (the VAE's channels against the tokens') before the folder is written, atomically.
+    is ``args.num_sampling_steps`` (MAR: "100"); training-only fields come from ``args`` too. A 1000-class model
+    gets ImageNet's class names as `id2label` when timm's class list is installed (:func:`imagenet_id2label`).
+    Everything is read and checked (the VAE's channels against the tokens') before the folder is written,
+    atomically: on an error an existing `output_dir` is left as it was.
 
     Returns:
-        ``{"transformer": ..., "energy_head": ..., "vae": ...}``, as saved.
+        The pipeline, as saved.
     """
     state_dict, run_args = read_checkpoint(checkpoint, weights, "MAR")
     if num_heads is None and run_args.get("model") in MAR_MODELS:
@@ -540,14 +585,48 @@ def convert_mar_checkpoint(
             f"{tuple(state_dict['z_proj.weight'].shape)}), but the VAE {vae} has latent_channels="
             f"{autoencoder.config.latent_channels}; MAR-B / L / H take MAR's KL-16 VAE (kl16.ckpt, 16 channels)."
         )
-    components = {"transformer": transformer, "energy_head": head, "vae": autoencoder}
+    model, name = mar_model_name(transformer, run_args)
+    id2label = imagenet_id2label() if transformer.config.num_classes == 1000 else None
+    pipe = ParScaleEARPipeline(
+        vae=autoencoder, lite_hybrid=plain_lite_hybrid(transformer), transformer=transformer, energy_head=head,
+        id2label=id2label,
+    )  # fmt: skip
+    record = {
+        "source": "LTH14/mar",
+        "script": "main_mar.py",
+        "model": model,
+        "name": name,
+        "checkpoint": Path(checkpoint).name,
+        "checkpoint_sha256": _sha256(checkpoint),
+        "weights": weights,
+        "vae": Path(vae).name if Path(vae).is_file() else os.fspath(vae),
+        "vae_scaling_factor": vae_scaling_factor,
+        "command": command or f"parscale-ear convert --mar {checkpoint} --vae {vae} --output {output_dir}",
+        "id2label": "ImageNet-1k class names from timm's class list" if id2label else None,
+    }
 
     def write(folder: str) -> None:
-        for name, component in components.items():
-            component.save_pretrained(os.path.join(folder, name))
+        pipe.save_pretrained(folder)
+        with open(os.path.join(folder, CONVERSION_RECORD), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+        card = build_model_card(folder, [], pipe=pipe, location=output_dir)
+        card.save(os.path.join(folder, "README.md"))
 
     atomic_save(output_dir, write, "convert")
-    return components
+    return pipe
+
+
+def plain_lite_hybrid(transformer: EARTransformer | MARTransformer) -> LiteHybrid:
+    """The LiteHybrid with both branches off (the identity: the authors' models have none). The coarse grid only
+    has to divide the token grid."""
+    return LiteHybrid(
+        in_channels=transformer.config.in_channels,
+        grid_size=transformer.config.grid_size,
+        coarse_grid_size=1,
+        use_coarse=False,
+        use_fine=False,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -555,7 +634,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", help="EAR: main_ear.py's checkpoint-last.pth (or checkpoint-N.pth)")
     source.add_argument(
         "--mar",
-        help="MAR-B/L/H: main_mar.py's checkpoint-last.pth; writes the components (transformer/, energy_head/, vae/)",
+        help="MAR-B/L/H: main_mar.py's checkpoint-last.pth; writes a pipeline with MAR's backbone and diffusion head",
     )
     parser.add_argument(
         "--vae",
@@ -588,18 +667,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Convert an EAR checkpoint (shaochenze/EAR main_ear.py) into a saved pipeline, or a MAR checkpoint
-    (LTH14/mar main_mar.py) into its saved components."""
+    """Convert a checkpoint of the authors' EAR (shaochenze/EAR main_ear.py) or MAR (LTH14/mar main_mar.py) into a
+    saved pipeline."""
     check_arguments(args)
     if args.mar:
-        options = dict(weights=args.weights, num_heads=args.num_heads, vae_scaling_factor=args.vae_scaling_factor)
-        parts = convert_mar_checkpoint(args.mar, args.vae, args.output_dir, **options)
-        t, h = parts["transformer"].config, parts["energy_head"].config
+        pipe = convert_mar_checkpoint(
+            args.mar,
+            args.vae,
+            args.output_dir,
+            weights=args.weights,
+            num_heads=args.num_heads,
+            vae_scaling_factor=args.vae_scaling_factor,
+            command=" ".join(["parscale-ear", *map(shlex.quote, sys.argv[1:])])
+            if sys.argv[1:2] == ["convert"]
+            else None,
+        )
+        t, h = pipe.transformer.config, pipe.energy_head.config
         print(
             f"wrote {args.output_dir}: {args.weights} of {args.mar}, MAR encoder {t.encoder_hidden_size}x"
             f"{t.encoder_num_layers} + decoder {t.decoder_hidden_size}x{t.decoder_num_layers} ({t.grid_size}x"
-            f"{t.grid_size} tokens, {t.num_classes} classes), diffusion head {h.width}x{h.depth} "
-            f"({h.num_sampling_steps} steps), VAE scaling_factor {parts['vae'].config.scaling_factor}"
+            f"{t.grid_size} tokens, {t.num_classes} classes{', ImageNet names' if pipe.id2label else ''}), diffusion "
+            f"head {h.width}x{h.depth} ({h.num_sampling_steps} steps), VAE scaling_factor "
+            f"{pipe.vae.config.scaling_factor}; model card README.md"
         )
         return
     pipe = convert_ear_checkpoint(
