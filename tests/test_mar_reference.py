@@ -5,7 +5,8 @@
 `record_fixture.py` beside them. Their weights are mapped into our classes by the converter's own mapping
 (:func:`parscale_ear_hf.convert.mar_state_dicts`), and every recorded quantity is reproduced: the backbone's
 ``z``, the head's output, the training loss (MSE + VLB) with every gradient, and the head's sampler with and
-without guidance. (Full ``sample_tokens`` is recorded too; the pipeline runs it in phase 2 of issue 27.)
+without guidance, and MAR's full ``sample_tokens`` (8 AR steps of 100 diffusion steps, temperature 0.9, cfg 1 and 3,
+linear schedule) run by `ParScaleEARPipeline.sample_tokens` with the recorded orders and every Gaussian draw.
 
 Bound: float32 on both sides, the same operations; only the order of some sums differs (BLAS blocking,
 our loss summed over the masked rows only, the encoder's boolean gather). A dot product of K terms in another
@@ -15,7 +16,10 @@ whose first one multiplies the noise prediction by ``1 / sqrt(alpha_t)`` = 316 (
 perturbed, untrained weights the chain grows to ~1e4, so its float32 rounding is relative: the sampler is
 checked relative to the largest output, SAMPLER_RTOL = 1e-5 (~80 float32 roundings of it). Measured when the
 fixture was recorded: 0 (bit for bit) for z, the head's output, both losses and the z gradient; 1.5e-8 for the
-parameter gradients; 2.5e-7 relative (one rounding of a 3.9e4 sample) and 0 for the two sampler cases.
+parameter gradients; 2.5e-7 relative (one rounding of a 3.9e4 sample) and 0 for the two sampler cases. Full
+sampling chains 8 backbone passes and 8 x 100 sampler steps, each token's chain growing to ~5e4 as the sampler's
+does: it is checked with the sampler's relative bound (a token's error is its own chain's float32 rounding,
+the backbone's ~1e-6 errors entering relative to O(1) conditions). Measured: 0 (bit for bit) at cfg 1 and 3.
 `test_each_check_catches_an_error` shows what a real error does: each perturbation moves its quantity 100x
 above its bound or more.
 """
@@ -27,9 +31,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from parscale_ear_hf import DiffusionHead, LiteHybrid, LiteVAE, ParScaleEARPipeline
 from parscale_ear_hf.convert import mar_components, mar_state_dicts
 from parscale_ear_hf.models.diffusion_head import respaced_timesteps
 from parscale_ear_hf.models.ear_transformer import latents_to_tokens
+from parscale_ear_hf.pipeline_parscale_ear import SamplingCache, mask_schedule, predicting_steps
+
+from conftest import TINY_VAE_CONFIG
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mar_reference"
 RECORD = json.loads((FIXTURE / "config.json").read_text())
@@ -177,3 +185,88 @@ def test_each_check_catches_an_error():
     expected = mar_state_dicts(load_file(FIXTURE / "reference_gradients.safetensors"), transformer, head)
     err = max_error(head.out.weight.grad, expected["energy_head"]["out.weight"], "gradient")
     assert err > 100 * ATOL
+
+
+def mar_pipeline():
+    """The fixture's weights in a ParScaleEARPipeline: MAR's backbone and head, the LiteHybrid off (the identity)."""
+    transformer, head = reference_models()
+    torch.manual_seed(0)
+    hybrid = LiteHybrid(in_channels=4, grid_size=4, coarse_grid_size=1, hidden_dim=16, num_heads=2, use_coarse=False,
+                        use_fine=False)  # fmt: skip
+    pipe = ParScaleEARPipeline(vae=LiteVAE(**TINY_VAE_CONFIG), lite_hybrid=hybrid, transformer=transformer,
+                               energy_head=head)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def recorded_noise(case, orders):
+    """MAR's recorded draws in our layout `(B, N, num_sampling_steps + 1, C)`: ``noise[b, n]`` samples token n of b.
+
+    MAR's AR step predicts ``z[mask_to_pred.nonzero()]``: the step's tokens in raster order per image, image-major
+    (the conditional rows first; with guidance the unconditional rows' draws never reach the output). Its
+    ``DiffLoss.sample`` draws ``x_T`` for those rows, then one draw per diffusion step; the fixture stores them
+    concatenated over AR steps in that row order. Our loop predicts ``orders[:, m_next:m]`` at each step.
+    """
+    b, n, c = len(case["labels"]), 16, MAR["vae_embed_dim"]
+    x_T, steps = CASES[f"{case['name']}.noise_x_T"], CASES[f"{case['name']}.noise_steps"]
+    noise = torch.zeros(b, n, steps.shape[1] + 1, c)
+    row, masked, counts = 0, n, []
+    for step in predicting_steps(case["num_iter"], n):
+        masked_next = mask_schedule(step, case["num_iter"], n, masked)
+        positions = orders[:, masked_next:masked].sort(dim=1).values  # (B, T), raster order per image
+        count = positions.numel()
+        counts.append(count)
+        draws = torch.cat([x_T[row : row + count, None], steps[row : row + count]], dim=1)
+        noise[torch.arange(b)[:, None].expand_as(positions), positions] = draws.view(b, -1, *draws.shape[1:])
+        row, masked = row + count, masked_next
+    assert counts == case["tokens_per_step"] and row == len(x_T)  # our schedule predicts what MAR's did
+    return noise
+
+
+def sample(pipe, case, noise=None):
+    name = case["name"]
+    orders = CASES[f"{name}.orders"]
+    return pipe.sample_tokens(
+        class_ids=CASES[f"{name}.labels"],
+        orders=orders,
+        noise=recorded_noise(case, orders) if noise is None else noise,
+        num_inference_steps=case["num_iter"],
+        guidance_scale=case["cfg"],
+        guidance_schedule=case["cfg_schedule"],
+        temperature=case["temperature"],
+    )
+
+
+@pytest.mark.parametrize("case", RECORD["sampling_cases"], ids=lambda case: case["name"])
+def test_full_sampling(case):
+    """MAR's ``sample_tokens`` end to end: 8 AR steps, a 100-step diffusion chain per token (SAMPLER_RTOL)."""
+    tokens = sample(mar_pipeline(), case)
+    err = sampler_error(tokens, CASES[f"{case['name']}.tokens"], case["name"])
+    assert err <= SAMPLER_RTOL, f"sampled tokens ({case['name']}): max |ours - MAR's| / max |MAR's| = {err:.3g}"
+
+
+def test_full_sampling_catches_guidance_in_the_wrong_place(monkeypatch):
+    """Guidance mixed on z before the head (as EAR's), not on eps at every diffusion step, moves the cfg-3 tokens
+    far beyond the bound; so does the MAR noise of one AR step given to the wrong tokens."""
+    case = RECORD["sampling_cases"][1]
+    pipe = mar_pipeline()
+    expected = CASES[f"{case['name']}.tokens"]
+    monkeypatch.setattr(type(pipe.energy_head), "guidance_in_head", False)
+    off = sample(pipe, case)
+    assert sampler_error(off, expected, "z mixed") > 100 * SAMPLER_RTOL
+    monkeypatch.undo()
+    noise = recorded_noise(case, CASES[f"{case['name']}.orders"])
+    assert sampler_error(sample(pipe, case, noise.flip(0)), expected, "noise of other images") > 100 * SAMPLER_RTOL
+
+
+def test_the_pipeline_names_what_does_not_fit_mars_backbone():
+    transformer, _ = reference_models()
+    pipe = mar_pipeline()
+    parts = dict(vae=pipe.vae, lite_hybrid=pipe.lite_hybrid, transformer=transformer)
+    width = r"energy_head.config.condition_dim=24 but transformer.config.decoder_hidden_size=32 \(MARTransformer\)"
+    with pytest.raises(ValueError, match=width):
+        ParScaleEARPipeline(**parts, energy_head=DiffusionHead(condition_dim=24, token_channels=4, width=8, depth=1))
+    with pytest.raises(ValueError, match=r"energy_head.config.token_channels=8 but transformer.config.in_channels=4"):
+        ParScaleEARPipeline(**parts, energy_head=DiffusionHead(condition_dim=32, token_channels=8, width=8, depth=1))
+    with pytest.raises(ValueError, match="full_layers` is 2 .* MARTransformer works on stacks of 2 blocks"):
+        pipe([1], num_inference_steps=2, cache=SamplingCache(full_layers=2))
