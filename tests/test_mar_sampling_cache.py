@@ -22,11 +22,13 @@ reuses stale features, moves tokens by 0.26 to 0.32 (refresh_every=4,
 import pytest
 import torch
 
-from parscale_ear_hf import SamplingCache
+from parscale_ear_hf import DiffusionHead, ParScaleEARPipeline, SamplingCache
 from parscale_ear_hf.models.lite_hybrid import LiteHybrid
 from parscale_ear_hf.models.mar_transformer import MARTokenCache, MARTransformer
 from parscale_ear_hf.pipeline_parscale_ear import mask_schedule, mix_guidance, predicting_steps
 from parscale_ear_hf.sampling_cache import SamplingCacheState, check_cache, gather_rows
+
+from conftest import float32_rounding_bound, tiny_components
 
 GRID, CHANNELS, BUFFER = 4, 4, 4
 N = GRID**2
@@ -300,3 +302,64 @@ def test_check_cache_limits_full_layers_by_the_shallower_stack(encoder_layers, d
         check_cache(SamplingCache(full_layers=2), transformer)
     with pytest.raises(TypeError, match="SamplingCache or None"):
         check_cache("lazy", transformer)
+
+
+# The pipeline: MAR's backbone and diffusion head (5 sampling steps, guidance on its noise prediction at every
+# one), the LiteHybrid off, as a converted MAR checkpoint runs. With perturbed, untrained weights the head's
+# sampler chain grows the tokens to ~6e4 (its first step divides by sqrt(alpha_bar) of t = 999), so float32
+# rounding there is relative: the bound is `conftest.float32_rounding_bound` relative to the largest token.
+# Measured: at most 9e-7 relative (0.06 on 6.7e4) for a refresh at every step or token_share=1, against a bound
+# of 1e-2; the default caches move the tokens by 0.19 relative (7% of what another seed does).
+
+
+def mar_pipeline() -> ParScaleEARPipeline:
+    components = tiny_components()
+    torch.manual_seed(3)
+    head = DiffusionHead(condition_dim=32, token_channels=CHANNELS, width=32, depth=2, num_sampling_steps=5)
+    with torch.no_grad():
+        for param in head.parameters():  # MAR's head starts at exactly 0: make it depend on z and the noise
+            param.add_(0.1 * torch.randn_like(param))
+    components.update(lite_hybrid=lite_hybrid(), transformer=tiny_mar(), energy_head=head)
+    pipe = ParScaleEARPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def run(pipe, labels=(1, 2, 3), seeds=(10, 11, 12), steps=8, cfg=3.0, **kwargs):
+    generator = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(list(labels), steps, cfg, generator=generator, output_type="latent", **kwargs).images
+
+
+def test_pipeline_with_both_caches_off_is_bit_identical_to_exact_sampling():
+    pipe = mar_pipeline()
+    assert torch.equal(run(pipe, cache=SamplingCache(token_cache=False, condition_cache=False)), run(pipe))
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+@pytest.mark.parametrize(
+    "cache",
+    [
+        SamplingCache(refresh_every=1),
+        SamplingCache(condition_cache=False, refresh_every=1),
+        SamplingCache(token_cache=False, refresh_every=1),
+        SamplingCache(token_share=1.0, condition_cache=False, refresh_every=100),
+    ],
+)
+def test_pipeline_refreshing_or_recomputing_everything_is_exact_sampling(cfg, cache):
+    pipe = mar_pipeline()
+    exact = run(pipe, cfg=cfg)
+    assert relative_error(run(pipe, cfg=cfg, cache=cache), exact) < float32_rounding_bound(pipe, num_inference_steps=8)
+
+
+def test_pipeline_with_the_default_caches_samples_nearly_the_same_images():
+    pipe = mar_pipeline()
+    exact = run(pipe, steps=12)
+    cached = run(pipe, steps=12, cache=SamplingCache())
+    other_seed = run(pipe, steps=12, seeds=(20, 21, 22))
+    assert cached.shape == exact.shape and bool(cached.isfinite().all())
+    assert relative_error(cached, exact) > 1e-3  # the caches skipped work
+    assert (cached - exact).norm() < 0.5 * (other_seed - exact).norm()
