@@ -37,7 +37,8 @@ class SamplingCache:
     first `full_layers` blocks, and above them only the `token_share` that changed most, the rest keeping
     their keys, values and output. The decoder (buffer + N) recomputes the tokens to predict, those decoded
     since the last pass and the `token_share` of the others. `full_layers` must stay below the shallower
-    stack's depth. The condition cache is the same as on EAR's backbone.
+    stack's depth. The condition cache is the same as on EAR's backbone; MAR's diffusion head then gets the
+    conditional ``z`` and ``z`` plus the cached difference, and mixes its noise predictions as without a cache.
 
     This follows LazyMAR's design (`models/mar_cache.py`, `models/basic.py`), with these differences: LazyMAR's
     encoder runs only the buffer and the new tokens from its first block on, where ours also runs the first

@@ -1,12 +1,12 @@
 """LazyMAR's caches (`SamplingCache`) on MAR's backbone (`MARTransformer`), at the level of `SamplingCacheState`.
 
 `sample` below is the pipeline's sampling loop (`ParScaleEARPipeline._sample_tokens`: `mask_schedule`,
-`predicting_steps`, random orders, guidance mixed before the head with the linear schedule, exact steps with
-sorted predictions, cached steps through `SamplingCacheState.hidden`) with a stand-in head: a token is
-``tanh(z W + noise)``, one fixed projection, so that every token depends on its ``z`` and errors in ``z``
-reach the later steps, as they do through a real head. The backbone is a tiny MAR (4x4 tokens of 4 channels,
-encoder 24x3, decoder 32x3, 4 buffer positions) with every weight perturbed from MAR's init (non-zero biases
-and LayerNorm shifts).
+`predicting_steps`, random orders, the linear guidance schedule, exact steps with sorted predictions, cached
+steps through `SamplingCacheState.hidden`) with a stand-in head that takes guidance mixed before it, as EAR's:
+a token is ``tanh(z W + noise)``, one fixed projection, so that every token depends on its ``z`` and errors in
+``z`` reach the later steps, as they do through a real head (the pipeline tests at the end use MAR's head).
+The backbone is a tiny MAR (4x4 tokens of 4 channels, encoder 24x3, decoder 32x3, 4 buffer positions) with
+every weight perturbed from MAR's init (non-zero biases and LayerNorm shifts).
 
 Bound (`rounding_bound`), as `conftest.float32_rounding_bound`: a cached pass that recomputes everything
 differs from the exact one only in the order of float32 sums (the encoder's keys in another order, the
