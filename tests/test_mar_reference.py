@@ -268,5 +268,5 @@ def test_the_pipeline_names_what_does_not_fit_mars_backbone():
         ParScaleEARPipeline(**parts, energy_head=DiffusionHead(condition_dim=24, token_channels=4, width=8, depth=1))
     with pytest.raises(ValueError, match=r"energy_head.config.token_channels=8 but transformer.config.in_channels=4"):
         ParScaleEARPipeline(**parts, energy_head=DiffusionHead(condition_dim=32, token_channels=8, width=8, depth=1))
-    with pytest.raises(ValueError, match="LazyMAR's caches are not available for the MARTransformer backbone"):
-        pipe([1], num_inference_steps=2, cache=SamplingCache())
+    with pytest.raises(ValueError, match="full_layers` is 2 .* MARTransformer works on stacks of 2 blocks"):
+        pipe([1], num_inference_steps=2, cache=SamplingCache(full_layers=2))

@@ -17,7 +17,29 @@ from diffusers.configuration_utils import register_to_config
 
 from ..saving import AtomicSaveMixin
 from ._checks import StrictLoadingMixin, check_divisible, check_float, check_int
-from .ear_transformer import MaskedTrainingMixin, _Block
+from .ear_transformer import MaskedTrainingMixin, TokenCache, _Block
+
+
+class MARTokenCache:
+    """LazyMAR's token cache for :class:`MARTransformer`, one sampling run: a :class:`TokenCache` per stack.
+
+    The encoder's sequence grows as tokens become known: a partial pass appends the tokens decoded since the
+    last pass, which must be computed, and recomputes the share of the others (buffer and tokens known
+    before) whose probe changed most; the rest keep their keys, values and output. The decoder's sequence
+    is buffer + N, as EAR's backbone.
+
+    Attributes:
+        encoder: over the encoder's sequence: the buffer, then the known tokens in the order they joined it.
+        decoder: over the buffer and the N token positions.
+        slots: `(rows, L)` sequence position of each encoder position (buffer i -> i, token n -> buffer + n).
+        encoded: `(rows, L, decoder_hidden_size)` the encoder's output there as last computed (encoder_norm
+            and decoder_proj applied): the decoder's input at the known positions.
+    """
+
+    def __init__(self, full_layers: int):
+        self.encoder, self.decoder = TokenCache(full_layers), TokenCache(full_layers)
+        self.slots: torch.Tensor | None = None
+        self.encoded: torch.Tensor | None = None
 
 
 class MARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
@@ -119,7 +141,13 @@ class MARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, M
                 x = block(x)
         return x
 
-    def forward(self, tokens: torch.Tensor, class_labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        class_labels: torch.Tensor,
+        mask: torch.Tensor,
+        cache: MARTokenCache | None = None,
+    ) -> torch.Tensor:
         """MAR's ``forward_mae_encoder`` then ``forward_mae_decoder``: the head's condition at every position.
 
         Args:
@@ -129,6 +157,8 @@ class MARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, M
             mask: `(B, N)` bool, True where the token is unknown. Every row masks the same number of
                 tokens (MAR drops them from the encoder's sequence; the training mask and every
                 sampling step satisfy this).
+            cache: a :class:`MARTokenCache` to fill (sampling), so that :meth:`forward_partial` can reuse
+                this pass; None in training and exact sampling. The result is the same with or without.
 
         Returns:
             `(B, N, decoder_hidden_size)`: ``z`` for every token position, ``diffusion_pos_embed_learned`` added.
@@ -141,14 +171,102 @@ class MARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, M
                 f"got {counts.tolist()}."
             )
         buf = self.config.buffer_size
-        x = self.token_proj(tokens)
-        prefix = self.class_embedding(class_labels).unsqueeze(1).expand(b, buf, -1).to(x.dtype)
-        x = self.token_norm(torch.cat([prefix, x], dim=1) + self.encoder_pos_embedding)
+        x = self.embed(tokens, class_labels)
         keep = torch.cat([mask.new_zeros(b, buf), mask], dim=1).logical_not()
-        x = self._run(self.encoder_blocks, x[keep].view(b, -1, x.shape[-1]))
+        x = x[keep].view(b, -1, x.shape[-1])
+        if cache is None:
+            x = self._run(self.encoder_blocks, x)
+        else:
+            x = cache.encoder.run(self.encoder_blocks, x)
+            cache.slots = self.sequence_positions(keep)
         x = self.decoder_proj(self.encoder_norm(x))
+        if cache is not None:
+            cache.encoded = x
         # Mask tokens at the unknown positions, the encoder's output (in sequence order) at the known ones.
         full = self.mask_token.to(x.dtype).expand(b, buf + n, -1).clone()
         full[keep] = x.reshape(-1, x.shape[-1])
-        x = self.decoder_norm(self._run(self.decoder_blocks, full + self.decoder_pos_embedding))
-        return x[:, buf:] + self.head_pos_embedding
+        x = full + self.decoder_pos_embedding
+        x = self._run(self.decoder_blocks, x) if cache is None else cache.decoder.run(self.decoder_blocks, x)
+        return self.decoder_norm(x)[:, buf:] + self.head_pos_embedding
+
+    def token_cache(self, full_layers: int) -> MARTokenCache:
+        """An empty token cache for :meth:`forward` and :meth:`forward_partial` (the same method on both backbones)."""
+        return MARTokenCache(full_layers)
+
+    @property
+    def token_cache_depth(self) -> int:
+        """Blocks in the shallower of the two stacks the token cache works on: its `full_layers` must stay below."""
+        return min(self.config.encoder_num_layers, self.config.decoder_num_layers)
+
+    def forward_partial(
+        self,
+        tokens: torch.Tensor,
+        class_labels: torch.Tensor,
+        mask: torch.Tensor,
+        cache: MARTokenCache,
+        positions: torch.Tensor,
+        num_out: int,
+        extra_share: float,
+    ) -> torch.Tensor:
+        """LazyMAR's token-cached pass: ``z`` of ``positions[:, :num_out]`` only.
+
+        Encoder: the tokens that became known since the cache's last pass join its sequence and are computed;
+        of the others (buffer, tokens known before) the first `cache.full_layers` blocks run over all, the
+        blocks above only over the `extra_share` whose probe changed most; the rest keep their cached keys,
+        values and output. Decoder: the same over buffer + N, where `positions` must be recomputed. Not
+        exact: see :class:`MARTokenCache`.
+
+        Args:
+            tokens, class_labels, mask: as in :meth:`forward`; the batch rows must match the cache's, and
+                a token known at the cache's last pass stays known.
+            cache: a :class:`MARTokenCache` filled by a :meth:`forward` of the same batch rows.
+            positions: `(B, M)` token positions (in [0, N)) the decoder recomputes (the tokens to predict,
+                then those decoded since the last pass); the first `num_out` are returned.
+            num_out: how many of `positions` to return.
+            extra_share: share in [0, 1] of the other positions of each stack to recompute too, chosen by
+                its probe (1: all of them, a full pass up to float rounding).
+
+        Returns:
+            `(B, num_out, decoder_hidden_size)`, in the order of ``positions[:, :num_out]``.
+        """
+        b, n = mask.shape
+        buf = self.config.buffer_size
+        cache.encoder.check_rows("MARTransformer.forward_partial", b)
+        known = torch.cat([mask.new_zeros(b, buf), mask], dim=1).logical_not()
+        cached = torch.zeros_like(known).scatter_(1, cache.slots, True)
+        if bool((cached & ~known).any()):
+            raise ValueError(
+                "MARTransformer.forward_partial: `mask` masks a token that was known at the cache's last pass; "
+                "refresh the cache with a full `forward(..., cache=cache)`."
+            )
+        new = self.sequence_positions(known & ~cached)
+        num_cached, num_new = cache.slots.shape[1], new.shape[1]
+        slots = torch.cat([cache.slots, new], dim=1)
+        rows = torch.arange(b, device=mask.device).unsqueeze(1)
+        h = self.embed(tokens, class_labels)[rows, slots]
+        cache.encoder.grow(num_new)
+        must = torch.arange(num_cached, num_cached + num_new, device=mask.device).expand(b, -1)
+        x, chosen = cache.encoder.run_partial(self.encoder_blocks, h, must, extra_share)
+        x = self.decoder_proj(self.encoder_norm(x))
+        cache.encoded = torch.cat([cache.encoded, cache.encoded.new_zeros(b, num_new, x.shape[-1])], dim=1)
+        cache.encoded[rows, chosen] = x
+        cache.slots = slots
+
+        full = self.mask_token.to(x.dtype).expand(b, buf + n, -1).clone()
+        full[rows, slots] = cache.encoded
+        h = full + self.decoder_pos_embedding
+        x, _ = cache.decoder.run_partial(self.decoder_blocks, h, positions + buf, extra_share)
+        return self.decoder_norm(x[:, :num_out]) + self.head_pos_embedding[0][positions[:, :num_out]]
+
+    def embed(self, tokens: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """The encoder's input at every position `(B, buffer_size + N, encoder_hidden_size)`: the class embedding
+        in the buffer, the projected tokens after it, positions added, normalised (MAR's `z_proj_ln`)."""
+        x = self.token_proj(tokens)
+        prefix = self.class_embedding(class_labels).unsqueeze(1).expand(x.shape[0], self.config.buffer_size, -1)
+        return self.token_norm(torch.cat([prefix.to(x.dtype), x], dim=1) + self.encoder_pos_embedding)
+
+    @staticmethod
+    def sequence_positions(selected: torch.Tensor) -> torch.Tensor:
+        """`(B, L)` bool with the same count per row -> the selected positions `(B, count)`, ascending."""
+        b, length = selected.shape
+        return torch.arange(length, device=selected.device).expand(b, -1)[selected].view(b, -1)
