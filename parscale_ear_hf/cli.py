@@ -12,6 +12,7 @@ parscale-ear card --model models/mnist_demo --results results/eval/mnist_demo.js
 parscale-ear app --model models/mnist_demo      # the web demo
 parscale-ear plan                               # GPU memory and time of ImageNet training (predicted)
 parscale-ear convert --checkpoint checkpoint-last.pth --vae kl16.ckpt --output-dir ear-b   # the authors' EAR
+parscale-ear convert --mar checkpoint-last.pth --vae kl16.ckpt --output mar-b              # MAR-B/L/H (docs/mar.md)
 parscale-ear convert-vae --checkpoint kl16.ckpt --output-dir kl16-diffusers                # MAR's KL-16 VAE
 parscale-ear bench --help                       # speed and memory benchmarks
 

@@ -23,6 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .evaluation import DigitFeatureExtractor
 from .info import pipeline_summary
+from .models.mar_transformer import MARTransformer
 from .pipeline_parscale_ear import ParScaleEARPipeline
 from .results import (
     check_eval_results,
@@ -38,6 +39,14 @@ from .results import (
 
 TEMPLATE_NAME = "parscale_ear_card_template.md"
 TAGS = ["parscale-ear", "class-conditional", "image-generation", "energy-autoregressive"]
+# A pipeline converted from MAR's released weights (`parscale-ear convert --mar`): its own template, tags and license.
+MAR_TEMPLATE_NAME = "mar_card_template.md"
+MAR_TAGS = ["parscale-ear", "class-conditional", "image-generation", "mar", "masked-autoregressive"]
+MAR_LICENSE = "mit"
+# The authors' evaluation guidance of MAR-B / L / H (LTH14/mar's README), with temperature 1.0.
+MAR_GUIDANCE = {"mar_base": 2.9, "mar_large": 3.0, "mar_huge": 3.2}
+# What the converter records about the authors' files, beside model_index.json (kept by later saves).
+CONVERSION_RECORD = "conversion.json"
 # The Hub has no task id for class-conditional generation ("unconditional-image-generation" would
 # say the model takes no condition), so the eval results name the task plainly.
 TASK_TYPE = "class-conditional-image-generation"
@@ -57,21 +66,24 @@ METRIC_LABELS = {
 DEMO_PREFIX = DigitFeatureExtractor.metric_prefix
 
 
-def default_template_path() -> Path:
-    """Where the card template is: package data when installed, else the source checkout.
+def default_template_path(name: str = TEMPLATE_NAME) -> Path:
+    """Where the card template `name` is: in the source checkout this module runs from, else package data.
 
     ``setup.cfg`` installs the top-level ``model_cards/`` folder as the package
     ``parscale_ear_hf.model_cards`` (as it installs ``pipelines/`` as ``parscale_ear_hf.hub_entry``),
-    so a wheel carries the template. An editable install made before that mapping existed, or a
-    checkout put on ``sys.path``, has no such package: then the checkout's ``model_cards/`` is used.
+    so a wheel carries the template. Code run from a checkout (an editable install, or a checkout put on
+    ``sys.path``, perhaps beside another editable install) takes the checkout's ``model_cards/``, so the
+    templates are those of the same tree as the code.
 
     Returns:
-        The path of ``parscale_ear_card_template.md``.
+        The path of `name` (default ``parscale_ear_card_template.md``).
     """
-    try:
-        path = Path(str(resources.files("parscale_ear_hf.model_cards").joinpath(TEMPLATE_NAME)))
-    except ModuleNotFoundError:
-        path = Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE_NAME
+    path = Path(__file__).resolve().parents[1] / "model_cards" / name
+    if not path.is_file():
+        try:
+            path = Path(str(resources.files("parscale_ear_hf.model_cards").joinpath(name)))
+        except ModuleNotFoundError:
+            pass
     if not path.is_file():
         raise FileNotFoundError(
             f"default_template_path: the card template {os.fspath(path)!r} is missing; reinstall parscale-ear-hf or "
@@ -198,11 +210,17 @@ def build_model_card(
     *,
     model_id: str | None = None,
     datasets: list[str] | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
     template_path: str | os.PathLike | None = None,
     grid_section: str | None = None,
+    pipe: ParScaleEARPipeline | None = None,
+    location: str | os.PathLike | None = None,
 ) -> ModelCard:
     """The model card of a saved pipeline, with its evaluation results.
+
+    A pipeline with MAR's backbone (converted by ``parscale-ear convert --mar``) gets MAR's card
+    (``model_cards/mar_card_template.md``): its origin from the folder's `conversion.json`, the MIT
+    license of LTH14/mar and the paper's citation.
 
     Args:
         pipeline_dir: a folder written by ``ParScaleEARPipeline.save_pretrained``.
@@ -211,10 +229,13 @@ def build_model_card(
         model_id: the Hub repo id; names the model and goes into the loading snippet (default:
             the folder's name and path).
         datasets: training data, as Hub dataset ids or names, for the metadata and the card.
-        license: the license id in the metadata.
-        template_path: a Jinja card template (default: :func:`default_template_path`).
+        license: the license id in the metadata (default: "apache-2.0"; MAR's pipelines: "mit").
+        template_path: a Jinja card template (default: :func:`default_template_path` of the pipeline's kind).
         grid_section: Markdown on this configuration's runs over seeds, shown under its own heading
             (``examples/make_model_card.py --grid-cell`` writes it from the evidence grid's results).
+        pipe: the pipeline saved in `pipeline_dir`, when it is at hand (else it is loaded from there).
+        location: where the folder will be, when `pipeline_dir` is a save in progress (names the model
+            and goes into the snippet in place of `pipeline_dir`).
 
     Returns:
         The card (``card.data`` holds the metadata, ``str(card)`` the README).
@@ -225,28 +246,32 @@ def build_model_card(
             f"build_model_card: {os.fspath(pipeline_dir)!r} has no model_index.json; pass a folder written by "
             "`ParScaleEARPipeline.save_pretrained`."
         )
-    results = [check_result(r, f"results[{i}]", pipeline_dir, model_id) for i, r in enumerate(results)]
-    pipe = ParScaleEARPipeline.from_pretrained(pipeline_dir)
+    where = Path(location) if location is not None else pipeline_dir
+    results = [check_result(r, f"results[{i}]", where, model_id) for i, r in enumerate(results)]
+    pipe = pipe if pipe is not None else ParScaleEARPipeline.from_pretrained(pipeline_dir)
     summary = pipeline_summary(pipe)
-    model_name = model_id or pipeline_dir.resolve().name
+    model_name = model_id or where.resolve().name
+    mar = isinstance(pipe.transformer, MARTransformer)
     card_data = ModelCardData(
         library_name="diffusers",
-        license=license,
-        tags=TAGS,
+        license=license or (MAR_LICENSE if mar else "apache-2.0"),
+        tags=MAR_TAGS if mar else TAGS,
         datasets=datasets,
         model_name=model_name,
         eval_results=[e for record in results for e in eval_results(record)] or None,
     )
     card_provenance = provenance()
+    fields = _mar_fields(pipe, pipeline_dir) if mar else {}
     return ModelCard.from_template(
         card_data,
-        template_path=os.fspath(template_path or default_template_path()),
+        template_path=os.fspath(template_path or default_template_path(MAR_TEMPLATE_NAME if mar else TEMPLATE_NAME)),
         card_command=card_provenance["command"],
         card_revision=card_provenance["git_revision"],
         model_name=model_name,
-        repo_id=model_id or os.fspath(pipeline_dir),
+        repo_id=model_id or os.fspath(where),
         **_model_fields(pipe, summary),
-        snippet_sampling=_snippet_sampling(results, pipe.grid_size**2),
+        **fields,
+        snippet_sampling=_snippet_sampling(results, pipe.grid_size**2, fields.get("sampling")),
         demo_extractors=sorted(
             {r["extractor"]["name"] for r in results if any(k.startswith(DEMO_PREFIX) for k in r["metrics"])}
         ),
@@ -269,7 +294,7 @@ def _model_fields(pipe: ParScaleEARPipeline, summary: dict) -> dict:
         num_classes=summary["num_classes"],
         token_grid="x".join(map(str, summary["token_grid"])) + f" ({num_tokens} tokens)",
         vae_class=type(pipe.vae).__name__,
-        parscale_n=summary["configs"]["transformer"]["parscale_n"],
+        parscale_n=summary["configs"]["transformer"].get("parscale_n", 1),
         hybrid_branches=" + ".join(branches) or "none (identity: plain EAR)",
         parameters=[(name, f"{count:,}") for name, count in summary["parameters"].items()],
         label_preview=", ".join(names[:5]) + (", ..." if len(names) > 5 else ""),
@@ -278,12 +303,46 @@ def _model_fields(pipe: ParScaleEARPipeline, summary: dict) -> dict:
     )
 
 
-def _snippet_sampling(results: list[dict], num_tokens: int) -> dict:
-    """The sampling settings of the card's loading snippet: the first sampled result's, else at most 64 steps."""
+def _mar_fields(pipe: ParScaleEARPipeline, pipeline_dir: Path) -> dict:
+    """The MAR card's fields: the origin that the converter recorded (unknown entries say so), the backbone and
+    head sizes, and the authors' sampling settings for the snippet."""
+    path = pipeline_dir / CONVERSION_RECORD
+    try:
+        origin = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not the JSON `parscale-ear convert --mar` writes ({error})."
+        ) from error
+    unknown = "not recorded"
+    origin = {
+        key: origin.get(key, unknown)
+        for key in ("name", "script", "checkpoint", "weights", "vae", "vae_scaling_factor", "command")
+    } | {"model": origin.get("model"), "checkpoint_sha256": origin.get("checkpoint_sha256")}
+    t, h = pipe.transformer.config, pipe.energy_head.config
+    return dict(
+        origin=origin,
+        backbone=dict(
+            encoder=f"{t.encoder_hidden_size}x{t.encoder_num_layers}",
+            decoder=f"{t.decoder_hidden_size}x{t.decoder_num_layers}",
+            buffer=t.buffer_size,
+        ),
+        head=dict(width=h.width, depth=h.depth),
+        num_sampling_steps=h.num_sampling_steps,
+        sampling={
+            "num_inference_steps": min(64, pipe.grid_size**2),
+            "guidance_scale": MAR_GUIDANCE.get(origin["model"], 3.0),
+            "temperature": 1.0,
+        },
+    )
+
+
+def _snippet_sampling(results: list[dict], num_tokens: int, default: dict | None = None) -> dict:
+    """The sampling settings of the card's loading snippet: the first sampled result's, else `default`, else at most
+    64 steps."""
     sampled = [r["sampling"] for r in results if r["sampling"] is not None]
     if sampled:
         return {k: sampled[0][k] for k in ("num_inference_steps", "guidance_scale", "temperature")}
-    return {"num_inference_steps": min(64, num_tokens)}
+    return default or {"num_inference_steps": min(64, num_tokens)}
 
 
 def _result_fields(record: dict) -> dict:
@@ -316,8 +375,8 @@ def _would_lose(path: Path, card: ModelCard) -> str | None:
         old = ModelCard.load(path).data
     except (ValueError, yaml.YAMLError) as error:
         return f"its metadata cannot be read ({' '.join(str(error).split())})"
-    if not set(TAGS) <= set(old.tags or []):
-        return f"it was not written by this command (its metadata lacks the tags {TAGS})"
+    if not set(card.data.tags) <= set(old.tags or []):
+        return f"it was not written by this command (its metadata lacks the tags {card.data.tags})"
     kept = {(r.metric_type, r.dataset_name) for r in card.data.eval_results or []}
     lost = sorted({r.metric_type for r in old.eval_results or [] if (r.metric_type, r.dataset_name) not in kept})
     return f"the new card would drop its eval results {lost}" if lost else None
@@ -329,7 +388,7 @@ def write_model_card(
     *,
     model_id: str | None = None,
     datasets: list[str] | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
     template_path: str | os.PathLike | None = None,
     force: bool = False,
     grid_section: str | None = None,
@@ -384,7 +443,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model-id", default=None, help="Hub repo id the card is for (names the model)")
     parser.add_argument("--dataset", nargs="*", default=None, help="training data: Hub dataset ids or names")
-    parser.add_argument("--license", default="apache-2.0", help="license id for the metadata")
+    parser.add_argument(
+        "--license", default=None, help="license id for the metadata (default: apache-2.0; MAR's pipelines: mit)"
+    )
     parser.add_argument("--template", default=None, help=f"Jinja card template (default: model_cards/{TEMPLATE_NAME})")
     parser.add_argument(
         "--force", action="store_true", help="replace an existing README.md even if the new card drops its results"

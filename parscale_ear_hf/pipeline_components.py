@@ -13,6 +13,14 @@ from .models.ear_transformer import EARTransformer
 from .models.energy_head import EnergyHead
 from .models.lite_hybrid import LiteHybrid
 from .models.lite_vae import LiteVAE
+from .models.mar_transformer import MARTransformer
+
+
+def condition_width(transformer: EARTransformer | MARTransformer) -> tuple[str, int]:
+    """The name and value of the backbone's config field that is the width of its output, the head's condition:
+    EAR's `hidden_size`, MAR's `decoder_hidden_size`."""
+    field = "decoder_hidden_size" if isinstance(transformer, MARTransformer) else "hidden_size"
+    return field, getattr(transformer.config, field)
 
 
 def check_components(vae, lite_hybrid, transformer, energy_head) -> None:
@@ -20,8 +28,9 @@ def check_components(vae, lite_hybrid, transformer, energy_head) -> None:
     expected = {
         "vae": (LiteVAE, AutoencoderKL),
         "lite_hybrid": (LiteHybrid,),
-        "transformer": (EARTransformer,),
-        # MAR's diffusion head fits the same slot: the baseline of the benchmarks and ablations.
+        # MAR's backbone takes the same (tokens, labels, mask) and gives one condition per position.
+        "transformer": (EARTransformer, MARTransformer),
+        # MAR's diffusion head fits the same slot: MAR's released models, and the baseline of the benchmarks.
         "energy_head": (EnergyHead, DiffusionHead),
     }
     given = {"vae": vae, "lite_hybrid": lite_hybrid, "transformer": transformer, "energy_head": energy_head}
@@ -29,20 +38,21 @@ def check_components(vae, lite_hybrid, transformer, energy_head) -> None:
         if not isinstance(given[name], classes):
             names = " or ".join(c.__name__ for c in classes)
             raise TypeError(f"ParScaleEARPipeline: `{name}` must be a {names}, got {type(given[name]).__name__}.")
-    # (component, its config field, the transformer's config field that it must equal)
+    width_field, width = condition_width(transformer)
+    # (component, its config field, the transformer's config field that it must equal, and its value)
     pairs = [
-        ("vae", "latent_channels", "in_channels"),
-        ("lite_hybrid", "in_channels", "in_channels"),
-        ("energy_head", "token_channels", "in_channels"),
-        ("lite_hybrid", "grid_size", "grid_size"),
-        ("energy_head", "condition_dim", "hidden_size"),
+        ("vae", "latent_channels", "in_channels", transformer.config.in_channels),
+        ("lite_hybrid", "in_channels", "in_channels", transformer.config.in_channels),
+        ("energy_head", "token_channels", "in_channels", transformer.config.in_channels),
+        ("lite_hybrid", "grid_size", "grid_size", transformer.config.grid_size),
+        ("energy_head", "condition_dim", width_field, width),
     ]
-    for name, field, transformer_field in pairs:
-        a, b = getattr(given[name].config, field), getattr(transformer.config, transformer_field)
+    for name, field, transformer_field, b in pairs:
+        a = getattr(given[name].config, field)
         if a != b:
             raise ValueError(
                 f"ParScaleEARPipeline: components do not fit: {name}.config.{field}={a} but "
-                f"transformer.config.{transformer_field}={b}; they must be equal."
+                f"transformer.config.{transformer_field}={b} ({type(transformer).__name__}); they must be equal."
             )
 
 

@@ -23,6 +23,7 @@ from .models.ear_transformer import EARTransformer, tokens_to_latents
 from .models.energy_head import EnergyHead
 from .models.lite_hybrid import LiteHybrid
 from .models.lite_vae import LiteVAE
+from .models.mar_transformer import MARTransformer
 from .pipeline_components import (
     check_components,
     check_id2label,
@@ -42,6 +43,7 @@ __all__ = [
     "OUTPUT_TYPES",
     "ParScaleEARPipeline",
     "SamplingCache",
+    "guidance_at",
     "mask_schedule",
     "mix_guidance",
     "predicting_steps",
@@ -75,6 +77,19 @@ def mix_guidance(h_cond: torch.Tensor, h_uncond: torch.Tensor, cfg: float) -> to
     return (cfg * h_cond.float() + (1 - cfg) * h_uncond.float()).to(h_cond.dtype)
 
 
+def guidance_at(guidance_scale: float, guidance_schedule: str, num_tokens: int, num_masked_next: int) -> float:
+    """The guidance scale of a step that leaves `num_masked_next` tokens masked: MAR / EAR's ``cfg_iter``.
+
+    "linear": ``1 + (cfg - 1) * (N - max(1, m_next)) / N`` (MAR and EAR count at least one masked token, so even
+    the last step uses ``1 + (cfg - 1) (N - 1) / N``), in float32 in MAR's order of operations, as they compute
+    it (from a float32 `mask_len`); "constant": `cfg`.
+    """
+    if guidance_schedule == "constant":
+        return guidance_scale
+    revealed = torch.tensor(float(num_tokens - max(1, num_masked_next)), dtype=torch.float32)
+    return (1 + (guidance_scale - 1) * revealed / num_tokens).item()
+
+
 def predicting_steps(num_steps: int, num_tokens: int) -> list[int]:
     """The steps of :func:`mask_schedule` that predict at least one token, in order.
 
@@ -94,12 +109,18 @@ def predicting_steps(num_steps: int, num_tokens: int) -> list[int]:
 class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
     r"""Class-conditional image generation with EAR's energy head over a masked-AR ParScale backbone.
 
+    One sampling loop serves two backbones and two heads: EAR's (:class:`EARTransformer` + :class:`EnergyHead`,
+    guidance on the hidden states before the head) and MAR's (:class:`MARTransformer` + :class:`DiffusionHead`,
+    guidance on the noise prediction at every diffusion step inside the head); `parscale-ear convert --mar`
+    writes MAR's released checkpoints as such a pipeline.
+
     Args:
         vae: a :class:`LiteVAE` or a ``diffusers.AutoencoderKL``; decodes tokens to images.
-        lite_hybrid: :class:`LiteHybrid`, enhances the visible tokens before each backbone pass.
-        transformer: :class:`EARTransformer`, the masked autoregressive backbone.
+        lite_hybrid: :class:`LiteHybrid`, enhances the visible tokens before each backbone pass (both branches
+            off: the identity, as in EAR's and MAR's converted pipelines).
+        transformer: :class:`EARTransformer` or MAR's :class:`MARTransformer`, the masked autoregressive backbone.
         energy_head: :class:`EnergyHead`, samples one token per position in one forward; or MAR's
-            :class:`DiffusionHead` (`num_sampling_steps` forwards per token), the speed baseline.
+            :class:`DiffusionHead` (`num_sampling_steps` forwards per token).
         id2label: optional ``{class id: "name, synonym, ..."}``; saved in `model_index.json`.
     """
 
@@ -111,7 +132,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         self,
         vae: LiteVAE | AutoencoderKL,
         lite_hybrid: LiteHybrid,
-        transformer: EARTransformer,
+        transformer: EARTransformer | MARTransformer,
         energy_head: EnergyHead | DiffusionHead,
         id2label: dict | None = None,
     ):
@@ -228,7 +249,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         check_int(owner, "num_images_per_class", num_images_per_class, 1)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"{owner}: `output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        check_cache(cache, self.transformer.config.num_layers)
+        check_cache(cache, self.transformer)
         generators = generator if isinstance(generator, list) else [generator]
         if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
             raise TypeError(
@@ -263,15 +284,19 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("tokens",),
         cache: SamplingCache | None = None,
     ) -> torch.Tensor:
-        r"""Masked autoregressive sampling from given generation orders and noise: EAR's ``sample_tokens``.
+        r"""Masked autoregressive sampling from given generation orders and noise: EAR's and MAR's ``sample_tokens``.
 
         With the LiteHybrid off and ``parscale_n=1`` this is the math of the authors' ``EAR.sample_tokens``
-        (shaochenze/EAR, `models/ear.py`), with the noise that their ``ScoreLoss.sample`` draws passed in. While
-        `m` tokens are masked, they are the positions ``orders[:, :m]``. Step `k` of `K` keeps
-        ``m_k = mask_schedule(k, K, N, m)`` masked, and predicts the others still masked from the backbone's
-        hidden states, mixed before the head as ``cfg_k * h_cond + (1 - cfg_k) * h_uncond``. The "linear"
-        schedule uses ``cfg_k = 1 + (cfg - 1) * (N - max(1, m_k)) / N`` (EAR / MAR count at least one masked
-        token, so even the last step uses ``1 + (cfg - 1) (N - 1) / N``, not `cfg`); "constant" uses `cfg`.
+        (shaochenze/EAR, `models/ear.py`), with the noise that their ``ScoreLoss.sample`` draws passed in; with
+        MAR's backbone and head it is ``MAR.sample_tokens`` (LTH14/mar, `models/mar.py`) with the noise of
+        ``DiffLoss.sample``. While `m` tokens are masked, they are the positions ``orders[:, :m]``. Step `k` of
+        `K` keeps ``m_k = mask_schedule(k, K, N, m)`` masked, and predicts the others still masked from the
+        backbone's hidden states. Guidance at scale ``cfg_k`` (:func:`guidance_at`) is where the head wants it:
+        EAR's energy head gets the hidden states mixed as ``cfg_k * h_cond + (1 - cfg_k) * h_uncond``; a head with
+        ``guidance_in_head`` (MAR's diffusion head) gets both and mixes its noise predictions at every diffusion
+        step. The "linear" schedule uses ``cfg_k = 1 + (cfg - 1) * (N - max(1, m_k)) / N`` (EAR / MAR count at
+        least one masked token, so even the last step uses ``1 + (cfg - 1) (N - 1) / N``, not `cfg`); "constant"
+        uses `cfg`.
         With more steps than tokens, once one token is left the steps before the last predict nothing, and the
         last step predicts it: as in EAR, but those steps are skipped (:func:`predicting_steps`; a warning says
         so), so the time does not grow with them. `num_timesteps` counts the steps run.
@@ -284,11 +309,11 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
             orders: `(B, N)` one permutation of ``range(N)`` per image (N = grid_size**2).
             noise: `(B, N, *energy_head.noise_shape)` in the head's noise space (what
                 ``energy_head.sample(z, temperature, noise=...)`` takes); token `n` of image `b` is sampled
-                with ``noise[b, n]``.
+                with ``noise[b, n]`` (MAR's head: `(num_sampling_steps + 1, C)`, ``x_T`` then each step's draw).
             num_inference_steps: autoregressive steps `K`, any integer >= 1.
             guidance_scale: classifier-free guidance `cfg` >= 1; 1 disables guidance.
             guidance_schedule: "linear" (EAR / MAR) or "constant".
-            temperature: the energy head's temperature; EAR uses 0.7.
+            temperature: the head's temperature; EAR uses 0.7, MAR 1.0 (0.95 without guidance).
             callback_on_step_end: ``fn(pipe, i, step, tensors) -> dict`` called after the `i`-th step run
                 (schedule step `step`; the two differ only past skipped steps) with the tensors named in
                 `callback_on_step_end_tensor_inputs`: `tokens` `(B, N, C)`, `latents` `(B, C, h, w)` (a view of
@@ -368,9 +393,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
                     continue
                 num_masked_next = mask_schedule(step, num_inference_steps, n, num_masked)
                 mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :num_masked_next], True)
-                cfg = self._guidance_scale
-                if guidance_schedule == "linear":
-                    cfg = 1 + (cfg - 1) * (n - max(1, num_masked_next)) / n
+                cfg = guidance_at(self._guidance_scale, guidance_schedule, n, num_masked_next)
                 uncond = null_labels if self.do_classifier_free_guidance else None
                 if state is None:
                     # Raster order within each image, as boolean indexing by the mask would give.
@@ -382,8 +405,14 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
                     predict = orders[:, num_masked_next:num_masked]
                     recompute = orders[:, num_masked_next:last_pass]  # to predict, then decoded since the last pass
                     z_cond, z_uncond = state.hidden(step, tokens, mask, labels, uncond, recompute, predict)
-                z = z_cond if z_uncond is None else mix_guidance(z_cond, z_uncond, cfg)
-                sampled = head.sample(z.flatten(0, 1), temperature, noise=gather_rows(noise, predict).flatten(0, 1))
+                rows = {"temperature": temperature, "noise": gather_rows(noise, predict).flatten(0, 1)}
+                if z_uncond is None:
+                    sampled = head.sample(z_cond.flatten(0, 1), **rows)
+                elif head.guidance_in_head:  # MAR's head: guidance on eps, at every diffusion step
+                    z_uncond = z_uncond.to(z_cond.dtype).flatten(0, 1)
+                    sampled = head.sample(z_cond.flatten(0, 1), z_uncond=z_uncond, guidance_scale=cfg, **rows)
+                else:  # EAR's head: guidance on the hidden states, once
+                    sampled = head.sample(mix_guidance(z_cond, z_uncond, cfg).flatten(0, 1), **rows)
                 tokens.scatter_(1, expand_to(predict, channels), sampled.view(batch, -1, channels).to(dtype))
                 last_pass = num_masked
                 mask, num_masked = mask_next, num_masked_next
@@ -447,12 +476,14 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
                 any shape (flattened); one image each (times `num_images_per_class`).
             num_inference_steps: autoregressive steps, any integer >= 1; a cosine schedule decides how many tokens each
                 predicts (with more steps than tokens some predict nothing, as in EAR; see :meth:`sample_tokens`).
-            guidance_scale: classifier-free guidance ``cfg``; hidden states are mixed before the head as
-                ``cfg_k * h_cond + (1 - cfg_k) * h_uncond``. 1 disables guidance. A step callback may change
-                `pipe._guidance_scale` for the steps after it.
+            guidance_scale: classifier-free guidance ``cfg``; EAR's hidden states are mixed before the head as
+                ``cfg_k * h_cond + (1 - cfg_k) * h_uncond``, MAR's diffusion head mixes its noise predictions so at
+                every diffusion step. 1 disables guidance. A step callback may change `pipe._guidance_scale` for
+                the steps after it.
             guidance_schedule: "linear" (EAR / MAR: ``cfg_k`` grows from about 1 towards `guidance_scale` as tokens are
                 revealed, ending at ``1 + (cfg - 1) (N - 1) / N``) or "constant" (``cfg_k = cfg``).
-            temperature: the energy head's temperature (scales the AdaLN shifts); EAR uses 0.7.
+            temperature: the head's temperature: the energy head's scales the AdaLN shifts (EAR uses 0.7), the
+                diffusion head's the noise of every step (MAR uses 1.0, 0.95 without guidance).
             generator: a ``torch.Generator``, or one per image: each image is then reproducible alone or in any batch.
             num_images_per_class: images per entry of `class_labels`.
             output_type: "pil", "np", "pt" (images in [0, 1]) or "latent" (scaled VAE latents `(B, C, h, w)`).

@@ -1,5 +1,9 @@
 """LazyMAR's training-free sampling caches (Yan et al., ICCV 2025): the user's :class:`SamplingCache` settings
-and :class:`SamplingCacheState`, what the caches hold during one run and the backbone step that uses them."""
+and :class:`SamplingCacheState`, what the caches hold during one run and the backbone step that uses them.
+
+Both backbones offer the same cached methods: ``token_cache(full_layers)`` (an empty cache),
+``forward(..., cache=...)`` (a full pass that fills it), ``forward_partial`` (a step through it) and
+``token_cache_depth`` (the limit of `full_layers`)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch
 from .models._checks import check_float, check_int
 from .models.ear_transformer import EARTransformer, TokenCache
 from .models.lite_hybrid import LiteHybrid
+from .models.mar_transformer import MARTokenCache, MARTransformer
 
 
 @dataclass(frozen=True)
@@ -26,19 +31,40 @@ class SamplingCache:
     - **condition cache**: with guidance, the unconditional pass is skipped and the unconditional hidden
       states are the conditional ones plus the difference ``h_uncond - h_cond`` of the last refresh.
 
+    On MAR's backbone (:class:`~parscale_ear_hf.models.mar_transformer.MARTransformer`) the token cache works
+    in both of its stacks, each as above. The encoder (buffer + known tokens) appends the tokens decoded since
+    the last pass to its sequence and computes them; its other positions (buffer, tokens known before) run the
+    first `full_layers` blocks, and above them only the `token_share` that changed most, the rest keeping
+    their keys, values and output. The decoder (buffer + N) recomputes the tokens to predict, those decoded
+    since the last pass and the `token_share` of the others. `full_layers` must stay below the shallower
+    stack's depth. The condition cache is the same as on EAR's backbone; MAR's diffusion head then gets the
+    conditional ``z`` and ``z`` plus the cached difference, and mixes its noise predictions as without a cache.
+
+    This follows LazyMAR's design (`models/mar_cache.py`, `models/basic.py`), with these differences: LazyMAR's
+    encoder runs only the buffer and the new tokens from its first block on, where ours also runs the first
+    `full_layers` blocks over the known tokens, so that `token_share` chooses there as well (and
+    ``token_share=1`` is exact); LazyMAR picks the decoder's tokens by the change of one block's values (its
+    fourth) and keeps a share that falls with the step (``RETAIN_RATIO_SCHEDULE``), ours by the change of
+    block `full_layers`'s input, with a fixed share; LazyMAR refreshes at each of its first 5 steps and
+    then every 9th, ours at the first and every `refresh_every`-th; LazyMAR adds its guidance difference
+    before the decoder's final norm, ours to the hidden states. LazyMAR also reuses MLP outputs inside
+    MAR's diffusion head across the head's denoising steps; that is not done here: the head runs in full.
+
     Args:
         token_cache: use the token cache.
         token_share: share of the positions that are neither predicted nor newly decoded that the
-            token cache recomputes anyway, those whose features changed most; in [0, 1].
+            token cache recomputes anyway, those whose features changed most; in [0, 1] (1: exact up to
+            float rounding).
         condition_cache: use the condition cache (only acts with guidance, `guidance_scale` > 1).
         refresh_every: a full pass every this many steps (1: every step, which is exact sampling up to
             float rounding).
         full_layers: blocks computed over every position by the token cache, >= 1 and below the
-            backbone's `num_layers`; the last of them says which positions changed most.
+            backbone's depth (on MAR, of each stack, so below the shallower one); the last of them says which
+            positions changed most.
 
     The defaults were chosen on the demo model at 16 steps, batch 16 (1,000 samples, demo-FID against the
     held-out split): they cost no measurable quality there and skip the most work of the settings tried;
-    the benchmark's `quality` section measures them at 8 to 64 steps.
+    the benchmark's `quality` section measures them at 8 to 64 steps. They have not been measured on MAR.
     """
 
     token_cache: bool = True
@@ -61,18 +87,20 @@ class SamplingCache:
         return self.token_cache or self.condition_cache
 
 
-def check_cache(cache, num_layers: int) -> None:
-    """Raise naming `cache` unless it is None or a :class:`SamplingCache` that fits a backbone of `num_layers`."""
+def check_cache(cache, transformer: EARTransformer | MARTransformer) -> None:
+    """Raise naming `cache` unless it is None or a :class:`SamplingCache` that fits the backbone `transformer`."""
     if cache is None:
         return
     if not isinstance(cache, SamplingCache):
         raise TypeError(
             f"ParScaleEARPipeline: `cache` must be a SamplingCache or None (exact sampling), got {cache!r}."
         )
-    if cache.token_cache and cache.full_layers >= num_layers:
+    depth = transformer.token_cache_depth
+    if cache.token_cache and cache.full_layers >= depth:
         raise ValueError(
-            f"ParScaleEARPipeline: `cache.full_layers` is {cache.full_layers} but the backbone has {num_layers} "
-            f"blocks; the token cache needs full_layers in [1, {num_layers - 1}] (or token_cache=False)."
+            f"ParScaleEARPipeline: `cache.full_layers` is {cache.full_layers} but the token cache of this "
+            f"{type(transformer).__name__} works on stacks of {depth} blocks (`token_cache_depth`); it needs "
+            f"full_layers in [1, {depth - 1}] (or token_cache=False)."
         )
 
 
@@ -90,9 +118,9 @@ class SamplingCacheState:
         lite_hybrid, transformer: the pipeline's components (already in eval mode).
     """
 
-    def __init__(self, cache: SamplingCache, lite_hybrid: LiteHybrid, transformer: EARTransformer):
+    def __init__(self, cache: SamplingCache, lite_hybrid: LiteHybrid, transformer: EARTransformer | MARTransformer):
         self.cache, self.lite_hybrid, self.transformer = cache, lite_hybrid, transformer
-        self.tokens: TokenCache | None = None
+        self.tokens: TokenCache | MARTokenCache | None = None  # the backbone's, from its `token_cache`
         self.uncond_minus_cond: torch.Tensor | None = None  # (B, N, D) float32, from the last refresh
         self.last_refresh = -1
         self.layout: tuple | None = None  # which passes filled the caches; another layout refreshes
@@ -128,20 +156,19 @@ class SamplingCacheState:
             else (x, labels, mask)
         )
         if self.layout != layout or step - self.last_refresh >= cache.refresh_every:
-            self.tokens = TokenCache(cache.full_layers) if cache.token_cache else None
+            self.tokens = transformer.token_cache(cache.full_layers) if cache.token_cache else None
             h = transformer(*rows, cache=self.tokens)
             if guided and cache.condition_cache:
                 self.uncond_minus_cond = transformer(x, null_labels, mask).float() - h.float()
             self.layout, self.last_refresh = layout, step
             z = gather_rows(h, predict.repeat(2, 1) if both else predict)
         elif cache.token_cache:
-            num_other = transformer.config.buffer_size + transformer.config.grid_size**2 - recompute.shape[1]
             z = transformer.forward_partial(
                 *rows,
                 cache=self.tokens,
                 positions=recompute.repeat(2, 1) if both else recompute,
                 num_out=predict.shape[1],
-                num_extra=round(cache.token_share * num_other),
+                extra_share=cache.token_share,
             )
         else:
             z = gather_rows(transformer(*rows), predict)

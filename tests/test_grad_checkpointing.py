@@ -21,6 +21,9 @@ def training_model(parscale_n: int, head: str) -> EARTrainingModel:
     if head == "diffusion":
         torch.manual_seed(1)
         energy_head = DiffusionHead(condition_dim=32, token_channels=4, width=32, depth=2)
+        with torch.no_grad():  # MAR's init zeros the output: move it, so the loss depends on the backbone
+            for p in energy_head.parameters():
+                p.add_(0.05 * torch.randn_like(p))
     return EARTrainingModel(parts["lite_hybrid"], parts["transformer"], energy_head, score_batch_mul=2).train()
 
 

@@ -80,7 +80,7 @@ def test_partial_pass_over_unchanged_inputs_equals_the_full_pass(pipe):
     with torch.no_grad():
         full = transformer(tokens, labels, mask, cache=cache)
         positions = torch.stack([torch.randperm(16)[:5] for _ in range(2)])
-        partial = transformer.forward_partial(tokens, labels, mask, cache, positions, num_out=3, num_extra=0)
+        partial = transformer.forward_partial(tokens, labels, mask, cache, positions, num_out=3, extra_share=0.0)
     expected = full.gather(1, positions[:, :3, None].expand(-1, -1, 32))
     assert (partial - expected).abs().max() < 1e-5  # fan-in 128 x 2 layers x eps: float32 rounding
 
@@ -94,11 +94,11 @@ def test_partial_pass_recomputing_every_position_equals_the_full_pass(pipe):
         transformer(tokens, labels, torch.ones(2, 16, dtype=torch.bool), cache=cache)
         mask = torch.rand(2, 16) < 0.5
         positions = torch.arange(16).repeat(2, 1)
-        partial = transformer.forward_partial(tokens, labels, mask, cache, positions, num_out=16, num_extra=4)
+        partial = transformer.forward_partial(tokens, labels, mask, cache, positions, num_out=16, extra_share=1.0)
         full = transformer(tokens, labels, mask)
         probe = transformer.blocks[0](transformer.embed(tokens, labels, mask))
     assert (partial - full).abs().max() < 1e-5
-    assert torch.equal(cache.probe, probe)  # the 4 extra positions were the buffer: everything was recomputed
+    assert torch.equal(cache.probe, probe)  # a share of 1: the 4 others (the buffer) too, everything was recomputed
 
 
 def test_token_cache_recomputes_only_the_chosen_positions(pipe, monkeypatch):

@@ -37,13 +37,13 @@ def tokens_to_latents(tokens: torch.Tensor, grid_size: int) -> torch.Tensor:
 
 
 class _Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, dropout: float):
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_dropout: float):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.dropout = dropout
-        self.proj_drop = nn.Dropout(dropout)
+        self.dropout = attn_dropout
+        self.proj_drop = nn.Dropout(proj_dropout)
 
     def forward(
         self, x: torch.Tensor, kv_cache: list | None = None, positions: torch.Tensor | None = None
@@ -72,10 +72,21 @@ MLP_ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, mlp_activation: str):
+    """timm's ViT ``Block`` (pre-norm attention and MLP, LayerNorm eps 1e-6), as EAR and MAR use it: `dropout`
+    is timm's `proj_drop` (attention output and MLP), `attn_dropout` its `attn_drop` (default: `dropout`)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        dropout: float,
+        mlp_activation: str,
+        attn_dropout: float | None = None,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = _Attention(dim, num_heads, dropout)
+        self.attn = _Attention(dim, num_heads, dropout if attn_dropout is None else attn_dropout, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(
@@ -94,12 +105,14 @@ class _Block(nn.Module):
 
 
 class TokenCache:
-    """LazyMAR's token cache (Yan et al., ICCV 2025) for one sampling run of :class:`EARTransformer`.
+    """LazyMAR's token cache (Yan et al., ICCV 2025) over one stack of blocks, for one sampling run.
 
-    The first `full_layers` blocks always run over every position; their output (the "probe") says how
-    much each position changed since its features were last computed. Above them, a partial pass
-    recomputes only the positions it is given plus the `num_extra` that changed most, and attends to
-    the other positions' keys and values as the last pass left them.
+    A full pass (:meth:`run`) computes every position and keeps what a partial pass needs. In a partial
+    pass (:meth:`run_partial`) the first `full_layers` blocks still run over every position; their output
+    (the "probe") says how much each position changed since its features were last computed. Above them
+    only the positions that must be are recomputed, plus the share of the others that changed most; they
+    attend to the other positions' keys and values as earlier passes left them. EAR's backbone has one
+    stack (:class:`EARTransformer`), MAR's two (:class:`~.mar_transformer.MARTokenCache`).
 
     Attributes:
         full_layers: blocks computed over every position at every step.
@@ -117,8 +130,100 @@ class TokenCache:
         """Batch rows the cache holds (B times the streams, times 2 with both guidance passes), or None."""
         return None if self.probe is None else self.probe.shape[0]
 
+    def check_rows(self, owner: str, rows: int) -> None:
+        """Raise unless a full pass filled the cache with `rows` batch rows."""
+        if self.rows != rows:
+            raise ValueError(
+                f"{owner}: the cache holds {self.rows} batch rows, this pass {rows}; "
+                "fill it with a full `forward(..., cache=cache)` of the same rows first."
+            )
 
-class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
+    def run(self, blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+        """`blocks` over every position of `h` `(rows, L, D)`, as without a cache, keeping the probe and the
+        keys and values of the blocks from `full_layers` on."""
+        self.kv = [[] for _ in blocks[self.full_layers :]]
+        for i, block in enumerate(blocks):
+            if i < self.full_layers:
+                h = block(h)
+                continue
+            if i == self.full_layers:
+                self.probe = h.clone()
+            h = block(h, self.kv[i - self.full_layers])
+        return h
+
+    def run_partial(
+        self, blocks: nn.ModuleList, h: torch.Tensor, must: torch.Tensor, share: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`blocks` over `h` `(rows, L, D)` recomputing above `full_layers` only the positions `must` `(rows, M)`
+        and ``round(share * (L - M))`` others, those whose probe changed most (cosine distance).
+
+        Returns:
+            The blocks' output `(rows, M + extra, D)` at the recomputed positions, and those positions
+            `(rows, M + extra)`: `must` first, in its order.
+        """
+        for block in blocks[: self.full_layers]:
+            h = block(h)
+        change = 1 - F.cosine_similarity(h.float(), self.probe.float(), dim=-1)
+        change.scatter_(1, must, -1.0)  # below any cosine distance: never picked twice
+        num_extra = round(share * (h.shape[1] - must.shape[1]))
+        chosen = torch.cat([must, change.topk(num_extra, dim=1, sorted=False).indices], dim=1)
+        index = chosen.unsqueeze(-1).expand(-1, -1, h.shape[-1])
+        x = h.gather(1, index)
+        self.probe.scatter_(1, index, x)
+        for kv, block in zip(self.kv, blocks[self.full_layers :]):
+            x = block(x, kv, chosen)
+        return x, chosen
+
+    def grow(self, num: int) -> None:
+        """Append `num` positions (zeros until a pass computes them) to the probe and every block's keys and
+        values: for a sequence that gets longer between passes, as MAR's encoder does."""
+        self.probe = torch.cat([self.probe, self.probe.new_zeros(self.rows, num, self.probe.shape[-1])], dim=1)
+        for kv in self.kv:
+            kv[:] = [torch.cat([t, t.new_zeros(*t.shape[:2], num, t.shape[-1])], dim=2) for t in kv]
+
+
+class MaskedTrainingMixin:
+    """What MAR and EAR share in training, for a backbone whose config has `num_classes`, `grid_size`,
+    `mask_ratio_min`, `mask_ratio_std` and `class_dropout_prob`: the null class, the training mask and the
+    label dropout. The caller draws both and passes them to ``forward`` (MAR draws them inside its forward)."""
+
+    @property
+    def null_class(self) -> int:
+        """Index of the learned unconditional class."""
+        return self.config.num_classes
+
+    def sample_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training mask: a random order per image and a mask ratio from the truncated normal.
+
+        Returns:
+            `(batch_size, N)` bool, True at the positions to predict. One ratio per batch, as in
+            MAR / EAR, and at least one masked token.
+        """
+        n = self.num_tokens
+        low, std = self.config.mask_ratio_min, self.config.mask_ratio_std
+        # Inverse-CDF draw of N(1, std) truncated to [low, 1]: exact and generator-driven.
+        normal = torch.distributions.Normal(1.0, std)
+        cdf_low, cdf_high = normal.cdf(torch.tensor(low)), normal.cdf(torch.tensor(1.0))
+        u = torch.rand((), generator=generator)
+        ratio = normal.icdf(cdf_low + u * (cdf_high - cdf_low)).clamp(low, 1.0)
+        num_masked = max(1, math.ceil(n * ratio.item()))
+        orders = torch.argsort(torch.rand(batch_size, n, generator=generator), dim=1)
+        mask = torch.zeros(batch_size, n, dtype=torch.bool)
+        mask.scatter_(1, orders[:, :num_masked], True)
+        return mask.to(self.device)
+
+    def drop_labels(self, class_labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace each label by the null class with probability `class_dropout_prob` (training)."""
+        drop = torch.rand(class_labels.shape, generator=generator) < self.config.class_dropout_prob
+        return torch.where(drop.to(class_labels.device), torch.full_like(class_labels, self.null_class), class_labels)
+
+    @property
+    def num_tokens(self) -> int:
+        """N, the token positions: ``grid_size**2``."""
+        return self.config.grid_size**2
+
+
+class EARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""Bidirectional masked-AR backbone over ``buffer_size + grid_size**2`` positions.
 
     Args:
@@ -188,7 +293,6 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
             )
 
         self.gradient_checkpointing = False
-        self.num_tokens = grid_size * grid_size
         self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)
         self.token_proj = nn.Linear(in_channels, hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
@@ -215,36 +319,6 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    @property
-    def null_class(self) -> int:
-        """Index of the learned unconditional class."""
-        return self.config.num_classes
-
-    def sample_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training mask: a random order per image and a mask ratio from the truncated normal.
-
-        Returns:
-            `(batch_size, N)` bool, True at the positions to predict. One ratio per batch, as in
-            MAR / EAR, and at least one masked token.
-        """
-        n = self.num_tokens
-        low, std = self.config.mask_ratio_min, self.config.mask_ratio_std
-        # Inverse-CDF draw of N(1, std) truncated to [low, 1]: exact and generator-driven.
-        normal = torch.distributions.Normal(1.0, std)
-        cdf_low, cdf_high = normal.cdf(torch.tensor(low)), normal.cdf(torch.tensor(1.0))
-        u = torch.rand((), generator=generator)
-        ratio = normal.icdf(cdf_low + u * (cdf_high - cdf_low)).clamp(low, 1.0)
-        num_masked = max(1, math.ceil(n * ratio.item()))
-        orders = torch.argsort(torch.rand(batch_size, n, generator=generator), dim=1)
-        mask = torch.zeros(batch_size, n, dtype=torch.bool)
-        mask.scatter_(1, orders[:, :num_masked], True)
-        return mask.to(self.device)
-
-    def drop_labels(self, class_labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each label by the null class with probability `class_dropout_prob` (training)."""
-        drop = torch.rand(class_labels.shape, generator=generator) < self.config.class_dropout_prob
-        return torch.where(drop.to(class_labels.device), torch.full_like(class_labels, self.null_class), class_labels)
-
     def forward(
         self,
         tokens: torch.Tensor,
@@ -266,17 +340,23 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
         """
         h = self.embed(tokens, class_labels, mask)
         if cache is not None:
-            cache.kv = [[] for _ in self.blocks[cache.full_layers :]]
-        for i, block in enumerate(self.blocks):
-            if cache is not None and i >= cache.full_layers:
-                if i == cache.full_layers:
-                    cache.probe = h.clone()
-                h = block(h, cache.kv[i - cache.full_layers])
-            elif torch.is_grad_enabled() and self.gradient_checkpointing:
-                h = self._gradient_checkpointing_func(block, h)
-            else:
-                h = block(h)
+            h = cache.run(self.blocks, h)
+        else:
+            for block in self.blocks:
+                if torch.is_grad_enabled() and self.gradient_checkpointing:
+                    h = self._gradient_checkpointing_func(block, h)
+                else:
+                    h = block(h)
         return self.mix_streams(self.norm(h)[:, self.config.buffer_size :], tokens.shape[0])
+
+    def token_cache(self, full_layers: int) -> TokenCache:
+        """An empty token cache for :meth:`forward` and :meth:`forward_partial` (the same method on both backbones)."""
+        return TokenCache(full_layers)
+
+    @property
+    def token_cache_depth(self) -> int:
+        """Blocks in the stack the token cache works on: its `full_layers` must stay below this."""
+        return self.config.num_layers
 
     def forward_partial(
         self,
@@ -286,46 +366,31 @@ class EARTransformer(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixi
         cache: TokenCache,
         positions: torch.Tensor,
         num_out: int,
-        num_extra: int,
+        extra_share: float,
     ) -> torch.Tensor:
         """LazyMAR's token-cached pass: hidden vectors of ``positions[:, :num_out]`` only.
 
         The first `cache.full_layers` blocks run over every position. Above them only these positions
         are recomputed: `positions` (those that must be: the tokens to predict, then those whose input
-        changed) and the `num_extra` others whose probe changed most (cosine distance); the rest reuse
-        the keys and values that the cache holds. Not exact: see :class:`TokenCache`.
+        changed) and the `extra_share` of the others (buffer or tokens) whose probe changed most; the rest
+        reuse the keys and values that the cache holds. Not exact: see :class:`TokenCache`.
 
         Args:
             tokens, class_labels, mask: as in :meth:`forward`; the batch rows must match the cache's.
             cache: a :class:`TokenCache` filled by a :meth:`forward` of the same batch rows.
             positions: `(B, M)` token positions (in [0, N)) to recompute; the first `num_out` are returned.
             num_out: how many of `positions` to return.
-            num_extra: further positions (buffer or tokens) to recompute, chosen by the probe.
+            extra_share: share in [0, 1] of the other positions to recompute too, chosen by the probe
+                (1: all of them, a full pass up to float rounding).
 
         Returns:
             `(B, num_out, hidden_size)`, in the order of ``positions[:, :num_out]``.
         """
-        b = tokens.shape[0]
-        p, buf = self.config.parscale_n, self.config.buffer_size
         h = self.embed(tokens, class_labels, mask)
-        if cache.rows != h.shape[0]:
-            raise ValueError(
-                f"EARTransformer.forward_partial: the cache holds {cache.rows} batch rows, this pass {h.shape[0]}; "
-                "fill it with a full `forward(..., cache=cache)` of the same rows first."
-            )
-        for block in self.blocks[: cache.full_layers]:
-            h = block(h)
-        must = positions.repeat(p, 1) + buf  # sequence positions; streams are batch rows
-        num_extra = min(num_extra, h.shape[1] - must.shape[1])
-        change = 1 - F.cosine_similarity(h.float(), cache.probe.float(), dim=-1)
-        change.scatter_(1, must, -1.0)  # below any cosine distance: never picked twice
-        chosen = torch.cat([must, change.topk(num_extra, dim=1, sorted=False).indices], dim=1)
-        index = chosen.unsqueeze(-1).expand(-1, -1, h.shape[-1])
-        x = h.gather(1, index)
-        cache.probe.scatter_(1, index, x)
-        for kv, block in zip(cache.kv, self.blocks[cache.full_layers :]):
-            x = block(x, kv, chosen)
-        return self.mix_streams(self.norm(x[:, :num_out]), b)
+        cache.check_rows("EARTransformer.forward_partial", h.shape[0])
+        must = positions.repeat(self.config.parscale_n, 1) + self.config.buffer_size  # streams are batch rows
+        x, _ = cache.run_partial(self.blocks, h, must, extra_share)
+        return self.mix_streams(self.norm(x[:, :num_out]), tokens.shape[0])
 
     def embed(self, tokens: torch.Tensor, class_labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Input sequence `(P * B, buffer_size + N, D)`: class (and stream) prefix, then tokens or the mask token."""

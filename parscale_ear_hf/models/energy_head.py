@@ -105,6 +105,8 @@ class EnergyHead(AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # Guidance is applied before the head, on the hidden states (EAR); MAR's DiffusionHead applies it itself.
+    guidance_in_head = False
 
     @register_to_config
     def __init__(
