@@ -11,13 +11,18 @@ PY=${PY:-.venv/bin/python}
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}
 if [ "$BENCH_DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  RESULTS=results PAGES=. SIZE=()
+  RESULTS=results PAGES=. SIZE=() FLOPS_SIZE=()
 else
   BENCH_OUT=${BENCH_OUT:-/tmp/bench_gpu_cpu}
   rm -rf "$BENCH_OUT" && mkdir -p "$BENCH_OUT"
   cp -r results docs README.md "$BENCH_OUT/"
   RESULTS=$BENCH_OUT/results PAGES=$BENCH_OUT SIZE=(--tiny --no-memory-probe)
+  FLOPS_SIZE=(--tiny --steps 4 --batches 1 2 --repeats 1)
 fi
 $PY examples/benchmark.py --device "$BENCH_DEVICE" --profile gpu "${SIZE[@]}" --repeats 5 --budget-s 20 \
   --output "$RESULTS/benchmark_gpu.json" "$@"
+# The rows of results/sampling_flops.json (computed), measured: EAR-B/L/H, P = 1, 2, 64 and 16 steps, exact and
+# cached, seconds per image end to end at batches 1, 16, 64 (a row's larger batches skipped past 10 s a call).
+$PY examples/sampling_flops.py --measure --device "$BENCH_DEVICE" "${FLOPS_SIZE[@]}" \
+  --output "$RESULTS/sampling_speed_gpu.json"
 $PY examples/update_readme.py --root "$PAGES" --results-dir "$RESULTS"

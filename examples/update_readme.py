@@ -12,7 +12,7 @@ from pathlib import Path
 from parscale_ear_hf.commands import run_script
 from parscale_ear_hf.info import parameter_table
 from parscale_ear_hf.results import load_results
-from research.benchmarks import bench_sampling
+from research.benchmarks import bench_sampling, sampling_flops
 from research.benchmarks.benchmark import performance_section, write_reports
 from research.evidence_grid import experiments
 from research.readme.tables import (
@@ -60,6 +60,7 @@ def main(args: argparse.Namespace) -> None:
         "test-suite": test_suite_summary(args.results_dir),
         "performance": with_notes(args.results_dir, performance_section(args.results_dir), sampling=False),
         "sampling-speed": with_notes(args.results_dir, bench_sampling.readme_section(args.results_dir), sampling=True),
+        "sampling-flops": sampling_flops.readme_section(args.results_dir),
         "experiments": experiments.readme_section(args.results_dir),
         "grid-summary": grid_summary(args.results_dir),
     }

@@ -65,4 +65,7 @@ def test_bench_gpu_runs_in_cpu_mode_without_touching_results(tmp_path):
     assert record["profile"] == "gpu" and record["sizes"].startswith("tiny")
     assert {"pipeline/full_image", "dit/ratio", "flops/matmul_peak"} <= set(record["measurements"])
     assert "GPU profile" in (tmp_path / "bench" / "docs" / "benchmarks.md").read_text()
+    speed = json.loads((tmp_path / "bench" / "results" / "sampling_speed_gpu.json").read_text())
+    assert speed["sizes"].startswith("tiny") and len(speed["rows"]) == 3 * 2 * 2 * 2  # models, P, modes, batches
+    assert "**Measured** (tiny" in (tmp_path / "bench" / "docs" / "benchmarks.md").read_text()
     assert {p: p.stat().st_mtime_ns for p in (ROOT / "results").glob("benchmark_gpu*")} == before
