@@ -24,7 +24,8 @@ benchmark (`examples/benchmark.py`), their targets, report and plot.
   finishes; a finished point is skipped when the section runs again, a killed one resumes.
 
     python examples/benchmark.py --sections reference cache --reference-code /path/to/EAR   # CPU: ~30 min
-    python examples/benchmark.py --sections mar_reference --mar-reference-code /path/to/mar  # CPU: ~10 min
+    python examples/benchmark.py --sections mar_reference --mar-reference-code /path/to/mar --sampling-steps 16
+        # shared 2-core CPU: ~6 min; the 64-step cell adds ~15 min
     python examples/benchmark.py --sections quality                                          # CPU: hours
     python examples/update_readme.py
 
