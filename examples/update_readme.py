@@ -24,7 +24,7 @@ from research.readme.tables import (
     update_section,
 )
 
-SAMPLING_SECTIONS = ("reference", "cache", "quality")  # the benchmark's sections in the sampling-speed table
+SAMPLING_SECTIONS = bench_sampling.SECTIONS  # the benchmark's sections in the sampling-speed table
 
 
 def with_notes(results_dir: str, body: str, sampling: bool) -> str:

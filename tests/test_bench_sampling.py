@@ -15,12 +15,16 @@ import torch
 from parscale_ear_hf.results import write_results
 from research.benchmarks import bench_sampling as bs
 from research.benchmarks.benchmark import Bench
-from research.reference import reference_ear
+from research.reference import reference_ear, reference_mar
 
 from conftest import run_example, tiny_pipeline
 
 # The authors' EAR (shaochenze/EAR at 9256a9f): $EAR_REFERENCE_CODE, else a checkout beside this repository.
 REFERENCE_CODE = Path(os.environ.get("EAR_REFERENCE_CODE", Path(__file__).resolve().parents[2] / "ear_ref" / "src"))
+# The authors' MAR (LTH14/mar at fe470ac): $MAR_REFERENCE_CODE, else none (e.g. `git archive` of it into /tmp/mar_ref).
+MAR_REFERENCE_CODE = os.environ.get("MAR_REFERENCE_CODE")
+TINY_MAR = dict(grid_size=4, in_channels=4, num_classes=10, hidden_size=32, num_layers=2, num_heads=2, buffer_size=4,
+                head_width=32, head_depth=2, num_sampling_steps=25)  # fmt: skip
 TINY_EAR = dict(grid_size=4, in_channels=4, num_classes=10, hidden_size=32, num_layers=2, num_heads=4, buffer_size=4,
                 head_width=32, head_depth=2, noise_dim=16)  # fmt: skip
 
@@ -283,13 +287,15 @@ def test_absent_checkout_or_timm_is_a_clear_error_and_a_skip(tmp_path, monkeypat
 def test_bench_cli_records_the_skipped_reference_and_its_targets(tmp_path):
     output = tmp_path / "bench.json"
     none = str(tmp_path / "none")
-    run_example(
-        "benchmark.py", "--device", "cpu", "--sections", "reference", "--reference-code", none, "--output", str(output)
-    )
+    sections = ["--sections", "reference", "mar_reference"]
+    run_example("benchmark.py", "--device", "cpu", *sections, "--reference-code", none, "--mar-reference-code", none,
+                "--output", str(output))  # fmt: skip
     record = json.loads(output.read_text())
     assert "is not a checkout of the authors' EAR" in record["measurements"]["reference/status"]["skipped"]
+    assert "is not a checkout of the authors' MAR" in record["measurements"]["mar_reference/status"]["skipped"]
+    assert set(record["section_provenance"]) == {"reference", "mar_reference"}
+    assert "Authors' MAR sampler: **skipped**" in (tmp_path / "bench_sampling.md").read_text()
     assert record["sampling_targets"]["reference_speedup_b1_demo"]["met"] is None
-    assert set(record["section_provenance"]) == {"reference"}
     assert "**skipped**" in (tmp_path / "bench_sampling.md").read_text()
 
 
@@ -320,3 +326,106 @@ def test_reference_and_converted_model_sample_the_same_tokens(guidance, steps):
     assert "models" not in sys.modules and "torchvision" not in sys.modules
     assert torch.Tensor.cuda is torch._C.TensorBase.cuda
     assert reference_ear.reference_sample(reference, labels, steps, guidance, 0.7).shape == (3, 4, 4, 4)
+
+
+def mar_measurements() -> dict:
+    m = {"mar_reference/status": {"code": "/mar", "commit": "fe470ac", "files": "models/mar.py", "timm": "1.0.31",
+                                  "config": TINY_MAR, "model": reference_mar.describe(TINY_MAR)}}  # fmt: skip
+    m["mar_reference/b1_s16_ours"], m["mar_reference/b1_s16_reference"] = timing(2.0), timing(2.5)
+    m["mar_reference/b1_s16_cached"] = timing(1.0)
+    m["mar_reference/ratio_b1_s16"] = {
+        "batch": 1, "steps": 16, "ours_over_reference_median": 0.8, "ours_over_reference_min": 0.7,
+        "ours_over_reference_max": 0.9, "speedup": 1.25, "cached": 2.0, "cached_min": 1.9, "cached_max": 2.1,
+    }  # fmt: skip
+    m["mar_reference/agreement"] = {"max_abs_diff": 0.0, "max_abs_token": 1.5e5, "relative": 0.0, "batch": 2,
+                                    "steps": 16, "guidance": 3.0, "temperature": 1.0}  # fmt: skip
+    return m
+
+
+def test_mar_table_names_the_random_weight_model_first(tmp_path):
+    lines = bs.mar_table(mar_measurements())
+    assert lines[0].startswith("MAR, a random-weight config (not a released checkpoint): 4x4x4 tokens, encoder and "
+                               "decoder 2 + 2 blocks of width 32, buffer 4, 10 classes, head 2 blocks of width 32, 25 "
+                               "diffusion steps.")  # fmt: skip
+    assert "| 1 | 16 | 2e+03 ms | 2.5e+03 ms | 0.800 (0.700-0.900) | 1e+03 ms | 2.00x (1.90-2.10) |" in lines
+    assert "largest |ours - authors'| token difference 0 (tokens up to 1.5e+05" in lines[-2]
+    assert bs.mar_table({}) == []
+    skipped = {"mar_reference/status": {"skipped": "no checkout of the authors' MAR was given"}}
+    assert bs.mar_table(skipped)[0] == "Authors' MAR sampler: **skipped** (no checkout of the authors' MAR was given)."
+    # The MAR rows alone make a report and a docs block, beside the other sections' rows.
+    record = {"profile": "cpu", "device": "cpu", "device_name": None, "dtype": "torch.float32",
+              "measurements": {**synthetic_measurements(), **mar_measurements()}}  # fmt: skip
+    written = write_results(tmp_path / "benchmark_cpu.json", {**record, "section_provenance": {}})
+    write_results(
+        tmp_path / "benchmark_cpu.json", {**record, "section_provenance": {"mar_reference": written["provenance"]}}
+    )
+    assert "| 1 | 16 | 2e+03 ms |" in bs.write_report(tmp_path / "benchmark_cpu.json")
+    section = bs.readme_section(tmp_path)
+    assert "MAR, a random-weight config" in section and "mar_reference at" in section
+    assert "--mar-reference-code DIR" in section
+
+
+def test_mar_config_and_skip_without_the_authors_code(tmp_path):
+    kwargs = reference_mar.mar_kwargs(reference_mar.MAR_CONFIG)
+    assert (kwargs["img_size"], kwargs["vae_embed_dim"], kwargs["num_sampling_steps"]) == (128, 16, "25")
+    assert kwargs["attn_dropout"] == kwargs["proj_dropout"] == 0.0
+    with pytest.raises(reference_ear.ReferenceUnavailable, match="--mar-reference-code DIR or \\$MAR_REFERENCE_CODE"):
+        reference_mar.check_reference_code(None)
+    with pytest.raises(reference_ear.ReferenceUnavailable, match=r"lacks models/mar\.py, models/diffloss\.py"):
+        reference_mar.import_reference(tmp_path)
+    b = Bench("cpu", torch.float32, repeats=3, budget_s=1.0, progress=False)
+    bs.bench_mar_reference(b, tmp_path, TINY_MAR, batches=(1,), steps=(2,))
+    assert set(b.results) == {"mar_reference/status"}
+    assert "is not a checkout of the authors' MAR" in b.results["mar_reference/status"]["skipped"]
+    args = bs.add_arguments(argparse.ArgumentParser()).parse_args([])
+    assert args.mar_batches == [1] and args.mar_reference_code == os.environ.get("MAR_REFERENCE_CODE")
+
+
+def test_mar_draws_map_to_the_tokens_our_sampler_predicts():
+    """MAR's draws per AR step (x_T for the step's tokens in raster order, image-major; then each diffusion step's
+    draw, the unconditional rows after the conditional ones) land on the token each samples in our layout."""
+    from parscale_ear_hf.pipeline_parscale_ear import mask_schedule, predicting_steps
+
+    b, n, c, steps, num_iter = 2, 16, 3, 4, 5
+    orders = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i)) for i in range(b)])
+    draws, masked = [], n
+    for step in predicting_steps(num_iter, n):
+        masked_next = mask_schedule(step, num_iter, n, masked)
+        positions = orders[:, masked_next:masked].sort(dim=1).values
+        # Each draw's value names its token (b * n + position) and diffusion step; the uncond rows are -1.
+        code = (torch.arange(b)[:, None] * n + positions).reshape(-1, 1).float().expand(-1, c)
+        draws.append(code.clone())
+        draws += [torch.cat([code + 1000 * (k + 1), -torch.ones_like(code)]) for k in range(steps)]
+        masked = masked_next
+    noise = reference_mar.noise_in_our_layout(draws, orders, num_iter, steps)
+    expected = (torch.arange(b * n).view(b, n, 1, 1) + 1000 * torch.arange(steps + 1).view(1, 1, -1, 1)).float()
+    assert torch.equal(noise, expected.expand(b, n, steps + 1, c))
+    with pytest.raises(RuntimeError, match="our schedule accounts for"):
+        reference_mar.noise_in_our_layout(draws + draws[:1], orders, num_iter, steps)
+    with pytest.raises(RuntimeError, match="x_T rows, our schedule predicts"):
+        reference_mar.noise_in_our_layout(draws[1:], orders, num_iter, steps)
+
+
+needs_mar_reference = pytest.mark.skipif(
+    MAR_REFERENCE_CODE is None
+    or not (Path(MAR_REFERENCE_CODE) / "models" / "mar.py").is_file()
+    or reference_ear.importlib.util.find_spec("timm") is None,
+    reason="needs the authors' MAR ($MAR_REFERENCE_CODE: LTH14/mar at fe470ac) and timm; CI has neither",
+)
+
+
+@needs_mar_reference
+def test_mar_reference_section_times_both_and_their_tokens_agree():
+    """The section at a tiny config: ours, theirs and cached timed; the same orders and draws give the same tokens
+    (bound: tests/test_mar_reference.py's sampler bound, relative to the largest token), and the shims are gone."""
+    b = Bench("cpu", torch.float32, repeats=3, budget_s=5.0, progress=False)
+    bs.bench_mar_reference(b, MAR_REFERENCE_CODE, TINY_MAR, batches=(2,), steps=(3,))
+    assert b.results["mar_reference/status"]["commit"] == "fe470ac"
+    assert {f"mar_reference/b2_s3_{v}" for v in ("ours", "reference", "cached")} <= set(b.results)
+    ratio = b.results["mar_reference/ratio_b2_s3"]
+    assert ratio["ours_over_reference_min"] <= ratio["ours_over_reference_median"] <= ratio["ours_over_reference_max"]
+    assert ratio["cached_min"] <= ratio["cached"] <= ratio["cached_max"]
+    agreement = b.results["mar_reference/agreement"]
+    assert agreement["relative"] <= 1e-5 and agreement["max_abs_token"] > 0 and agreement["steps"] == 3
+    assert "models" not in sys.modules and "diffusion" not in sys.modules and "torchvision" not in sys.modules
+    assert torch.Tensor.cuda is torch._C.TensorBase.cuda and torch.randn is torch._C._VariableFunctions.randn

@@ -6,6 +6,11 @@ benchmark (`examples/benchmark.py`), their targets, report and plot.
   at the same config and weights, timed in alternating rounds in one process, at the demo model's
   shape and a mid-size config. Without a checkout (``--reference-code DIR``) or timm, the section
   records why it was skipped.
+- `mar_reference`: the same for MAR: our pipeline with MAR's backbone and diffusion head against the authors'
+  ``MAR.sample_tokens`` (LTH14/mar at fe470ac, from a checkout, see :mod:`research.reference.reference_mar`)
+  at one random-weight config (:data:`research.reference.reference_mar.MAR_CONFIG`), exact and cached, in
+  alternating rounds. Without a checkout (``--mar-reference-code DIR`` or ``$MAR_REFERENCE_CODE``) it records
+  why it was skipped.
 - `cache`: exact sampling against the sampling caches (``cache=SamplingCache(...)``), the compiled
   backbone step (``pipe.enable_compiled_step()``) and both, in alternating rounds, for the demo model
   and a mid-size config (random weights). Where the compiled step is not faster than eager at
@@ -19,6 +24,8 @@ benchmark (`examples/benchmark.py`), their targets, report and plot.
   finishes; a finished point is skipped when the section runs again, a killed one resumes.
 
     python examples/benchmark.py --sections reference cache --reference-code /path/to/EAR   # CPU: ~30 min
+    python examples/benchmark.py --sections mar_reference --mar-reference-code /path/to/mar --sampling-steps 16
+        # shared 2-core CPU: ~6 min; the 64-step cell adds ~15 min
     python examples/benchmark.py --sections quality                                          # CPU: hours
     python examples/update_readme.py
 
@@ -33,6 +40,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,8 +53,10 @@ import torch
 from parscale_ear_hf.commands import cli_process
 from parscale_ear_hf.results import short_revision
 from research.reference.reference_ear import DEMO_CONFIG, MID_CONFIG, ReferenceUnavailable
+from research.reference.reference_mar import MAR_CONFIG
 
 GUIDANCE, TEMPERATURE = 3.0, 0.7
+MAR_TEMPERATURE = 1.0  # MAR's default (main_mar.py)
 # The cached variants use SamplingCache's defaults, unless --sampling-cache overrides some fields.
 DEFAULT_CACHE: dict = {}
 CONFIGS = {"demo": DEMO_CONFIG, "mid": MID_CONFIG}
@@ -62,6 +72,7 @@ VARIANTS = {
     "cached_compiled": ({}, True),
 }
 SPEED_VARIANTS = ("exact", "cached", "compiled", "cached_compiled")
+SECTIONS = ("reference", "mar_reference", "cache", "quality")
 
 
 def make_cache(fields: dict):
@@ -208,6 +219,89 @@ def _agreement(reference, pipe, config: dict, device, steps: int, batch: int = 2
     theirs = reference_sample_tokens(reference, labels, orders, noise, steps, GUIDANCE, TEMPERATURE)
     ours = pipe.sample_tokens(labels, orders, noise, steps, GUIDANCE, temperature=TEMPERATURE)
     return {"max_abs_diff": (ours - theirs).abs().max().item(), "batch": batch, "steps": steps, "guidance": GUIDANCE}
+
+
+# ------------------------------------------------------------------------------ section: mar_reference
+
+
+def _mar_call(pipe, labels, steps, cache=None):
+    kwargs = {} if cache is None else {"cache": cache}
+    return pipe(labels, num_inference_steps=steps, guidance_scale=GUIDANCE, temperature=MAR_TEMPERATURE,
+                generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs)  # fmt: skip
+
+
+def bench_mar_reference(b, reference_code, config: dict, batches, steps) -> None:
+    """The authors' ``MAR.sample_tokens`` against ours (MAR's backbone and diffusion head in our pipeline,
+    ``pipe(..., output_type="latent")``) and ours cached (``SamplingCache()``'s defaults), the same random weights,
+    fp32, guidance 3 (linear; MAR mixes it in the head at every diffusion step), temperature 1; each
+    (batch, steps) in alternating rounds. Also records the largest difference of the two samplers' tokens given the
+    same orders and Gaussian draws.
+
+    Rows: ``mar_reference/status`` (`skipped` with the reason, or what was loaded and the config),
+    ``mar_reference/b<B>_s<K>_{ours,reference,cached}`` (times), ``mar_reference/ratio_b<B>_s<K>`` (ours / theirs
+    and exact / cached per round: median, min, max) and ``mar_reference/agreement``.
+    """
+    from research.reference import reference_mar
+
+    try:
+        reference = reference_mar.build_reference(reference_code, config).to(b.device)
+    except ReferenceUnavailable as error:
+        b.results["mar_reference/status"] = {"skipped": str(error)}
+        print(f"  mar_reference: skipped: {error}", flush=True)
+        return
+    import timm
+
+    b.results["mar_reference/status"] = {
+        "code": str(reference_code),
+        "commit": reference_mar.MAR_COMMIT,
+        "files": ", ".join(reference_mar.MAR_FILES),
+        "timm": timm.__version__,
+        "config": dict(config),
+        "model": reference_mar.describe(config),
+    }
+    pipe = reference_mar.our_pipeline(reference, config)
+    b.results["mar_reference/agreement"] = _mar_agreement(reference, pipe, config, b.device, min(steps))
+    cached = make_cache({})
+    for batch in batches:
+        labels = torch.tensor(_labels(batch, config["num_classes"]), device=b.device)
+        for k in steps:
+            fns = {
+                "ours": partial(_mar_call, pipe, labels.tolist(), k),
+                "reference": partial(reference_mar.reference_sample, reference, labels, k, GUIDANCE, MAR_TEMPERATURE),
+                "cached": partial(_mar_call, pipe, labels.tolist(), k, cached),
+            }
+            rows, times = measure_interleaved(b, fns)
+            info = dict(config="mar", batch=batch, steps=k, guidance=GUIDANCE, temperature=MAR_TEMPERATURE)
+            for name, row in rows.items():
+                extra = {"cache": dataclasses.asdict(cached)} if name == "cached" else {}
+                b.add(f"mar_reference/b{batch}_s{k}_{name}", row, **info, **extra)
+            ours = paired_ratio(times["ours"], times["reference"])
+            cache = paired_ratio(times["ours"], times["cached"])
+            b.results[f"mar_reference/ratio_b{batch}_s{k}"] = {
+                "batch": batch, "steps": k,
+                "ours_over_reference_median": ours["median"], "ours_over_reference_min": ours["min"],
+                "ours_over_reference_max": ours["max"],
+                "speedup": paired_ratio(times["reference"], times["ours"])["median"],
+                "cached": cache["median"], "cached_min": cache["min"], "cached_max": cache["max"],
+            }  # fmt: skip
+
+
+def _mar_agreement(reference, pipe, config: dict, device, steps: int, batch: int = 2) -> dict:
+    """Their sampler with given orders and seeded Gaussian draws, ours with the same draws in our layout: the
+    largest token difference, absolute and relative to the largest token (random weights grow MAR's chain)."""
+    from research.reference.reference_mar import noise_in_our_layout, reference_sample_logged
+
+    g = torch.Generator().manual_seed(0)
+    n = config["grid_size"] ** 2
+    labels = torch.tensor(_labels(batch, config["num_classes"]), device=device)
+    orders = torch.argsort(torch.rand(batch, n, generator=g), dim=1).to(device)
+    theirs, draws = reference_sample_logged(reference, labels, orders, steps, GUIDANCE, MAR_TEMPERATURE)
+    noise = noise_in_our_layout(draws, orders, steps, config["num_sampling_steps"]).to(device)
+    ours = pipe.sample_tokens(labels, orders, noise, steps, GUIDANCE, temperature=MAR_TEMPERATURE)
+    diff = (ours - theirs).abs().max().item()
+    largest = theirs.abs().max().item()
+    return {"max_abs_diff": diff, "max_abs_token": largest, "relative": diff / largest, "batch": batch,
+            "steps": steps, "guidance": GUIDANCE, "temperature": MAR_TEMPERATURE}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ section: cache
@@ -514,10 +608,14 @@ def quality_floor(args, kinds, out_dir: Path) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of the `reference`, `cache` and `quality` sections."""
-    group = parser.add_argument_group("sampling sections (reference, cache, quality)")
+    group = parser.add_argument_group("sampling sections (reference, mar_reference, cache, quality)")
     group.add_argument("--reference-code", default=None,
                        help="a checkout of the authors' EAR (shaochenze/EAR at 9256a9f, with models/ear.py), outside "
                        "this repository; needs `pip install --no-deps timm==1.0.31`")  # fmt: skip
+    group.add_argument("--mar-reference-code", default=os.environ.get("MAR_REFERENCE_CODE"),
+                       help="a checkout of the authors' MAR (LTH14/mar at fe470ac, with models/mar.py), outside this "
+                       "repository (default: $MAR_REFERENCE_CODE); needs timm and scipy")  # fmt: skip
+    group.add_argument("--mar-batches", nargs="+", type=int, default=[1], help="batches of the mar_reference section")
     group.add_argument("--sampling-configs", nargs="+", choices=sorted(CONFIGS), default=["demo", "mid"])
     group.add_argument("--sampling-batches", nargs="+", type=int, default=[1, 16])
     group.add_argument("--sampling-steps", nargs="+", type=int, default=[16, 64])
@@ -588,12 +686,14 @@ def run_section(section: str, b, args) -> None:
     if section == "reference":
         configs = {name: CONFIGS[name] for name in args.sampling_configs}
         bench_reference(b, args.reference_code, configs, args.sampling_batches, args.sampling_steps)
+    elif section == "mar_reference":
+        bench_mar_reference(b, args.mar_reference_code, MAR_CONFIG, args.mar_batches, args.sampling_steps)
     elif section == "cache":
         bench_cache(b, _pipelines(b, args), args.sampling_batches, args.sampling_steps, args.sampling_cache)
     elif section == "quality":
         bench_quality(b, args)
     else:
-        raise ValueError(f"bench_sampling: unknown section {section!r}; accepted: reference, cache, quality.")
+        raise ValueError(f"bench_sampling: unknown section {section!r}; accepted: {', '.join(SECTIONS)}.")
 
 
 # ------------------------------------------------------------------------------ targets
@@ -695,9 +795,7 @@ def targets_table(targets: dict) -> list[str]:
 
 
 def has_sampling_rows(record: dict | None) -> bool:
-    return record is not None and any(
-        k.split("/")[0] in ("reference", "cache", "quality") for k in record["measurements"]
-    )
+    return record is not None and any(k.split("/")[0] in SECTIONS for k in record["measurements"])
 
 
 def _fmt(value, digits: str = ".3g") -> str:
@@ -733,6 +831,7 @@ def speed_tables(m: dict) -> list[str]:
                 f"{config} {row['max_abs_diff']:.2g} ({row['steps']} steps)" for config, row in agreement.items()
             ) + "."]  # fmt: skip
         lines.append("")
+    lines += mar_table(m)
     speedups = _rows(m, "cache/speedup_")
     if speedups:
         variants = [v for v in SPEED_VARIANTS[1:] if any(v in row for row in speedups.values())]
@@ -760,6 +859,40 @@ def speed_tables(m: dict) -> list[str]:
                 f"- compiled, top operators: {row['compiled_top']}",
             ]
     return lines
+
+
+def mar_table(m: dict) -> list[str]:
+    """Markdown: the MAR comparison (or why it was skipped); its first line names the model measured."""
+    status = m.get("mar_reference/status")
+    if status is None:
+        return []
+    if "skipped" in status:
+        return [f"Authors' MAR sampler: **skipped** ({status['skipped']}).", ""]
+    lines = [
+        f"MAR, a random-weight config (not a released checkpoint): {status['model']}. Ours: MAR's backbone and "
+        f'diffusion head in our pipeline, LiteHybrid off, `pipe(..., output_type="latent")`; authors\': '
+        f"`MAR.sample_tokens` of LTH14/mar at {status['commit']} (timm {status['timm']}), the same weights, fp32, "
+        f"guidance {GUIDANCE} (linear), temperature {MAR_TEMPERATURE}; cached: `SamplingCache()`'s defaults. "
+        "Alternating rounds; ratios per round.",
+        "",
+        "| batch | steps | ours exact | authors' | ours / authors' (median, min-max) | ours cached | cached speed-up "
+        "(x exact) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in _rows(m, "mar_reference/ratio_").values():
+        prefix = f"mar_reference/b{row['batch']}_s{row['steps']}"
+        lines.append(
+            f"| {row['batch']} | {row['steps']} | {_ms(m[prefix + '_ours'])} | {_ms(m[prefix + '_reference'])} | "
+            f"{row['ours_over_reference_median']:.3f} ({row['ours_over_reference_min']:.3f}-"
+            f"{row['ours_over_reference_max']:.3f}) | {_ms(m[prefix + '_cached'])} | {row['cached']:.2f}x "
+            f"({row['cached_min']:.2f}-{row['cached_max']:.2f}) |"
+        )
+    agreement = m.get("mar_reference/agreement")
+    if agreement:
+        lines += ["", f"Same orders and Gaussian draws ({agreement['steps']} steps, batch {agreement['batch']}): "
+                  f"largest |ours - authors'| token difference {agreement['max_abs_diff']:.2g} (tokens up to "
+                  f"{agreement['max_abs_token']:.2g}: random weights grow MAR's diffusion chain)."]  # fmt: skip
+    return [*lines, ""]
 
 
 def _ms(row: dict) -> str:
@@ -905,7 +1038,9 @@ def readme_section(results_dir: str | Path) -> str:
     how = (
         "Run with `python examples/benchmark.py --sections reference cache --reference-code DIR` (DIR: a clone of "
         "shaochenze/EAR checked out at 9256a9f, outside this repository, and `pip install --no-deps timm==1.0.31`; "
-        "without them the reference rows say skipped) and `python examples/benchmark.py --sections quality` "
+        "without them the reference rows say skipped), `python examples/benchmark.py --sections mar_reference "
+        "--mar-reference-code DIR` (DIR: LTH14/mar at fe470ac, e.g. `git archive` of it; timm and scipy) and "
+        "`python examples/benchmark.py --sections quality` "
         "(`--dit-model` names the DiT folder), then `python examples/update_readme.py`."
     )
     parts = []
@@ -915,7 +1050,7 @@ def readme_section(results_dir: str | Path) -> str:
         if not has_sampling_rows(record):
             continue
         m = record["measurements"]
-        sections = {s: p for s, p in record["section_provenance"].items() if s in ("reference", "cache", "quality")}
+        sections = {s: p for s, p in record["section_provenance"].items() if s in SECTIONS}
         markdown_path, plot_path = report_paths(path)
         blocks = [
             f"**{profile.upper()}** ({record['dtype']}, {machine_summary(record['provenance']['machine'])}, "
@@ -927,7 +1062,10 @@ def readme_section(results_dir: str | Path) -> str:
             f"![speed vs quality, {profile}](results/{plot_path.name})" if plot_path.is_file() else "",
         ]
         parts.append("\n\n".join(block for block in blocks if block))
-    lead = "**Sampling speed and its cost in quality** (exact, cached, compiled; the authors' sampler; DiTPipeline)."
+    lead = (
+        "**Sampling speed and its cost in quality** (exact, cached, compiled; the authors' EAR and MAR samplers; "
+        "DiTPipeline)."
+    )
     if not parts:
         return f"{lead} _Not measured yet._ {how}"
     return "\n\n".join([lead, *parts, how])

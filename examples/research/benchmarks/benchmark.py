@@ -515,9 +515,9 @@ def check_targets(results: dict) -> dict:
 
 
 SECTIONS = ("components", "full_image", "heads", "vae", "hybrid", "matmul", "batch", "parscale", "dit",
-            "reference", "cache", "quality")  # fmt: skip
+            *bench_sampling.SECTIONS)  # fmt: skip
 # Sampling speed and quality (bench_sampling.py): long, so run only when named.
-ON_REQUEST = ("reference", "cache", "quality")
+ON_REQUEST = bench_sampling.SECTIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -560,7 +560,7 @@ def check_args(args: argparse.Namespace, profile: str, sections: list[str]) -> N
     check_int("bench", "--repeats", args.repeats, 1)
     if not (math.isfinite(args.budget_s) and args.budget_s > 0):
         raise ValueError(f"bench: `--budget-s` must be a finite number of seconds above 0, got {args.budget_s!r}.")
-    for flag in ("sampling_batches", "sampling_steps", "quality_steps"):
+    for flag in ("sampling_batches", "mar_batches", "sampling_steps", "quality_steps"):
         for value in getattr(args, flag):
             check_int("bench", "--" + flag.replace("_", "-"), value, 1)
     for flag in ("quality_single_steps", "quality_images_per_class", "quality_batch_size"):

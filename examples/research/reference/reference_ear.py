@@ -151,18 +151,28 @@ def import_reference(path: str | Path | None) -> types.ModuleType:
             f"the authors' EAR builds its backbone from timm's ViT blocks, and timm is not installed: "
             f"`{TIMM_INSTALL}` (no other dependency is needed; it is not a dependency of this package)"
         )
-    taken = {
-        name: sys.modules.pop(name) for name in list(sys.modules) if name == "models" or name.startswith("models.")
-    }
+    return import_from_checkout(folder, "models.ear", ("models",))
+
+
+def import_from_checkout(folder: Path, module_name: str, packages: tuple[str, ...]) -> types.ModuleType:
+    """`module_name` imported from a checkout whose files import each other as the top-level `packages`
+    (``models``, ``diffusion``): those names are on ``sys.modules`` only while it is imported, so they
+    neither shadow nor are shadowed by other packages of those names. timm is imported first, with the
+    torchvision stub where torchvision cannot be imported."""
+
+    def ours(name: str) -> bool:
+        return name.split(".")[0] in packages
+
+    taken = {name: sys.modules.pop(name) for name in list(sys.modules) if ours(name)}
     sys.path.insert(0, str(folder.resolve()))
     try:
         with _torchvision_stub_if_needed():
             import timm  # noqa: F401
 
-            module = importlib.import_module("models.ear")
+            module = importlib.import_module(module_name)
     finally:
         sys.path.remove(str(folder.resolve()))
-        for name in [m for m in sys.modules if m == "models" or m.startswith("models.")]:
+        for name in [m for m in sys.modules if ours(m)]:
             del sys.modules[name]
         sys.modules.update(taken)
     return module
