@@ -382,7 +382,6 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         tokens = torch.zeros(batch, n, channels, device=device, dtype=dtype)
         mask = torch.ones(batch, n, dtype=torch.bool, device=device)
         state = SamplingCacheState(cache, self.lite_hybrid, self.transformer) if cache and cache.enabled else None
-        hidden = self._compiled_hidden or self._hidden
         # While m tokens are masked they are orders[:, :m]: a step predicts the slice orders[:, m_next:m].
         num_masked = last_pass = n
 
@@ -398,9 +397,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
                 if state is None:
                     # Raster order within each image, as boolean indexing by the mask would give.
                     predict = orders[:, num_masked_next:num_masked].sort(dim=1).values
-                    h_cond, h_uncond = hidden(tokens, mask, labels, uncond)
-                    z_cond = gather_rows(h_cond, predict)
-                    z_uncond = None if h_uncond is None else gather_rows(h_uncond, predict)
+                    z_cond, z_uncond = self._exact_hidden(tokens, mask, labels, uncond, predict)
                 else:
                     predict = orders[:, num_masked_next:num_masked]
                     recompute = orders[:, num_masked_next:last_pass]  # to predict, then decoded since the last pass
@@ -426,14 +423,28 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
                         state.invalidate()
         return tokens
 
-    def _hidden(self, tokens, mask, labels, null_labels=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One exact step's backbone: hidden states `(B, N, D)` of the conditional pass and, given
-        `null_labels`, of the unconditional one (None otherwise), run as one batch."""
+    def _exact_hidden(self, tokens, mask, labels, null_labels, predict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One exact step's backbone: hidden states `(B, T, D)` at `predict` `(B, T)` of the conditional pass and,
+        given `null_labels`, of the unconditional one (None otherwise). The compiled step computes every position
+        (static shapes: one graph for all steps), the eager one only the last block's rows at `predict`."""
+        if self._compiled_hidden is None:
+            return self._hidden(tokens, mask, labels, null_labels, predict)
+        h_cond, h_uncond = self._compiled_hidden(tokens, mask, labels, null_labels)
+        return gather_rows(h_cond, predict), None if h_uncond is None else gather_rows(h_uncond, predict)
+
+    def _hidden(
+        self, tokens, mask, labels, null_labels=None, predict=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Backbone of one exact step: hidden states `(B, N, D)` (or `(B, T, D)` at `predict` `(B, T)`) of the
+        conditional pass and, given `null_labels`, of the unconditional one (None otherwise), run as one batch."""
         x = self.lite_hybrid(tokens, mask)
         if null_labels is None:
-            return self.transformer(x, labels, mask), None
+            return self.transformer(x, labels, mask, positions=predict), None
         h_cond, h_uncond = self.transformer(
-            torch.cat([x, x]), torch.cat([labels, null_labels]), torch.cat([mask, mask])
+            torch.cat([x, x]),
+            torch.cat([labels, null_labels]),
+            torch.cat([mask, mask]),
+            positions=None if predict is None else predict.repeat(2, 1),
         ).chunk(2)
         return h_cond, h_uncond
 

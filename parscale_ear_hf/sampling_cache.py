@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .models._checks import check_float, check_int
-from .models.ear_transformer import EARTransformer, TokenCache
+from .models.ear_transformer import EARTransformer, TokenCache, gather_rows
 from .models.lite_hybrid import LiteHybrid
 from .models.mar_transformer import MARTokenCache, MARTransformer
 
@@ -104,10 +104,11 @@ def check_cache(cache, transformer: EARTransformer | MARTransformer) -> None:
         )
 
 
-def gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """`x` `(B, N, ...)` at `positions` `(B, T)` -> `(B, T, ...)`."""
-    index = positions.view(*positions.shape, *([1] * (x.dim() - 2))).expand(*positions.shape, *x.shape[2:])
-    return x.gather(1, index)
+def conditional_rows(rows: int, batch: int, device) -> torch.Tensor:
+    """The conditional rows `(rows // 2,)` of a backbone pass over both guidance passes of `batch` images: its
+    `rows` are streams (ParScale's, one without) of `batch` conditional then `batch` unconditional rows."""
+    streams = rows // (2 * batch)
+    return (torch.arange(streams, device=device)[:, None] * 2 * batch + torch.arange(batch, device=device)).flatten()
 
 
 class SamplingCacheState:
@@ -157,9 +158,15 @@ class SamplingCacheState:
         )
         if self.layout != layout or step - self.last_refresh >= cache.refresh_every:
             self.tokens = transformer.token_cache(cache.full_layers) if cache.token_cache else None
-            h = transformer(*rows, cache=self.tokens)
             if guided and cache.condition_cache:
-                self.uncond_minus_cond = transformer(x, null_labels, mask).float() - h.float()
+                # Both passes as one batch (fewer, larger calls); the token cache keeps the conditional rows.
+                both_rows = (torch.cat([x, x]), torch.cat([labels, null_labels]), torch.cat([mask, mask]))
+                h, h_uncond = transformer(*both_rows, cache=self.tokens).chunk(2)
+                if self.tokens is not None:
+                    self.tokens.keep_rows(conditional_rows(self.tokens.rows, len(labels), h.device))
+                self.uncond_minus_cond = h_uncond.float() - h.float()
+            else:
+                h = transformer(*rows, cache=self.tokens)
             self.layout, self.last_refresh = layout, step
             z = gather_rows(h, predict.repeat(2, 1) if both else predict)
         elif cache.token_cache:

@@ -128,9 +128,9 @@ def block_inputs(block, monkeypatch) -> list:
     """`(rows, positions)` of every input of `block` from now on."""
     seen, original = [], block.forward
 
-    def spy(x, kv_cache=None, positions=None):
+    def spy(x, kv_cache=None, positions=None, queries=None):
         seen.append(tuple(x.shape[:2]))
-        return original(x, kv_cache, positions)
+        return original(x, kv_cache, positions, queries)
 
     monkeypatch.setattr(block, "forward", spy)
     return seen
@@ -212,8 +212,8 @@ def test_condition_cache_skips_the_unconditional_pass_between_refreshes(monkeypa
     transformer = tiny_mar()
     rows = block_inputs(transformer.decoder_blocks[0], monkeypatch)
     sample(transformer, SamplingCache(token_cache=False, refresh_every=4), labels=(1, 2), seeds=(10, 11))
-    # A refresh (steps 0 and 4) runs both passes (2 + 2 rows), the other steps the conditional one only.
-    assert [r for r, _ in rows] == [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+    # A refresh (steps 0 and 4) runs both passes as one batch (4 rows), the other steps the conditional one only.
+    assert [r for r, _ in rows] == [4, 2, 2, 2, 4, 2, 2, 2]
     rows.clear()
     sample(transformer, labels=(1, 2), seeds=(10, 11))
     assert [r for r, _ in rows] == [4] * 8

@@ -250,15 +250,18 @@ def record_sampling(pipe, monkeypatch):
 
 
 def check_mixing(hidden, zs, masks, cfgs):
-    """Step k's head input is cfg_k * h_cond + (1 - cfg_k) * h_uncond at the predicted tokens (None: no guidance)."""
+    """Step k's head input is cfg_k * h_cond + (1 - cfg_k) * h_uncond at the predicted tokens (None: no guidance).
+
+    The exact step's backbone returns the hidden states of the predicted tokens only, in raster order."""
     assert [h.shape[0] for h in hidden] == [2 if cfg is None else 4 for cfg in cfgs]
     for k, cfg in enumerate(cfgs):
         to_predict = masks[k] & ~masks[k + 1]
+        assert hidden[k].shape[1] * 2 == int(to_predict.sum())
         if cfg is None:
-            expected = hidden[k][to_predict]
+            expected = hidden[k].flatten(0, 1)
         else:
             h_cond, h_uncond = hidden[k].chunk(2)
-            expected = cfg * h_cond[to_predict] + (1 - cfg) * h_uncond[to_predict]
+            expected = (cfg * h_cond + (1 - cfg) * h_uncond).flatten(0, 1)
         # The same float operations on the same numbers: bit for bit.
         assert torch.equal(zs[k], expected)
 

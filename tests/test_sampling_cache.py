@@ -35,9 +35,9 @@ def full_pass_rows(pipe, monkeypatch) -> list:
     """The batch rows of every full backbone pass (`transformer.forward`) from now on."""
     rows, original = [], pipe.transformer.forward
 
-    def spy(tokens, labels, mask, cache=None):
+    def spy(tokens, labels, mask, cache=None, positions=None):
         rows.append(tokens.shape[0])
-        return original(tokens, labels, mask, cache)
+        return original(tokens, labels, mask, cache, positions)
 
     monkeypatch.setattr(pipe.transformer, "forward", spy)
     return rows
@@ -106,9 +106,9 @@ def test_token_cache_recomputes_only_the_chosen_positions(pipe, monkeypatch):
     block = pipe.transformer.blocks[1]
     original = block.forward
 
-    def spy(x, kv_cache=None, positions=None):
+    def spy(x, kv_cache=None, positions=None, queries=None):
         seen.append(x.shape[1])
-        return original(x, kv_cache, positions)
+        return original(x, kv_cache, positions, queries)
 
     monkeypatch.setattr(block, "forward", spy)
     run(pipe, steps=8, guidance_scale=1.0, cache=SamplingCache(token_share=0.25, refresh_every=100))
@@ -122,8 +122,8 @@ def test_token_cache_recomputes_only_the_chosen_positions(pipe, monkeypatch):
 def test_condition_cache_skips_the_unconditional_pass_between_refreshes(pipe, monkeypatch):
     rows = full_pass_rows(pipe, monkeypatch)
     run(pipe, labels=(1, 2), steps=8, cache=SamplingCache(token_cache=False, refresh_every=4))
-    # A refresh (steps 0 and 4) runs both passes (2 + 2 rows), the other steps the conditional one only.
-    assert rows == [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+    # A refresh (steps 0 and 4) runs both passes as one batch (4 rows), the other steps the conditional one only.
+    assert rows == [4, 2, 2, 2, 4, 2, 2, 2]
     rows.clear()
     run(pipe, labels=(1, 2), steps=8)
     assert rows == [4] * 8

@@ -36,6 +36,12 @@ def tokens_to_latents(tokens: torch.Tensor, grid_size: int) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(b, c, grid_size, grid_size)
 
 
+def gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`x` `(B, N, ...)` at `positions` `(B, T)` -> `(B, T, ...)`."""
+    index = positions.view(*positions.shape, *([1] * (x.dim() - 2))).expand(*positions.shape, *x.shape[2:])
+    return x.gather(1, index)
+
+
 class _Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_dropout: float):
         super().__init__()
@@ -46,13 +52,24 @@ class _Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_dropout)
 
     def forward(
-        self, x: torch.Tensor, kv_cache: list | None = None, positions: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        kv_cache: list | None = None,
+        positions: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`x` `(B, n, D)`. With `kv_cache` (a list): a full pass (`positions` None) stores this layer's keys
         and values `(B, heads, L, D / heads)` in it; a partial pass over the sequence positions `positions`
-        `(B, n)` writes their keys and values into the cache and attends to all L cached positions."""
+        `(B, n)` writes their keys and values into the cache and attends to all L cached positions. With
+        `queries` `(B, T)` (rows of `x`), only those rows attend: the output is `(B, T, D)`; keys and values
+        still come from every row."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        shape = (b, -1, self.num_heads, d // self.num_heads)
+        if queries is None:
+            q, k, v = self.qkv(x).view(b, n, 3, *shape[2:]).permute(2, 0, 3, 1, 4)
+        else:  # the query rows of the qkv projection, and keys and values of all rows: the same weights
+            q = F.linear(gather_rows(x, queries), self.qkv.weight[:d], self.qkv.bias[:d]).view(shape).transpose(1, 2)
+            k, v = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]).view(b, n, 2, *shape[2:]).permute(2, 0, 3, 1, 4)
         if kv_cache is not None:
             if positions is None:
                 kv_cache[:] = [k.contiguous(), v.contiguous()]
@@ -64,7 +81,7 @@ class _Attention(nn.Module):
         # Bidirectional: every position sees every position; what a masked position "sees" of
         # other unknown tokens is only the shared mask token, never their values.
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, -1, d)))
 
 
 # `mlp_activation` values: EAR's timm `Block` uses the exact GELU; the shipped demo models the tanh one.
@@ -98,9 +115,15 @@ class _Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, kv_cache: list | None = None, positions: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        kv_cache: list | None = None,
+        positions: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), kv_cache, positions)
+        """`x` `(B, n, D)` -> `(B, n, D)`, or `(B, T, D)` at the rows `queries` `(B, T)` only (see `_Attention`)."""
+        attended = self.attn(self.norm1(x), kv_cache, positions, queries)
+        x = (x if queries is None else gather_rows(x, queries)) + attended
         return x + self.mlp(self.norm2(x))
 
 
@@ -152,14 +175,16 @@ class TokenCache:
         return h
 
     def run_partial(
-        self, blocks: nn.ModuleList, h: torch.Tensor, must: torch.Tensor, share: float
+        self, blocks: nn.ModuleList, h: torch.Tensor, must: torch.Tensor, share: float, num_out: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`blocks` over `h` `(rows, L, D)` recomputing above `full_layers` only the positions `must` `(rows, M)`
-        and ``round(share * (L - M))`` others, those whose probe changed most (cosine distance).
+        and ``round(share * (L - M))`` others, those whose probe changed most (cosine distance). With `num_out`,
+        the last block's output is wanted only at the first `num_out` of `must`: it computes its queries and MLP
+        there alone (its keys and values at every recomputed position, for the cache).
 
         Returns:
-            The blocks' output `(rows, M + extra, D)` at the recomputed positions, and those positions
-            `(rows, M + extra)`: `must` first, in its order.
+            The blocks' output `(rows, M + extra, D)` at the recomputed positions (`(rows, num_out, D)` with
+            `num_out`), and those positions `(rows, M + extra)`: `must` first, in its order.
         """
         for block in blocks[: self.full_layers]:
             h = block(h)
@@ -170,9 +195,18 @@ class TokenCache:
         index = chosen.unsqueeze(-1).expand(-1, -1, h.shape[-1])
         x = h.gather(1, index)
         self.probe.scatter_(1, index, x)
-        for kv, block in zip(self.kv, blocks[self.full_layers :]):
-            x = block(x, kv, chosen)
+        upper = blocks[self.full_layers :]
+        for i, (kv, block) in enumerate(zip(self.kv, upper)):
+            queries = None
+            if num_out is not None and i == len(upper) - 1:
+                queries = torch.arange(num_out, device=x.device).expand(x.shape[0], -1)
+            x = block(x, kv, chosen, queries)
         return x, chosen
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows `index` `(rows_kept,)` of the probe and of every block's keys and values."""
+        self.probe = self.probe[index]
+        self.kv = [[t[index] for t in kv] for kv in self.kv]
 
     def grow(self, num: int) -> None:
         """Append `num` positions (zeros until a pass computes them) to the probe and every block's keys and
@@ -325,8 +359,9 @@ class EARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, M
         class_labels: torch.Tensor,
         mask: torch.Tensor,
         cache: TokenCache | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden vectors of all token positions.
+        """Hidden vectors of all token positions, or of `positions` only.
 
         Args:
             tokens: `(B, N, C)` latent tokens; values at masked positions are ignored.
@@ -334,20 +369,34 @@ class EARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, M
             mask: `(B, N)` bool, True where the token is unknown.
             cache: a :class:`TokenCache` to fill (sampling), so that :meth:`forward_partial` can reuse
                 this pass; None in training and exact sampling.
+            positions: `(B, T)` token positions (in [0, N)) whose hidden vectors to return (exact sampling:
+                the tokens to predict), or None for all. The last block then computes its attention queries,
+                MLP and the final norm only there (its keys and values still come from every position): the
+                same vectors up to float rounding. Not with `cache`.
 
         Returns:
-            `(B, N, hidden_size)`: for each position, the (stream-aggregated) hidden vector.
+            `(B, N, hidden_size)`, or `(B, T, hidden_size)` in the order of `positions`: the (stream-aggregated)
+            hidden vectors.
         """
         h = self.embed(tokens, class_labels, mask)
+        buf = self.config.buffer_size
         if cache is not None:
+            if positions is not None:
+                raise ValueError("EARTransformer: `positions` must be None when a `cache` is filled (a full pass).")
             h = cache.run(self.blocks, h)
         else:
-            for block in self.blocks:
+            last = len(self.blocks) - (positions is not None)
+            for block in self.blocks[:last]:
                 if torch.is_grad_enabled() and self.gradient_checkpointing:
                     h = self._gradient_checkpointing_func(block, h)
                 else:
                     h = block(h)
-        return self.mix_streams(self.norm(h)[:, self.config.buffer_size :], tokens.shape[0])
+            if positions is not None:  # streams are batch rows
+                return self.mix_streams(
+                    self.norm(self.blocks[-1](h, queries=positions.repeat(self.config.parscale_n, 1) + buf)),
+                    tokens.shape[0],
+                )
+        return self.mix_streams(self.norm(h)[:, buf:], tokens.shape[0])
 
     def token_cache(self, full_layers: int) -> TokenCache:
         """An empty token cache for :meth:`forward` and :meth:`forward_partial` (the same method on both backbones)."""
@@ -389,8 +438,8 @@ class EARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, M
         h = self.embed(tokens, class_labels, mask)
         cache.check_rows("EARTransformer.forward_partial", h.shape[0])
         must = positions.repeat(self.config.parscale_n, 1) + self.config.buffer_size  # streams are batch rows
-        x, _ = cache.run_partial(self.blocks, h, must, extra_share)
-        return self.mix_streams(self.norm(x[:, :num_out]), tokens.shape[0])
+        x, _ = cache.run_partial(self.blocks, h, must, extra_share, num_out)
+        return self.mix_streams(self.norm(x), tokens.shape[0])
 
     def embed(self, tokens: torch.Tensor, class_labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Input sequence `(P * B, buffer_size + N, D)`: class (and stream) prefix, then tokens or the mask token."""

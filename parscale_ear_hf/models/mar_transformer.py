@@ -41,6 +41,17 @@ class MARTokenCache:
         self.slots: torch.Tensor | None = None
         self.encoded: torch.Tensor | None = None
 
+    @property
+    def rows(self) -> int | None:
+        """Batch rows the cache holds, or None before a full pass."""
+        return self.encoder.rows
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows `index` `(rows_kept,)` of both stacks' caches, `slots` and `encoded`."""
+        self.encoder.keep_rows(index)
+        self.decoder.keep_rows(index)
+        self.slots, self.encoded = self.slots[index], self.encoded[index]
+
 
 class MARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""MAR's backbone: ``(tokens, labels, mask) -> z``, one condition vector per token position.
@@ -147,8 +158,10 @@ class MARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, M
         class_labels: torch.Tensor,
         mask: torch.Tensor,
         cache: MARTokenCache | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """MAR's ``forward_mae_encoder`` then ``forward_mae_decoder``: the head's condition at every position.
+        """MAR's ``forward_mae_encoder`` then ``forward_mae_decoder``: the head's condition at every position,
+        or at `positions` only.
 
         Args:
             tokens: `(B, N, C)` latent tokens; values at masked positions are ignored.
@@ -159,10 +172,16 @@ class MARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, M
                 sampling step satisfy this).
             cache: a :class:`MARTokenCache` to fill (sampling), so that :meth:`forward_partial` can reuse
                 this pass; None in training and exact sampling. The result is the same with or without.
+            positions: `(B, T)` token positions whose ``z`` to return (exact sampling: the tokens to predict), or
+                None for all. The decoder's last block then computes its queries and MLP only there (keys and
+                values from every position): the same vectors up to float rounding. Not with `cache`.
 
         Returns:
-            `(B, N, decoder_hidden_size)`: ``z`` for every token position, ``diffusion_pos_embed_learned`` added.
+            `(B, N, decoder_hidden_size)` (or `(B, T, ...)` in the order of `positions`): ``z`` for every token
+            position, ``diffusion_pos_embed_learned`` added.
         """
+        if cache is not None and positions is not None:
+            raise ValueError("MARTransformer: `positions` must be None when a `cache` is filled (a full pass).")
         b, n = mask.shape
         counts = mask.sum(dim=1)
         if bool((counts != counts[0]).any()):
@@ -186,7 +205,14 @@ class MARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, M
         full = self.mask_token.to(x.dtype).expand(b, buf + n, -1).clone()
         full[keep] = x.reshape(-1, x.shape[-1])
         x = full + self.decoder_pos_embedding
-        x = self._run(self.decoder_blocks, x) if cache is None else cache.decoder.run(self.decoder_blocks, x)
+        if cache is not None:
+            x = cache.decoder.run(self.decoder_blocks, x)
+        elif positions is not None:
+            x = self._run(self.decoder_blocks[:-1], x)
+            x = self.decoder_blocks[-1](x, queries=positions + buf)
+            return self.decoder_norm(x) + self.head_pos_embedding[0][positions]
+        else:
+            x = self._run(self.decoder_blocks, x)
         return self.decoder_norm(x)[:, buf:] + self.head_pos_embedding
 
     def token_cache(self, full_layers: int) -> MARTokenCache:
@@ -255,8 +281,8 @@ class MARTransformer(MaskedTrainingMixin, AtomicSaveMixin, StrictLoadingMixin, M
         full = self.mask_token.to(x.dtype).expand(b, buf + n, -1).clone()
         full[rows, slots] = cache.encoded
         h = full + self.decoder_pos_embedding
-        x, _ = cache.decoder.run_partial(self.decoder_blocks, h, positions + buf, extra_share)
-        return self.decoder_norm(x[:, :num_out]) + self.head_pos_embedding[0][positions[:, :num_out]]
+        x, _ = cache.decoder.run_partial(self.decoder_blocks, h, positions + buf, extra_share, num_out)
+        return self.decoder_norm(x) + self.head_pos_embedding[0][positions[:, :num_out]]
 
     def embed(self, tokens: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         """The encoder's input at every position `(B, buffer_size + N, encoder_hidden_size)`: the class embedding

@@ -42,7 +42,7 @@ TIMM_INSTALL = "pip install --no-deps timm==1.0.31"
 
 # Configs in our names; :func:`ear_kwargs` maps them to `EAR(...)`'s arguments.
 DEMO_CONFIG = dict(  # the shape of models/mnist_demo (8x8x4 tokens)
-    grid_size=8, in_channels=4, num_classes=10, hidden_size=128, num_layers=6, num_heads=4, buffer_size=8,
+    grid_size=8, in_channels=4, num_classes=10, hidden_size=256, num_layers=6, num_heads=8, buffer_size=8,
     head_width=128, head_depth=3, noise_dim=32,
 )  # fmt: skip
 # ImageNet-256's 16x16 token grid with a small backbone: one guided 64-step batch of 16 is ~5 TFLOP, under a
