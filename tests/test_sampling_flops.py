@@ -29,16 +29,18 @@ def tiny_pipe(parscale_n: int = 1):
 
 def hand_count_step(batch: int, parscale_n: int, predicted: int) -> int:
     """FLOPs of one guided exact step from the matmul shapes (2 per multiply-accumulate): the backbone over both
-    guidance passes as one batch, P streams as batch rows, then the head on `predicted` tokens per image."""
+    guidance passes as one batch, P streams as batch rows, its last block's queries, attention output and MLP
+    only at the `predicted` tokens per image (keys and values at every position), then the head on them."""
     t = TINY
     d, n, c, w = t["hidden"], t["grid"] ** 2, t["channels"], t["width"]
     rows_in, length = 2 * batch, t["buffer"] + n
     rows = rows_in * parscale_n
     hidden = int(d * t["mlp_ratio"])
     block = 2 * rows * length * (3 * d * d + d * d + 2 * d * hidden) + 2 * 2 * rows * length * length * d
-    backbone = 2 * rows_in * n * c * d + t["layers"] * block
-    if parscale_n > 1:  # the streams' aggregation: Linear(P D, D), SiLU, Linear(D, P) at every token position
-        backbone += 2 * rows_in * n * (parscale_n * d * d + d * parscale_n)
+    last = 2 * rows * length * 2 * d * d + 2 * rows * predicted * (d * d + d * d + 2 * d * hidden + 2 * length * d)
+    backbone = 2 * rows_in * n * c * d + (t["layers"] - 1) * block + last
+    if parscale_n > 1:  # the streams' aggregation: Linear(P D, D), SiLU, Linear(D, P) at the predicted positions
+        backbone += 2 * rows_in * predicted * (parscale_n * d * d + d * parscale_n)
     per_token = d * w + t["noise"] * w + t["depth"] * (w * 3 * w + 2 * w * w) + w * 2 * w + w * c
     return backbone + 2 * batch * predicted * per_token
 
@@ -74,8 +76,9 @@ def test_the_default_caches_count_fewer_flops_than_exact_sampling():
     assert sum(cached["step_flops"]) < sum(exact["step_flops"])
     assert cached["decode_flops"] == exact["decode_flops"]
     refresh = SamplingCache().refresh_every
-    # A refresh step runs the backbone in full (and the unconditional pass on its own); the steps between skip work.
-    assert cached["step_flops"][0] == exact["step_flops"][0]
+    # A refresh step runs every block over every position (exact sampling's last block runs at the predicted rows
+    # only), both guidance passes as one batch; the steps between skip work.
+    assert cached["step_flops"][0] > exact["step_flops"][0]
     assert all(cached["step_flops"][k] < exact["step_flops"][k] for k in range(1, 16) if k % refresh)
 
 

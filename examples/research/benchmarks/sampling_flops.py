@@ -126,20 +126,27 @@ def build_pipeline(config: dict, vae: dict, data: dict = IMAGENET, device="meta"
 class OpTally(TorchDispatchMode):
     """What the ops under it would cost a GPU besides their FLOPs: `weight_bytes`, the bytes of the parameters they
     read (each once per op that takes it, at `bytes_per_element` whatever dtype it runs in; a linear layer reads
-    its weight through one transpose and its bias in one addmm), and `launches`, the ops that are not views (about
-    the kernels eager PyTorch launches)."""
+    its weight through one transpose and its bias in one addmm; a view of a parameter counts the elements it
+    shows, so the query rows and the key-value rows of one qkv weight add up to the weight once), and
+    `launches`, the ops that are not views (about the kernels eager PyTorch launches)."""
 
     def __init__(self, modules: list[torch.nn.Module], bytes_per_element: int = BF16_BYTES):
         super().__init__()
+        self.bytes_per_element = bytes_per_element
         self.sizes = {id(p): p.numel() * bytes_per_element for m in modules for p in m.parameters()}
         self.weight_bytes = self.launches = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         leaves = tree_leaves((args, kwargs))
-        self.weight_bytes += sum(self.sizes.get(id(a), 0) for a in leaves if isinstance(a, torch.Tensor))
+        read = [self.sizes[id(a)] for a in leaves if isinstance(a, torch.Tensor) and id(a) in self.sizes]
+        out = func(*args, **kwargs)
+        if read and func.is_view and isinstance(out, torch.Tensor):
+            self.weight_bytes += out.numel() * self.bytes_per_element
+        else:
+            self.weight_bytes += sum(read)
         self.launches += not func.is_view
-        return func(*args, **kwargs)
+        return out
 
 
 def count_sampling(pipe: ParScaleEARPipeline, num_inference_steps: int, cache: SamplingCache | None, batch: int = 1):
@@ -183,29 +190,31 @@ def _flops_of(fn) -> int:
 
 
 def exact_count_by_step_shape(pipe: ParScaleEARPipeline, num_inference_steps: int, batch: int = 1) -> int:
-    """FLOPs per image of guided exact sampling and decoding, from one count per distinct step shape: one guided
-    backbone pass (both passes as one batch, as exact sampling runs them), the head at each number of tokens
-    a step predicts, the decoder once; summed over the schedule. Equals :func:`count_sampling`'s total."""
+    """FLOPs per image of guided exact sampling and decoding, from one count per distinct step shape: for each
+    number of tokens a step predicts, one guided backbone pass (both passes as one batch, its last block at those
+    tokens only, as exact sampling runs it) and the head on them; the decoder once; summed over the schedule.
+    Equals :func:`count_sampling`'s total."""
     n, grid, device = pipe.grid_size**2, pipe.grid_size, pipe.device
     transformer, head = pipe.transformer, pipe.energy_head
     tokens = torch.zeros(2 * batch, n, transformer.config.in_channels, device=device)
     mask = torch.ones(2 * batch, n, dtype=torch.bool, device=device)
     labels = torch.zeros(2 * batch, dtype=torch.long, device=device)
-    backbone = _flops_of(lambda: transformer(pipe.lite_hybrid(tokens, mask), labels, mask))
 
-    def head_flops(rows: int) -> int:
-        z = torch.zeros(rows, transformer.config.hidden_size, device=device)
+    def step_flops(predicted: int) -> int:
+        positions = torch.arange(predicted, device=device).expand(2 * batch, -1)
+        z = torch.zeros(batch * predicted, transformer.config.hidden_size, device=device)
+        noise = torch.zeros(batch * predicted, *head.noise_shape, device=device)
         return _flops_of(
-            lambda: head.sample(z, TEMPERATURE, noise=torch.zeros(rows, *head.noise_shape, device=device))
-        )
+            lambda: transformer(pipe.lite_hybrid(tokens, mask), labels, mask, positions=positions)
+        ) + _flops_of(lambda: head.sample(z, TEMPERATURE, noise=noise))
 
     latents = torch.zeros(batch, transformer.config.in_channels, grid, grid, device=device)
-    total, masked, head_cost = _flops_of(lambda: pipe.decode_latents(latents)), n, {}
+    total, masked, cost = _flops_of(lambda: pipe.decode_latents(latents)), n, {}
     for step in predicting_steps(num_inference_steps, n):
         masked_next = mask_schedule(step, num_inference_steps, n, masked)
-        rows = batch * (masked - masked_next)
-        head_cost.setdefault(rows, head_flops(rows) if rows else 0)
-        total, masked = total + backbone + head_cost[rows], masked_next
+        predicted = masked - masked_next
+        cost.setdefault(predicted, step_flops(predicted))
+        total, masked = total + cost[predicted], masked_next
     return total // batch
 
 
