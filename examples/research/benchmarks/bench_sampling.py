@@ -470,7 +470,9 @@ def cache_flags(cache) -> list[str]:
     }
     if unflagged:
         raise ValueError(f"bench_sampling: `parscale-ear eval` has no flag for the cache fields {unflagged}.")
-    return (flags + ["--cache-refresh-every", str(cache.refresh_every)]) if cache.enabled else flags
+    if cache.enabled and cache.refresh_every is not None:  # None: the eval's default, by the step count
+        flags += ["--cache-refresh-every", str(cache.refresh_every)]
+    return flags if cache.enabled else []
 
 
 def eval_flags(args, kind: str, steps: int, guidance: float, work: Path) -> list[str]:

@@ -83,9 +83,9 @@ TINY = {
 
 
 def default_cache(num_inference_steps: int) -> SamplingCache:
-    """The sampling caches' default settings at `num_inference_steps`: today ``SamplingCache()``'s, the same at
-    every step count. The one place to change when the defaults come to depend on the step count."""
-    return SamplingCache()
+    """The sampling caches' default settings at `num_inference_steps`: ``SamplingCache()``'s, with `refresh_every`
+    resolved by :meth:`SamplingCache.refresh_every_at` (4 at 8 steps, 8 at 16 or more)."""
+    return SamplingCache(refresh_every=SamplingCache().refresh_every_at(num_inference_steps))
 
 
 def model_config(name: str, parscale_n: int, config_dir: str | os.PathLike = CONFIG_DIR) -> dict:
