@@ -434,7 +434,10 @@ def _table_notes(record: dict) -> list[str]:
         f"{record['temperature']:g}, FLOPs counted at batch {record['count_batch']}.",
     ]
     if cache:
-        notes.append(f"Cached: `SamplingCache({', '.join(f'{k}={v}' for k, v in cache.items())})`, the defaults.")
+        notes.append(
+            f"Cached: `SamplingCache({', '.join(f'{k}={v}' for k, v in cache.items())})`, the defaults at these step "
+            "counts (`refresh_every` by the step count: `SamplingCache.refresh_every_at`)."
+        )
     check = record["shortcut_check"]
     if check:
         notes.append(
