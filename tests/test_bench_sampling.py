@@ -207,6 +207,11 @@ def test_quality_section_scores_each_point_once_with_its_flags(tmp_path, monkeyp
     # Ours finished earlier: skipped. DiT: scored without our options; the failure is reported.
     assert calls == [(str(tmp_path / "dit"), 4, 1.5, []), (str(tmp_path / "dit"), 8, 1.5, [])]
     assert b.results["quality/dit_status"]["dit_s4"] == "eval failed" and b.results["quality/dit_s8"]["steps"] == 8
+    # With --quality-singles empty: exact and cached only (finished earlier), DiT as before.
+    b = Bench("cpu", torch.float32, repeats=3, budget_s=1.0, progress=False)
+    bs.bench_quality(b, bm.add_arguments(argparse.ArgumentParser()).parse_args([*flags, "--quality-singles"]))
+    ours = sorted(name for name, row in b.results.items() if row.get("variant") not in (None, "dit"))
+    assert ours == [f"quality/{v}_s2_seed{k}" for v in ("cached", "exact") for k in (0, 1)]
 
 
 def test_cache_flags_and_eval_flags():

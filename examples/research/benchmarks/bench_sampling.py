@@ -549,7 +549,8 @@ def bench_quality(b, args) -> None:
         "split": args.quality_split,
         "extractors": kinds,
     }
-    for point in quality_points(args.quality_steps, args.quality_single_steps, args.quality_seeds):
+    points = quality_points(args.quality_steps, args.quality_single_steps, args.quality_seeds, args.quality_singles)
+    for point in points:
         cache = variant_cache(point["variant"], args.sampling_cache)
         compiled = VARIANTS[point["variant"]][1]
         extra = ["--temperature", str(TEMPERATURE), *cache_flags(cache), *(["--compile"] if compiled else [])]
@@ -634,6 +635,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument("--quality-steps", nargs="+", type=int, default=[8, 16, 32])
     group.add_argument("--quality-single-steps", type=int, default=16, help="steps of each cache alone, and compiled")
+    group.add_argument(
+        "--quality-singles",
+        nargs="*",
+        choices=("token_cache", "condition_cache", "compiled"),
+        default=["token_cache", "condition_cache", "compiled"],
+        help="variants scored at --quality-single-steps (none: leave the flag empty)",
+    )
     group.add_argument(
         "--quality-seeds", nargs="+", type=int, default=[0, 1], help="sampling seeds of each exact and cached point"
     )
