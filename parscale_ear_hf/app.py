@@ -71,7 +71,7 @@ class Request:
     token_cache: bool = False
     condition_cache: bool = False
     token_share: float = 0.1
-    refresh_every: float = 8
+    refresh_every: float | None = None  # None: by the step count
 
 
 def parse_classes(text: str) -> list[int | str]:
@@ -105,7 +105,7 @@ def sampling_cache(request: Request):
         token_cache=bool(request.token_cache),
         token_share=float(request.token_share),
         condition_cache=bool(request.condition_cache),
-        refresh_every=_whole("Refresh every", request.refresh_every, 1),
+        refresh_every=None if request.refresh_every is None else _whole("Refresh every", request.refresh_every, 1),
     )
 
 
@@ -324,7 +324,9 @@ def build_app(
                     token_cache = gr.Checkbox(value=False, label="Token cache", elem_id="token_cache")
                     token_share = gr.Slider(0.0, 1.0, value=0.1, step=0.05, label="Token share")
                     condition_cache = gr.Checkbox(value=False, label="Condition cache", elem_id="condition_cache")
-                    refresh_every = gr.Number(value=8, precision=0, label="Refresh every (steps)")
+                    refresh_every = gr.Number(
+                        value=None, precision=0, label="Refresh every (steps; empty: by the step count)"
+                    )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Markdown(app.limits.describe(), elem_id="limits")
             with gr.Column():

@@ -97,7 +97,12 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
         "--token-share", type=float, default=None, help="with --token-cache: share of other positions recomputed"
     )
     cache.add_argument("--condition-cache", action="store_true", help="reuse the guidance residual between refreshes")
-    cache.add_argument("--cache-refresh-every", type=int, default=None, help="a full pass every this many steps")
+    cache.add_argument(
+        "--cache-refresh-every",
+        type=int,
+        default=None,
+        help="a full pass every this many steps (default: by the step count, min(8, steps // 2))",
+    )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the backbone step (pipe.enable_compiled_step())"
     )

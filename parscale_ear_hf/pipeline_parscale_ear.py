@@ -330,7 +330,9 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         orders, noise = orders.to(device), noise.to(device)
         tokens = torch.zeros(batch, n, channels, device=device, dtype=dtype)
         mask = torch.ones(batch, n, dtype=torch.bool, device=device)
-        state = SamplingCacheState(cache, self.lite_hybrid, self.transformer) if cache and cache.enabled else None
+        state = None
+        if cache and cache.enabled:
+            state = SamplingCacheState(cache, self.lite_hybrid, self.transformer, num_inference_steps)
         # While m tokens are masked they are orders[:, :m]: a step predicts the slice orders[:, m_next:m].
         num_masked = last_pass = n
 

@@ -23,7 +23,9 @@ class SamplingCache:
 
     Sampling is exact without it (``cache=None``, the default). Every `refresh_every` steps (and at the
     first step) the backbone runs in full, as exact sampling does, and fills the caches; the steps
-    between reuse them:
+    between reuse them. By default `refresh_every` follows the step count (:meth:`refresh_every_at`):
+    ``min(8, max(1, num_inference_steps // 2))``, so at least two full passes at 8 steps or more
+    (8 steps: at steps 0 and 4; 16 or more: every 8th):
 
     - **token cache**: the first `full_layers` blocks run over every position; above them only the
       tokens to predict, the tokens decoded since the last pass and the `token_share` of the other
@@ -57,20 +59,22 @@ class SamplingCache:
             float rounding).
         condition_cache: use the condition cache (only acts with guidance, `guidance_scale` > 1).
         refresh_every: a full pass every this many steps (1: every step, which is exact sampling up to
-            float rounding).
+            float rounding); None (the default): by the step count, see :meth:`refresh_every_at`.
         full_layers: blocks computed over every position by the token cache, >= 1 and below the
             backbone's depth (on MAR, of each stack, so below the shallower one); the last of them says which
             positions changed most.
 
     The defaults were chosen on the demo model at 16 steps, batch 16 (1,000 samples, demo-FID against the
     held-out split): they cost no measurable quality there and skip the most work of the settings tried;
-    the benchmark's `quality` section measures them at 8 to 64 steps. They have not been measured on MAR.
+    the benchmark's `quality` section measures them at 8 to 64 steps. A fixed ``refresh_every=8`` refreshes
+    only at the first of 8 steps and cost 13% in demo-FID there, hence the rule. They have not been measured
+    on MAR.
     """
 
     token_cache: bool = True
     token_share: float = 0.1
     condition_cache: bool = True
-    refresh_every: int = 8
+    refresh_every: int | None = None
     full_layers: int = 1
 
     def __post_init__(self):
@@ -78,8 +82,20 @@ class SamplingCache:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SamplingCache: `{name}` must be True or False, got {getattr(self, name)!r}.")
         check_float("SamplingCache", "token_share", self.token_share, 0.0, 1.0)
-        check_int("SamplingCache", "refresh_every", self.refresh_every, 1)
+        every = self.refresh_every
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ValueError(
+                f"SamplingCache: `refresh_every` must be None (by the step count) or an integer >= 1, got {every!r}."
+            )
         check_int("SamplingCache", "full_layers", self.full_layers, 1)
+
+    def refresh_every_at(self, num_inference_steps: int) -> int:
+        """The steps between full passes when sampling `num_inference_steps` steps: `refresh_every` if set,
+        else ``min(8, max(1, num_inference_steps // 2))`` (8 steps: 4; 16 steps or more: 8)."""
+        check_int("SamplingCache.refresh_every_at", "num_inference_steps", num_inference_steps, 1)
+        if self.refresh_every is not None:
+            return self.refresh_every
+        return min(8, max(1, num_inference_steps // 2))
 
     @property
     def enabled(self) -> bool:
@@ -117,10 +133,18 @@ class SamplingCacheState:
     Args:
         cache: the settings.
         lite_hybrid, transformer: the pipeline's components (already in eval mode).
+        num_inference_steps: the run's step count, which sets the default `refresh_every`.
     """
 
-    def __init__(self, cache: SamplingCache, lite_hybrid: LiteHybrid, transformer: EARTransformer | MARTransformer):
+    def __init__(
+        self,
+        cache: SamplingCache,
+        lite_hybrid: LiteHybrid,
+        transformer: EARTransformer | MARTransformer,
+        num_inference_steps: int,
+    ):
         self.cache, self.lite_hybrid, self.transformer = cache, lite_hybrid, transformer
+        self.refresh_every = cache.refresh_every_at(num_inference_steps)
         self.tokens: TokenCache | MARTokenCache | None = None  # the backbone's, from its `token_cache`
         self.uncond_minus_cond: torch.Tensor | None = None  # (B, N, D) float32, from the last refresh
         self.last_refresh = -1
@@ -156,7 +180,7 @@ class SamplingCacheState:
             if both
             else (x, labels, mask)
         )
-        if self.layout != layout or step - self.last_refresh >= cache.refresh_every:
+        if self.layout != layout or step - self.last_refresh >= self.refresh_every:
             self.tokens = transformer.token_cache(cache.full_layers) if cache.token_cache else None
             if guided and cache.condition_cache:
                 # Both passes as one batch (fewer, larger calls); the token cache keeps the conditional rows.

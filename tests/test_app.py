@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from parscale_ear_hf import ParScaleEARPipeline, cli
+from parscale_ear_hf import ParScaleEARPipeline, SamplingCache, cli
 from parscale_ear_hf import app as app_module
 from parscale_ear_hf.app import DemoApp, Limits, Request, build_app, parse_classes
 
@@ -85,6 +85,18 @@ def test_the_caches_reach_the_pipeline_the_settings_and_the_snippet(model):
     assert all(
         np.array_equal(a, b) for a, b in zip(arrays(namespace["images"]), arrays(i for i, _ in cached["images"]))
     )
+
+
+def test_an_empty_refresh_is_the_step_count_rule(model):
+    app = DemoApp([model])
+    out = app.generate(request(model, token_cache=True, condition_cache=True))
+    assert out["settings"]["cache"]["refresh_every"] is None
+    pipe = ParScaleEARPipeline.from_pretrained(model)
+    direct = pipe([3, 7], num_images_per_class=2, num_inference_steps=4, guidance_scale=3.0, temperature=0.7,
+                  generator=[torch.Generator().manual_seed(5 + i) for i in range(4)],
+                  cache=SamplingCache(refresh_every=2)).images  # fmt: skip
+    # 4 steps: a full pass every 2nd step, as refresh_every=2 asks.
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(direct), arrays(i for i, _ in out["images"])))
 
 
 @pytest.mark.parametrize(

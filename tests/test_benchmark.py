@@ -96,6 +96,11 @@ def test_cli_runs_a_section_and_merges_results(tmp_path, monkeypatch):
     record = json.loads(output.read_text())
     assert {"flops/matmul_peak", "heads/speedup_1"} <= set(record["measurements"])
     assert set(record["section_provenance"]) == {"matmul", "heads"}
+    # A section run again replaces its own rows, and only its own.
+    monkeypatch.setattr(bm, "bench_heads", lambda b, counts: b.results.update({"heads/speedup_2": {"ratio": 3.0}}))
+    run_example("benchmark.py", "--device", "cpu", "--sections", "heads", "--output", str(output))
+    measured = set(json.loads(output.read_text())["measurements"])
+    assert "heads/speedup_2" in measured and "heads/speedup_1" not in measured and "flops/matmul_peak" in measured
     with pytest.raises(SystemExit):
         run_example("benchmark.py", "--sections", "nope")
 

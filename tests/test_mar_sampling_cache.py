@@ -91,7 +91,7 @@ def sample(transformer, cache=None, labels=(1, 2, 3), seeds=(10, 11, 12), steps=
     tokens = torch.zeros(batch, N, CHANNELS)
     mask = torch.ones(batch, N, dtype=torch.bool)
     null = torch.full_like(labels, transformer.null_class) if cfg > 1 else None
-    state = SamplingCacheState(cache, hybrid, transformer) if cache and cache.enabled else None
+    state = SamplingCacheState(cache, hybrid, transformer, steps) if cache and cache.enabled else None
     num_masked = last_pass = N
     for step in predicting_steps(steps, N):
         num_next = mask_schedule(step, steps, N, num_masked)

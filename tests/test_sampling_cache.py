@@ -129,6 +129,26 @@ def test_condition_cache_skips_the_unconditional_pass_between_refreshes(pipe, mo
     assert rows == [4] * 8
 
 
+@pytest.mark.parametrize("steps,every", [(1, 1), (2, 1), (3, 1), (8, 4), (15, 7), (16, 8), (64, 8)])
+def test_the_default_refresh_follows_the_step_count(steps, every):
+    assert SamplingCache().refresh_every is None
+    assert SamplingCache().refresh_every_at(steps) == every
+    assert SamplingCache(refresh_every=3).refresh_every_at(steps) == 3
+
+
+def test_the_default_refreshes_twice_in_8_steps_and_an_explicit_value_is_kept(pipe, monkeypatch):
+    rows = full_pass_rows(pipe, monkeypatch)
+    run(pipe, labels=(1, 2), steps=8, cache=SamplingCache(token_cache=False))
+    # Full passes (both guidance passes as one batch of 4 rows) at steps 0 and 4 only.
+    assert rows == [4, 2, 2, 2, 4, 2, 2, 2]
+    rows.clear()
+    run(pipe, labels=(1, 2), steps=8, cache=SamplingCache(token_cache=False, refresh_every=8))
+    assert rows == [4] + [2] * 7
+    rows.clear()
+    run(pipe, labels=(1, 2), steps=16, cache=SamplingCache(token_cache=False))
+    assert rows == ([4] + [2] * 7) * 2
+
+
 @pytest.mark.parametrize("parscale_n", [1, 2])
 def test_image_is_the_same_alone_or_inside_a_batch_with_caches(parscale_n):
     pipe = tiny_pipeline(parscale_n=parscale_n)
@@ -176,6 +196,7 @@ def test_bad_cache_is_refused_before_sampling(pipe, cache, error, match):
     [
         ({"token_share": 1.5}, "token_share"),
         ({"refresh_every": 0}, "refresh_every"),
+        ({"refresh_every": 2.0}, "`refresh_every` must be None \\(by the step count\\) or an integer >= 1"),
         ({"full_layers": 0}, "full_layers"),
         ({"token_cache": 1}, "token_cache"),
     ],

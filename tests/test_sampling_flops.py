@@ -72,10 +72,11 @@ def test_the_default_caches_count_fewer_flops_than_exact_sampling():
     pipe = tiny_pipe()
     exact = sf.count_sampling(pipe, 16, None)
     cached = sf.count_sampling(pipe, 16, sf.default_cache(16))
-    assert sf.default_cache(16) == SamplingCache()
+    # SamplingCache()'s settings, the refresh resolved by the step count.
+    assert sf.default_cache(16) == SamplingCache(refresh_every=8) and sf.default_cache(8).refresh_every == 4
     assert sum(cached["step_flops"]) < sum(exact["step_flops"])
     assert cached["decode_flops"] == exact["decode_flops"]
-    refresh = SamplingCache().refresh_every
+    refresh = sf.default_cache(16).refresh_every
     # A refresh step runs every block over every position (exact sampling's last block runs at the predicted rows
     # only), both guidance passes as one batch; the steps between skip work.
     assert cached["step_flops"][0] > exact["step_flops"][0]

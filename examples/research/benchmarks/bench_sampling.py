@@ -17,7 +17,8 @@ benchmark (`examples/benchmark.py`), their targets, report and plot.
   batch 16, a profile of both says where the time goes.
 - `quality`: the demo model's samples (100 per class) scored by ``parscale-ear eval`` with the FID
   Inception-v3 (FID, sFID) and the digit classifier (demo-FID) against the held-out split, exact and
-  cached at several step counts, each cache alone and the compiled step at one, beside ``DiTPipeline``
+  cached at several step counts from each sampling seed of ``--quality-seeds`` (the report shows the mean
+  over seeds and their spread), each cache alone and the compiled step at one, beside ``DiTPipeline``
   at several step counts (``--dit-model``, from ``parscale-ear train-dit``; recorded as absent when
   missing) and the real-data floor (``parscale-ear eval-vae --baseline-split train``). Seconds per
   image are the eval's own timing of the pipeline calls. Each point writes its own results JSON as it
@@ -403,11 +404,14 @@ def compile_profile(eager_pipe, compiled_pipe, labels, steps: int, top: int = 8)
 # ------------------------------------------------------------------------------ section: quality
 
 
-def quality_points(steps, single_steps: int, variants=("token_cache", "condition_cache", "compiled")) -> list[dict]:
-    """Exact and cached at each of `steps`; each of `variants` at `single_steps`."""
-    points = [{"variant": v, "steps": k} for k in steps for v in ("exact", "cached")]
-    points += [{"variant": v, "steps": single_steps} for v in variants]
-    return [{**p, "name": f"{p['variant']}_s{p['steps']}"} for p in points]
+def quality_points(
+    steps, single_steps: int, seeds=(0,), variants=("token_cache", "condition_cache", "compiled")
+) -> list[dict]:
+    """Exact and cached at each of `steps`, from each sampling seed of `seeds`; each of `variants` at
+    `single_steps`, from the first seed."""
+    points = [{"variant": v, "steps": k, "seed": seed} for k in steps for seed in seeds for v in ("exact", "cached")]
+    points += [{"variant": v, "steps": single_steps, "seed": seeds[0]} for v in variants]
+    return [{**p, "name": f"{p['variant']}_s{p['steps']}_seed{p['seed']}"} for p in points]
 
 
 def run_point(path: Path, settings: dict, measure: Callable[[], dict]) -> tuple[dict, bool]:
@@ -470,15 +474,17 @@ def cache_flags(cache) -> list[str]:
     }
     if unflagged:
         raise ValueError(f"bench_sampling: `parscale-ear eval` has no flag for the cache fields {unflagged}.")
-    return (flags + ["--cache-refresh-every", str(cache.refresh_every)]) if cache.enabled else flags
+    if cache.enabled and cache.refresh_every is not None:  # None: the eval's default, by the step count
+        flags += ["--cache-refresh-every", str(cache.refresh_every)]
+    return flags if cache.enabled else []
 
 
-def eval_flags(args, kind: str, steps: int, guidance: float, work: Path) -> list[str]:
+def eval_flags(args, kind: str, steps: int, guidance: float, work: Path, seed: int = 0) -> list[str]:
     """`parscale-ear eval`'s flags common to every point: data, extractor, samples, steps, guidance, where."""
     flags = ["--extractor", kind, "--dataset", args.quality_dataset, "--split", args.quality_split,
              "--reference-cache-dir", args.reference_cache_dir,
              "--images-per-class", str(args.quality_images_per_class), "--batch-size", str(args.quality_batch_size),
-             "--steps", str(steps), "--guidance", str(guidance), "--seed", "0",
+             "--steps", str(steps), "--guidance", str(guidance), "--seed", str(seed),
              "--output-dir", str(work / kind), "--results-file", str(work / f"{kind}.json")]  # fmt: skip
     flags += ["--classifier", args.classifier] if kind == "digit" else []
     if kind == "inception" and args.inception_weights:
@@ -504,7 +510,9 @@ def run_cli(command: str, flags: list[str]) -> dict:
     return json.loads(Path(flags[flags.index("--results-file") + 1]).read_text(encoding="utf-8"))
 
 
-def score_point(args, kinds, model: str, steps: int, guidance: float, extra: list[str], work: Path) -> dict:
+def score_point(
+    args, kinds, model: str, steps: int, guidance: float, extra: list[str], work: Path, seed: int = 0
+) -> dict:
     """A point scored by `parscale-ear eval` once per extractor (the same seeds: the same samples).
 
     Returns:
@@ -514,7 +522,7 @@ def score_point(args, kinds, model: str, steps: int, guidance: float, extra: lis
     """
     metrics, timing, files = {}, {}, {}
     for kind in kinds:
-        flags = ["--model", model, *eval_flags(args, kind, steps, guidance, work), *extra]
+        flags = ["--model", model, *eval_flags(args, kind, steps, guidance, work, seed), *extra]
         record = run_cli("eval", flags)
         metrics[kind], timing[kind], files[kind] = record["metrics"], record["timing"], str(work / f"{kind}.json")
     seconds = [t["median_batch_seconds_per_image"] for t in timing.values() if "median_batch_seconds_per_image" in t]
@@ -540,17 +548,17 @@ def bench_quality(b, args) -> None:
         "dataset": args.quality_dataset,
         "split": args.quality_split,
         "extractors": kinds,
-        "seed": 0,
     }
-    for point in quality_points(args.quality_steps, args.quality_single_steps):
+    points = quality_points(args.quality_steps, args.quality_single_steps, args.quality_seeds, args.quality_singles)
+    for point in points:
         cache = variant_cache(point["variant"], args.sampling_cache)
         compiled = VARIANTS[point["variant"]][1]
         extra = ["--temperature", str(TEMPERATURE), *cache_flags(cache), *(["--compile"] if compiled else [])]
         settings = {"model": args.demo_model, "variant": point["variant"], "steps": point["steps"],
                     "guidance_scale": GUIDANCE, "temperature": TEMPERATURE, "cache": describe_cache(cache),
-                    "compiled": compiled, **common}  # fmt: skip
+                    "compiled": compiled, "seed": point["seed"], **common}  # fmt: skip
         measure = partial(score_point, args, kinds, args.demo_model, point["steps"], GUIDANCE, extra,
-                          work_dir / point["name"])  # fmt: skip
+                          work_dir / point["name"], point["seed"])  # fmt: skip
         _add_point(b, out_dir / f"{point['name']}.json", point["name"], settings, measure)
     if not (Path(args.dit_model) / "model_index.json").is_file():
         b.results["quality/dit_status"] = {"absent": f"{args.dit_model} holds no saved pipeline (model_index.json)"}
@@ -559,7 +567,7 @@ def bench_quality(b, args) -> None:
     failures = {}
     for k in args.dit_steps:
         settings = {"model": args.dit_model, "variant": "dit", "steps": k, "guidance_scale": args.dit_guidance,
-                    **common}  # fmt: skip
+                    "seed": 0, **common}  # fmt: skip
         measure = partial(score_point, args, kinds, args.dit_model, k, args.dit_guidance, [], work_dir / f"dit_s{k}")
         try:
             _add_point(b, out_dir / f"dit_s{k}.json", f"dit_s{k}", settings, measure)
@@ -625,8 +633,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=DEFAULT_CACHE,
         help="SamplingCache fields of the cached variants, as JSON (default: SamplingCache's defaults)",
     )
-    group.add_argument("--quality-steps", nargs="+", type=int, default=[8, 16, 32, 64])
+    group.add_argument("--quality-steps", nargs="+", type=int, default=[8, 16, 32])
     group.add_argument("--quality-single-steps", type=int, default=16, help="steps of each cache alone, and compiled")
+    group.add_argument(
+        "--quality-singles",
+        nargs="*",
+        choices=("token_cache", "condition_cache", "compiled"),
+        default=["token_cache", "condition_cache", "compiled"],
+        help="variants scored at --quality-single-steps (none: leave the flag empty)",
+    )
+    group.add_argument(
+        "--quality-seeds", nargs="+", type=int, default=[0, 1], help="sampling seeds of each exact and cached point"
+    )
     group.add_argument("--quality-images-per-class", type=int, default=100)
     group.add_argument("--quality-batch-size", type=int, default=100)
     group.add_argument(
@@ -730,16 +748,12 @@ def check_targets(m: dict) -> dict:
         elif target["met"] is False and f"cache/compile_profile_{config}" in m:
             target["note"] = f"profile: `cache/compile_profile_{config}`"
         targets[f"compiled_speedup_b16_{config}"] = target
-    quality = _rows(m, "quality/")
+    groups = seed_groups({k: v for k, v in _rows(m, "quality/").items() if "variant" in v})
     for metric, label in (("fid", "Inception FID"), ("demo_fid", "demo-FID")):
-        increases = []
-        for row in quality.values():
-            if row.get("variant") == "cached" and row.get(metric) is not None:
-                exact = _exact_at(quality, row["steps"])
-                if exact is not None and exact.get(metric) is not None:
-                    increases.append((row[metric] - exact[metric]) / exact[metric])
+        increases = [g[f"{metric}_change"] for g in groups if g["variant"] == "cached"]
+        increases = [value for value in increases if value is not None]
         targets[f"cached_{metric}_increase"] = _target(
-            f"cached {label} relative increase over exact at the same steps (worst step count)",
+            f"cached {label} relative increase over exact at the same steps (mean over seeds; worst step count)",
             max(increases, default=None), CACHED_FID_INCREASE, at_most=True,
         )  # fmt: skip
     status = m.get("reference/status", {})
@@ -754,8 +768,30 @@ def check_targets(m: dict) -> dict:
     return targets
 
 
-def _exact_at(points: dict, steps: int) -> dict | None:
-    return next((r for r in points.values() if r.get("variant") == "exact" and r["steps"] == steps), None)
+def seed_groups(points: dict) -> list[dict]:
+    """The quality points `points` (rows by name) as one row per (variant, steps), in plot order: each metric's
+    mean over the sampling seeds (`<metric>_range`: min, max; None with one seed) and, but for exact and DiT, its
+    relative change against exact from the same seed and steps (`<metric>_change`, mean; `_change_range`)."""
+    groups, exact = {}, {}
+    for row in points.values():
+        groups.setdefault((row["variant"], row["steps"]), []).append(row)
+        if row["variant"] == "exact":
+            exact[row["steps"], row.get("seed", 0)] = row
+    out = []
+    for (variant, steps), rows in groups.items():
+        group = {"variant": variant, "steps": steps, "seeds": sorted(r.get("seed", 0) for r in rows),
+                 "images_per_class": rows[0].get("images_per_class")}  # fmt: skip
+        for metric in ("fid", "sfid", "demo_fid", "seconds_per_image"):
+            values = [r[metric] for r in rows if r.get(metric) is not None]
+            group[metric] = statistics.fmean(values) if values else None
+            group[f"{metric}_range"] = (min(values), max(values)) if len(values) > 1 else None
+            pairs = [(r, exact.get((steps, r.get("seed", 0)))) for r in rows if variant not in ("exact", "dit")]
+            changes = [(r[metric] - e[metric]) / e[metric] for r, e in pairs
+                       if e is not None and None not in (r.get(metric), e.get(metric))]  # fmt: skip
+            group[f"{metric}_change"] = statistics.fmean(changes) if changes else None
+            group[f"{metric}_change_range"] = (min(changes), max(changes)) if len(changes) > 1 else None
+        out.append(group)
+    return sorted(out, key=_plot_order)
 
 
 def _target(what: str, value, bound: float, at_most: bool = False, strict: bool = False) -> dict:
@@ -901,38 +937,34 @@ def _ms(row: dict) -> str:
 
 def quality_table(m: dict) -> list[str]:
     """Markdown: each quality point (FID, sFID, demo-FID, seconds per image, change against exact), the floor."""
-    points = {k: v for k, v in _rows(m, "quality/").items() if "variant" in v}
-    if not points:
+    groups = seed_groups({k: v for k, v in _rows(m, "quality/").items() if "variant" in v})
+    if not groups:
         return []
     lines = [
-        "| sampler | steps | seconds / image | FID | sFID | demo-FID | FID vs exact | demo-FID vs exact |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| sampler | steps | seeds | seconds / image | FID | sFID | demo-FID | FID vs exact | demo-FID vs exact |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in sorted(points.values(), key=_plot_order):
-        exact = _exact_at(points, row["steps"])
-        change = {
-            metric: "-" if exact is None or row["variant"] in ("exact", "dit") or None in (row[metric], exact[metric])
-            else f"{100 * (row[metric] - exact[metric]) / exact[metric]:+.1f}%"
-            for metric in ("fid", "demo_fid")
-        }  # fmt: skip
+    for row in groups:
+        cells = [_spread(row, metric, ".4g") for metric in ("fid", "sfid", "demo_fid")]
+        changes = [_spread(row, f"{metric}_change", "+.1%") for metric in ("fid", "demo_fid")]
         lines.append(
             f"| {'DiTPipeline' if row['variant'] == 'dit' else row['variant']} | {row['steps']} | "
-            f"{_fmt(row['seconds_per_image'])} | {_fmt(row['fid'], '.4g')} | {_fmt(row['sfid'], '.4g')} | "
-            f"{_fmt(row['demo_fid'], '.4g')} | {change['fid']} | {change['demo_fid']} |"
+            f"{', '.join(map(str, row['seeds']))} | {_fmt(row['seconds_per_image'])} | {' | '.join(cells)} | "
+            f"{' | '.join(changes)} |"
         )
     floor = m.get("quality/floor")
     if floor:
         lines.append(
-            f"| real `{floor['real_split']}` images (floor) | - | - | {_fmt(floor.get('fid_real'), '.4g')} | "
+            f"| real `{floor['real_split']}` images (floor) | - | - | - | {_fmt(floor.get('fid_real'), '.4g')} | "
             f"{_fmt(floor.get('sfid_real'), '.4g')} | {_fmt(floor.get('demo_fid_real'), '.4g')} | - | - |"
         )
-    first = next(iter(points.values()))
     lines += [
         "",
-        f"{first.get('images_per_class', '?')} samples per class for every point, all from sampling seed "
-        f"{first.get('seed', '?')} (the same orders and noise for exact and cached): **one seed, no seed-to-seed "
-        "spread**, so a difference of a few percent between two rows may be noise. Seconds per image: the eval's "
-        "median over its batches of the pipeline calls alone (decoding included, feature extraction not).",
+        f"{groups[0].get('images_per_class', '?')} samples per class per sampling seed. With several seeds a cell "
+        "is the mean over them (min to max); a change against exact pairs each seed with exact's from the same seed "
+        "(the same orders and noise). With one seed there is no seed-to-seed spread, so a difference of a few "
+        "percent between two rows may be noise. Seconds per image: the eval's median over its batches of the "
+        "pipeline calls alone (decoding included, feature extraction not).",
     ]
     dit = m.get("quality/dit_status", {})
     if "absent" in dit:
@@ -941,6 +973,14 @@ def quality_table(m: dict) -> list[str]:
     if failed:
         lines += ["", "DiTPipeline points that failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items())]
     return lines
+
+
+def _spread(row: dict, key: str, digits: str) -> str:
+    """`row[key]` formatted, with its (min-max) over seeds when there are several."""
+    if row.get(key) is None:
+        return "-"
+    spread = row.get(f"{key}_range")
+    return format(row[key], digits) + ("" if spread is None else f" ({spread[0]:{digits}} to {spread[1]:{digits}})")
 
 
 def _plot_order(row: dict) -> tuple:
@@ -966,7 +1006,7 @@ def plot_speed_quality(record: dict, path: Path) -> bool:
     """FID and demo-FID against seconds per image: ours exact and cached (a line over step counts),
     each cache alone and compiled, DiTPipeline, and the real-data floor. False: nothing to plot."""
     m = record["measurements"]
-    points = [v for k, v in _rows(m, "quality/").items() if "variant" in v]
+    points = seed_groups({k: v for k, v in _rows(m, "quality/").items() if "variant" in v})
     if not points:
         return False
     import matplotlib

@@ -624,6 +624,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[{section}]", flush=True)
         start = len(bench.results)
         plans[section]()
+        # A section run again replaces its rows: none of its earlier rows stays under this run's provenance.
+        measured = {key: row for key, row in measured.items() if not key.startswith(f"{section}/")}
         for key in list(bench.results)[start:]:
             measured[key] = bench.results[key]
         section_provenance[section] = provenance()

@@ -83,9 +83,9 @@ TINY = {
 
 
 def default_cache(num_inference_steps: int) -> SamplingCache:
-    """The sampling caches' default settings at `num_inference_steps`: today ``SamplingCache()``'s, the same at
-    every step count. The one place to change when the defaults come to depend on the step count."""
-    return SamplingCache()
+    """The sampling caches' default settings at `num_inference_steps`: ``SamplingCache()``'s, with `refresh_every`
+    resolved by :meth:`SamplingCache.refresh_every_at` (4 at 8 steps, 8 at 16 or more)."""
+    return SamplingCache(refresh_every=SamplingCache().refresh_every_at(num_inference_steps))
 
 
 def model_config(name: str, parscale_n: int, config_dir: str | os.PathLike = CONFIG_DIR) -> dict:
@@ -443,7 +443,10 @@ def _table_notes(record: dict) -> list[str]:
         f"{record['temperature']:g}, FLOPs counted at batch {record['count_batch']}.",
     ]
     if cache:
-        notes.append(f"Cached: `SamplingCache({', '.join(f'{k}={v}' for k, v in cache.items())})`, the defaults.")
+        notes.append(
+            f"Cached: `SamplingCache({', '.join(f'{k}={v}' for k, v in cache.items())})`, the defaults at these step "
+            "counts (`refresh_every` by the step count: `SamplingCache.refresh_every_at`)."
+        )
     check = record["shortcut_check"]
     if check:
         notes.append(
