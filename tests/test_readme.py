@@ -82,6 +82,7 @@ def test_benchmark_tables_say_first_which_rows_measured_a_model_that_no_longer_s
     """A benchmark section measured on models/mnist_demo before the shipped model replaced it is named in its
     table's first line; once every such section is rerun, no first line claims a former model."""
     import update_readme
+
     from parscale_ear_hf.results import load_results
 
     text = pages()["docs/benchmarks.md"]
@@ -219,7 +220,9 @@ def test_readme_shell_blocks_run_in_order_in_a_fresh_folder(tmp_path):
         timeout=900,
     )
     index, _, output = proc.stderr.rsplit(">>> README block ", 1)[-1].partition("\n")
-    assert proc.returncode == 0, f"block {index} of {named[int(index)][0]} failed:\n{blocks[int(index)]}\n{output[-3000:]}"
+    assert proc.returncode == 0, (
+        f"block {index} of {named[int(index)][0]} failed:\n{blocks[int(index)]}\n{output[-3000:]}"
+    )
     ran = proc.stderr.count(">>> README block ")
     assert ran == len(blocks) >= 4
     # What the commands promise exists: the demo data, a trained VAE and pipeline, images, scores.
