@@ -43,6 +43,14 @@ def synthetic_measurements(reference_skipped: bool = False) -> dict:
                 "cached_max": value + 0.1, "compiled": 0.5 if batch == 1 else 1.3, "compiled_min": 0.4,
                 "compiled_max": 1.4,
             }  # fmt: skip
+    m["cache/speedup_demo_b1_s16"].update(flops_exact=8e9, flops_cached=2e9)
+    m["cache/parts_demo_b1_s16"] = {
+        "config": "demo", "batch": 1, "steps": 16,
+        "exact": {"total": 300.0, "lite_hybrid": 15.0, "backbone_full": 250.0, "backbone_cached": 0.0, "head": 10.0,
+                  "rest": 25.0},
+        "cached": {"total": 120.0, "lite_hybrid": 15.0, "backbone_full": 40.0, "backbone_cached": 40.0, "head": 10.0,
+                   "rest": 15.0},
+    }  # fmt: skip
     m["cache/compiled_status_mid"] = {"available": False, "why": "no C++ compiler"}
     if reference_skipped:
         m["reference/status"] = {"skipped": "no checkout of the authors' EAR was given"}
@@ -54,6 +62,7 @@ def synthetic_measurements(reference_skipped: bool = False) -> dict:
             m[f"reference/ratio_demo_b{batch}_s16"] = {
                 "config": "demo", "batch": batch, "steps": 16, "ours_over_reference_median": 1 / speedup,
                 "ours_over_reference_min": 0.5, "ours_over_reference_max": 1.5, "speedup": speedup,
+                "flops_ours": 1e9, "flops_reference": 1.2e9,
             }  # fmt: skip
         m["reference/agreement_demo"] = {"max_abs_diff": 0.0, "batch": 2, "steps": 16, "guidance": 3.0}
     for variant, steps, seed, fid, demo_fid, seconds in (
@@ -115,8 +124,13 @@ def test_report_tables_plot_and_readme_section(tmp_path):
     markdown = bs.write_report(path)
     md, png = tmp_path / "benchmark_cpu_sampling.md", tmp_path / "benchmark_cpu_sampling.png"
     assert md.read_text() == markdown + "\n" and png.stat().st_size > 10000
-    assert "| demo | 1 | 16 | 1e+03 ms | 1.5e+03 ms | 0.667 (0.500-1.500) | 1.50x |" in markdown
-    assert "| demo | 16 | 64 | 1e+03 ms | 2.60x (2.50-2.70) | 1.30x (0.40-1.40) |" in markdown
+    assert "| demo | 1 | 16 | 1e+03 ms | 1.5e+03 ms | 0.667 (0.500-1.500) | 1.50x | 1.20x |" in markdown
+    # FLOPs: exact's over cached's where counted, "-" for a row measured before they were.
+    assert "| demo | 1 | 16 | 1e+03 ms | 3.00x (2.90-3.10) | 0.50x (0.40-1.40) | 4.00x |" in markdown
+    assert "| demo | 16 | 64 | 1e+03 ms | 2.60x (2.50-2.70) | 1.30x (0.40-1.40) | - |" in markdown
+    # Where batch 1's time goes, and the bound: 300 / (120 - 40).
+    assert "| demo | 16 | exact | 300 | 15 | 250 | 0 | 10 | 25 |  |" in markdown
+    assert "| demo | 16 | cached | 120 | 15 | 40 | 40 | 10 | 15 | 3.75x |" in markdown
     assert "| cached | 64 | 0 | 0.1 | 73 | 40 | 0.92 | +4.3% | +2.2% |" in markdown
     # Two seeds: the mean (min to max); changes pair each seed with exact's.
     assert (
@@ -267,15 +281,25 @@ def test_cache_section_on_a_tiny_pipeline(monkeypatch):
     monkeypatch.setattr(bs, "_compiled_copy", lambda p: (copy.deepcopy(p), {"available": True}))
     b = Bench("cpu", torch.float32, repeats=3, budget_s=5.0, progress=False)
     cache = dict(token_cache=True, token_share=0.25, condition_cache=True, refresh_every=2)
-    bs.bench_cache(b, {"tiny": (pipe, "tiny pipeline")}, batches=(2,), steps=(2,), cache_fields=cache)
+    bs.bench_cache(b, {"tiny": (pipe, "tiny pipeline")}, batches=(1,), steps=(2,), cache_fields=cache)
     variants = ("exact", "cached", "compiled", "cached_compiled")
-    assert {f"cache/tiny_b2_s2_{v}" for v in variants} <= set(b.results)
-    assert b.results["cache/tiny_b2_s2_cached"]["cache"]["refresh_every"] == 2
-    assert "cache" not in b.results["cache/tiny_b2_s2_exact"]
-    assert b.results["cache/tiny_b2_s2_compiled"]["compile_first_call_s"] > 0
-    speedup = b.results["cache/speedup_tiny_b2_s2"]
+    assert {f"cache/tiny_b1_s2_{v}" for v in variants} <= set(b.results)
+    assert b.results["cache/tiny_b1_s2_cached"]["cache"]["refresh_every"] == 2
+    assert "cache" not in b.results["cache/tiny_b1_s2_exact"]
+    assert b.results["cache/tiny_b1_s2_compiled"]["compile_first_call_s"] > 0
+    speedup = b.results["cache/speedup_tiny_b1_s2"]
     for v in variants[1:]:
         assert speedup[f"{v}_min"] <= speedup[v] <= speedup[f"{v}_max"]
+    # Step 0 is a full pass either way; at step 1 the cached pass recomputes fewer positions: fewer FLOPs.
+    assert 0 < speedup["flops_cached"] < speedup["flops_exact"]
+    # At batch 1, where the time goes: exact makes no cached pass, cached makes one; the parts add up.
+    parts = b.results["cache/parts_tiny_b1_s2"]
+    assert parts["exact"]["backbone_cached"] == 0 < parts["cached"]["backbone_cached"]
+    for variant in ("exact", "cached"):
+        row = parts[variant]
+        assert row["backbone_full"] > 0 and row["head"] > 0 and row["lite_hybrid"] > 0 and row["rest"] >= 0
+    # The timers are gone: the pipeline's own methods again.
+    assert not {"forward", "forward_partial"} & set(vars(pipe.transformer)) and "sample" not in vars(pipe.energy_head)
     profile = bs.compile_profile(pipe, pipe, [0, 1], steps=2)
     assert profile["eager_self_cpu_ms"] > 0 and " ms x" in profile["compiled_top"]
 

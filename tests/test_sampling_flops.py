@@ -129,3 +129,16 @@ def test_the_docs_table_is_the_results_files_and_says_it_is_computed():
     assert {(r["model"], r["parscale_n"], r["num_inference_steps"], r["sampling"]) for r in record["rows"]} == {
         (m, p, s, mode) for m in sf.MODELS.values() for p in (1, 2) for s in (64, 16) for mode in ("exact", "cached")
     }
+
+
+def test_attention_on_real_cpu_tensors_is_counted_as_on_the_meta_device():
+    # Real CPU tensors run attention as a kernel FlopCounterMode does not know by itself: without its formula
+    # the CPU count would miss attention. q @ k^T and p @ v: 2 * (2 * b * h * s * s * d).
+    import torch
+    import torch.nn.functional as F
+
+    b, h, s, d = 2, 4, 24, 8
+    expected = 4 * b * h * s * s * d
+    for device in ("cpu", "meta"):
+        q = torch.randn(b, h, s, d, device=device)
+        assert sf.count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == expected

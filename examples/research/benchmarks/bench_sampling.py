@@ -166,6 +166,7 @@ def bench_reference(b, reference_code, configs: dict[str, dict], batches, steps)
     ``reference/ratio_<config>_b<B>_s<K>`` (ours / reference per round: median, min, max; `speedup`:
     the median of reference / ours per round) and ``reference/agreement_<config>``.
     """
+    from research.benchmarks.sampling_flops import count_flops
     from research.reference import reference_ear
 
     try:
@@ -193,6 +194,7 @@ def bench_reference(b, reference_code, configs: dict[str, dict], batches, steps)
                     "ours": partial(_call, pipe, labels.tolist(), k),
                     "reference": partial(reference_ear.reference_sample, reference, labels, k, GUIDANCE, TEMPERATURE),
                 }
+                flops = {who: count_flops(fn) for who, fn in fns.items()}
                 rows, times = measure_interleaved(b, fns)
                 info = dict(config=name, batch=batch, steps=k, guidance=GUIDANCE, dtype="torch.float32")
                 b.add(f"reference/{name}_b{batch}_s{k}_ours", rows["ours"], **info)
@@ -206,6 +208,8 @@ def bench_reference(b, reference_code, configs: dict[str, dict], batches, steps)
                     "ours_over_reference_min": ratio["min"],
                     "ours_over_reference_max": ratio["max"],
                     "speedup": paired_ratio(times["reference"], times["ours"])["median"],
+                    "flops_ours": flops["ours"],
+                    "flops_reference": flops["reference"],
                 }
 
 
@@ -319,9 +323,12 @@ def bench_cache(b, pipes: dict[str, tuple], batches, steps, cache_fields: dict, 
 
     Rows: ``cache/<name>_b<B>_s<K>_<variant>`` (times; the compiled rows' `compile_first_call_s` is
     their first call, compilation included), ``cache/speedup_<name>_b<B>_s<K>`` (exact / variant per
-    round: median, min, max), ``cache/compiled_status_<name>`` (whether the compiled step is available,
-    else why not) and ``cache/compile_profile_<name>``.
+    round: median, min, max; `flops_exact` and `flops_cached`: FLOPs of one call), ``cache/parts_<name>_b1_s<K>``
+    (batch 1: where exact's and cached's time goes, :func:`time_parts`), ``cache/compiled_status_<name>``
+    (whether the compiled step is available, else why not) and ``cache/compile_profile_<name>``.
     """
+    from research.benchmarks.sampling_flops import count_flops
+
     cached = make_cache(cache_fields)
     for name, (pipe, description) in pipes.items():
         compiled, status = _compiled_copy(pipe)
@@ -337,6 +344,7 @@ def bench_cache(b, pipes: dict[str, tuple], batches, steps, cache_fields: dict, 
                     first_calls = _first_calls(b, fns, ("compiled", "cached_compiled"), name)
                     if "compiled" not in fns:
                         compiled = None  # it failed: the status row says why; the next cells skip it
+                flops = {variant: count_flops(fns[variant]) for variant in ("exact", "cached")}
                 rows, times = measure_interleaved(b, fns)
                 info = dict(config=description, batch=batch, steps=k, guidance=GUIDANCE)
                 for variant, row in rows.items():
@@ -344,15 +352,67 @@ def bench_cache(b, pipes: dict[str, tuple], batches, steps, cache_fields: dict, 
                         row["compile_first_call_s"] = first_calls[variant]
                     b.add(f"cache/{name}_b{batch}_s{k}_{variant}", row, variant=variant, **info,
                           **({"cache": dataclasses.asdict(cached)} if "cached" in variant else {}))  # fmt: skip
-                speedups = {"config": name, "batch": batch, "steps": k}
+                speedups = {"config": name, "batch": batch, "steps": k, "flops_exact": flops["exact"],
+                            "flops_cached": flops["cached"]}  # fmt: skip
                 for variant in rows:
                     if variant != "exact":
                         ratio = paired_ratio(times["exact"], times[variant])
                         speedups.update({variant: ratio["median"], f"{variant}_min": ratio["min"],
                                          f"{variant}_max": ratio["max"]})  # fmt: skip
                 b.results[f"cache/speedup_{name}_b{batch}_s{k}"] = speedups
+                if batch == 1:
+                    b.results[f"cache/parts_{name}_b{batch}_s{k}"] = {
+                        "config": name, "batch": batch, "steps": k,
+                        **{variant: time_parts(fns[variant], pipe) for variant in ("exact", "cached")},
+                    }  # fmt: skip
                 if batch == profile_batch and k == min(steps) and "compiled" in rows and speedups["compiled"] <= 1.0:
                     b.results[f"cache/compile_profile_{name}"] = compile_profile(pipe, compiled, labels, k)
+
+
+# What `time_parts` times: the pipeline component and method for each part of a run.
+PARTS = {
+    "lite_hybrid": ("lite_hybrid", "forward"),
+    "backbone_full": ("transformer", "forward"),
+    "backbone_cached": ("transformer", "forward_partial"),
+    "head": ("energy_head", "sample"),
+}
+
+
+def time_parts(fn: Callable, pipe, repeats: int = 3) -> dict:
+    """Where the time of ``fn()`` (a sampling call of `pipe`) goes: milliseconds in each of :data:`PARTS`
+    (LiteHybrid; the backbone's full passes, exact or refreshing; its cached passes; the head), `rest` (all
+    else: the step loop, orders and noise) and `total`, each the median over `repeats` calls. Each method is
+    wrapped by a timer on the instance for the calls, then restored; on a CPU the work is synchronous, so the
+    wall clock is the part's."""
+    import time
+
+    spent = {part: 0.0 for part in PARTS}
+
+    def timed(part, method):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[part] += time.perf_counter() - start
+
+        return wrapper
+
+    runs = []
+    for part, (component, name) in PARTS.items():
+        module = getattr(pipe, component)
+        setattr(module, name, timed(part, getattr(module, name)))
+    try:
+        for _ in range(repeats):
+            spent.update(dict.fromkeys(PARTS, 0.0))
+            start = time.perf_counter()
+            fn()
+            total = time.perf_counter() - start
+            runs.append({"total": total, **spent, "rest": total - sum(spent.values())})
+    finally:
+        for component, name in PARTS.values():
+            delattr(getattr(pipe, component), name)
+    return {part: 1e3 * statistics.median(run[part] for run in runs) for part in runs[0]}
 
 
 def _compiled_copy(pipe):
@@ -850,8 +910,12 @@ def speed_tables(m: dict) -> list[str]:
             f"timm {status['timm']}), same config and weights, fp32, guidance {GUIDANCE}, temperature {TEMPERATURE}; "
             'ours is `pipe(..., output_type="latent")`. Alternating rounds; ratio per round.',
             "",
-            "| config | batch | steps | ours | authors' | ours / authors' (median, min-max) | speed-up |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "The last column is the speed-up that the arithmetic alone allows: the authors' FLOPs over ours, counted "
+            "by FlopCounterMode around the same calls (matmul-class ops and attention; no elementwise op).",
+            "",
+            "| config | batch | steps | ours | authors' | ours / authors' (median, min-max) | speed-up | FLOPs, "
+            "authors' / ours |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in _rows(m, "reference/ratio_").values():
             prefix = f"reference/{row['config']}_b{row['batch']}_s{row['steps']}"
@@ -859,7 +923,7 @@ def speed_tables(m: dict) -> list[str]:
                 f"| {row['config']} | {row['batch']} | {row['steps']} | {_ms(m[prefix + '_ours'])} | "
                 f"{_ms(m[prefix + '_reference'])} | {row['ours_over_reference_median']:.3f} "
                 f"({row['ours_over_reference_min']:.3f}-{row['ours_over_reference_max']:.3f}) | "
-                f"{row['speedup']:.2f}x |"
+                f"{row['speedup']:.2f}x | {_flop_ratio(row, 'flops_reference', 'flops_ours')} |"
             )
         agreement = _rows(m, "reference/agreement_")
         if agreement:
@@ -872,15 +936,22 @@ def speed_tables(m: dict) -> list[str]:
     if speedups:
         variants = [v for v in SPEED_VARIANTS[1:] if any(v in row for row in speedups.values())]
         lines += [
-            "| config | batch | steps | exact | " + " | ".join(f"{v} (x exact)" for v in variants) + " |",
-            "|---|---:|---:|---:|" + "---:|" * len(variants),
+            "Exact against the caches and the compiled step (median, min-max of exact / variant per round). The "
+            "last column is what the caches save in arithmetic: exact's FLOPs over cached's, counted as above.",
+            "",
+            "| config | batch | steps | exact | "
+            + " | ".join(f"{v} (x exact)" for v in variants)
+            + " | FLOPs, exact / cached |",
+            "|---|---:|---:|---:|" + "---:|" * (len(variants) + 1),
         ]
         for row in speedups.values():
             exact = m[f"cache/{row['config']}_b{row['batch']}_s{row['steps']}_exact"]
             cells = [
                 f"{row[v]:.2f}x ({row[f'{v}_min']:.2f}-{row[f'{v}_max']:.2f})" if v in row else "-" for v in variants
             ]
+            cells.append(_flop_ratio(row, "flops_exact", "flops_cached"))
             lines.append(f"| {row['config']} | {row['batch']} | {row['steps']} | {_ms(exact)} | {' | '.join(cells)} |")
+        lines += parts_table(m)
         configs = {v["config"] for k, v in m.items() if k.startswith("cache/") and "median_s" in v}
         lines += ["", "Configs: " + "; ".join(sorted(configs)) + "."]
         for key, row in _rows(m, "cache/compiled_status_").items():
@@ -929,6 +1000,36 @@ def mar_table(m: dict) -> list[str]:
                   f"largest |ours - authors'| token difference {agreement['max_abs_diff']:.2g} (tokens up to "
                   f"{agreement['max_abs_token']:.2g}: random weights grow MAR's diffusion chain)."]  # fmt: skip
     return [*lines, ""]
+
+
+def parts_table(m: dict) -> list[str]:
+    """Markdown: where a batch-1 run's time goes (``cache/parts_*``), and the most any cheaper cached pass allows."""
+    rows = _rows(m, "cache/parts_")
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Where a batch-1 run's time goes, in ms (median of 3 calls; backbone full passes: exact's, or the caches' "
+        "refreshes). `bound`: exact's total over cached's total less its cached backbone passes, the speed-up the "
+        "caches would reach if those passes cost nothing.",
+        "",
+        "| config | steps | sampler | total | LiteHybrid | backbone, full passes | backbone, cached passes | head "
+        "| rest | bound |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows.values():
+        exact, cached = row["exact"], row["cached"]
+        bound = exact["total"] / (cached["total"] - cached["backbone_cached"])
+        for variant, parts in (("exact", exact), ("cached", cached)):
+            cells = " | ".join(f"{parts[p]:.0f}" for p in ("total", *PARTS, "rest"))
+            last = f"{bound:.2f}x" if variant == "cached" else ""
+            lines.append(f"| {row['config']} | {row['steps']} | {variant} | {cells} | {last} |")
+    return lines
+
+
+def _flop_ratio(row: dict, numerator: str, denominator: str) -> str:
+    """`row[numerator] / row[denominator]` as a speed-up, or "-" for a row measured before FLOPs were counted."""
+    return f"{row[numerator] / row[denominator]:.2f}x" if numerator in row and denominator in row else "-"
 
 
 def _ms(row: dict) -> str:

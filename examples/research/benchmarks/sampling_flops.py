@@ -39,7 +39,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from parscale_ear_hf.models import EARTransformer, EnergyHead, LiteHybrid
 from parscale_ear_hf.pipeline_parscale_ear import ParScaleEARPipeline, SamplingCache, mask_schedule, predicting_steps
@@ -163,7 +163,7 @@ def count_sampling(pipe: ParScaleEARPipeline, num_inference_steps: int, cache: S
         marks.append((flops.get_total_flops(), tally.weight_bytes, tally.launches))
         return tensors
 
-    flops = FlopCounterMode(display=False)
+    flops = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
     tally = OpTally([pipe.vae, pipe.lite_hybrid, pipe.transformer, pipe.energy_head])
     with flops, tally:
         pipe([0] * batch, num_inference_steps=num_inference_steps, guidance_scale=GUIDANCE, temperature=TEMPERATURE,
@@ -182,8 +182,19 @@ def count_sampling(pipe: ParScaleEARPipeline, num_inference_steps: int, cache: S
     }
 
 
-def _flops_of(fn) -> int:
-    counter = FlopCounterMode(display=False)
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode counts attention on the meta device (which runs it as bmm) and by the GPU kernels' names, but
+# not as the CPU kernel that real CPU tensors run: that one is counted here by the same formula.
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
+def count_flops(fn) -> int:
+    """FLOPs of ``fn()`` under ``torch.no_grad`` as FlopCounterMode counts them (matmul-class ops, 2 per
+    multiply-accumulate), attention included on any device."""
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
     with counter, torch.no_grad():
         fn()
     return counter.get_total_flops()
@@ -204,12 +215,12 @@ def exact_count_by_step_shape(pipe: ParScaleEARPipeline, num_inference_steps: in
         positions = torch.arange(predicted, device=device).expand(2 * batch, -1)
         z = torch.zeros(batch * predicted, transformer.config.hidden_size, device=device)
         noise = torch.zeros(batch * predicted, *head.noise_shape, device=device)
-        return _flops_of(
+        return count_flops(
             lambda: transformer(pipe.lite_hybrid(tokens, mask), labels, mask, positions=positions)
-        ) + _flops_of(lambda: head.sample(z, TEMPERATURE, noise=noise))
+        ) + count_flops(lambda: head.sample(z, TEMPERATURE, noise=noise))
 
     latents = torch.zeros(batch, transformer.config.in_channels, grid, grid, device=device)
-    total, masked, cost = _flops_of(lambda: pipe.decode_latents(latents)), n, {}
+    total, masked, cost = count_flops(lambda: pipe.decode_latents(latents)), n, {}
     for step in predicting_steps(num_inference_steps, n):
         masked_next = mask_schedule(step, num_inference_steps, n, masked)
         predicted = masked - masked_next
