@@ -28,9 +28,12 @@ install: $(STAMP)
 demo: install
 	$(PY) examples/generate.py --model models/mnist_demo --steps 16 --guidance 3.0 --temperature 0.7 --seed 0 --output outputs/demo_grid.png
 
-# lint-imports: the layers and the research apparatus kept out of the library (.importlinter).
+# lint-imports: the layers and the research apparatus kept out of the library (.importlinter); ruff (pinned in
+# setup.cfg, as its formatting changes between versions): lint and the formatter's layout.
 test: install
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check --quiet .
+	$(VENV)/bin/ruff format --check --quiet .
 	$(PY) -m pytest -q
 
 # The path to ImageNet and the GPU scripts, rehearsed on CPU at tiny data sizes (minutes, not seconds): the

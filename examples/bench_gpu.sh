@@ -23,6 +23,8 @@ $PY examples/benchmark.py --device "$BENCH_DEVICE" --profile gpu "${SIZE[@]}" --
   --output "$RESULTS/benchmark_gpu.json" "$@"
 # The rows of results/sampling_flops.json (computed), measured: EAR-B/L/H, P = 1, 2, 64 and 16 steps, exact and
 # cached, seconds per image end to end at batches 1, 16, 64 (a row's larger batches skipped past 10 s a call).
+# No row starts after FLOPS_BUDGET_S seconds (default 120, so that this script and gpu_smoke.sh fit a 15-minute
+# loan with its start); the file names the rows left, and the next run on the same GPU model measures them.
 $PY examples/sampling_flops.py --measure --device "$BENCH_DEVICE" "${FLOPS_SIZE[@]}" \
-  --output "$RESULTS/sampling_speed_gpu.json"
+  --total-budget-s "${FLOPS_BUDGET_S:-120}" --output "$RESULTS/sampling_speed_gpu.json"
 $PY examples/update_readme.py --root "$PAGES" --results-dir "$RESULTS"

@@ -10,13 +10,15 @@ The logic and its documentation: examples/research/benchmarks/sampling_flops.py.
 import argparse
 
 from parscale_ear_hf.commands import run_script
-from parscale_ear_hf.results import write_results
+from parscale_ear_hf.results import load_results, write_results
 from research.benchmarks import sampling_flops
 
 
 def main(args: argparse.Namespace) -> None:
     if args.measure:
-        write_results(args.output or "results/sampling_speed_gpu.json", sampling_flops.measure(args))
+        output = args.output or "results/sampling_speed_gpu.json"
+        record = sampling_flops.measure(args, previous=load_results(output), save=lambda r: write_results(output, r))
+        write_results(output, record)
         return
     record = write_results(args.output or "results/sampling_flops.json", sampling_flops.count(args))
     print(sampling_flops.flops_table(record))

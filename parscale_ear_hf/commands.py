@@ -101,7 +101,7 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-refresh-every",
         type=int,
         default=None,
-        help="a full pass every this many steps (default: by the step count, min(8, steps // 2))",
+        help="a full pass every this many steps (default: by the step count, min(8, max(1, steps // 2)))",
     )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the backbone step (pipe.enable_compiled_step())"

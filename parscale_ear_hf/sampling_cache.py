@@ -67,7 +67,7 @@ class SamplingCache:
     The defaults were chosen on the demo model at 16 steps, batch 16 (1,000 samples, demo-FID against the
     held-out split): they cost no measurable quality there and skip the most work of the settings tried;
     the benchmark's `quality` section measures them at 8 to 64 steps. A fixed ``refresh_every=8`` refreshes
-    only at the first of 8 steps and cost 13% in demo-FID there, hence the rule. They have not been measured
+    only at the first of 8 steps, which lost quality there (issue 28), hence the rule. They have not been measured
     on MAR.
     """
 

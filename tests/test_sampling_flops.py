@@ -115,6 +115,33 @@ def test_measure_runs_the_tiny_rows_on_the_cpu():
         ("exact", 1), ("exact", 2), ("cached", 1), ("cached", 2)
     ]  # fmt: skip
     assert record["sizes"].startswith("tiny") and all(r["seconds_per_image"] > 0 for r in record["rows"])
+    assert record["device_name"] == "cpu" and record["not_measured"] == []
+
+
+def test_measure_keeps_to_its_budget_and_a_rerun_continues_where_it_stopped():
+    args = argparse.Namespace(
+        device="cpu", tiny=True, models=["ear_b"], parscale=[1], steps=[2, 3], batches=[1], repeats=1,
+        budget_s=60.0, config_dir=sf.CONFIG_DIR, vae_config=sf.CONFIG_DIR / "kl16_vae.json", total_budget_s=0.0,
+    )  # fmt: skip
+    saved = []
+    # No time at all: nothing is measured, and the record names every row left.
+    record = sf.measure(args, save=saved.append)
+    assert record["rows"] == [] and saved == [] and len(record["not_measured"]) == 4
+    assert (
+        record["not_measured"][0]
+        == "EAR-B P=1 2 steps exact: the run's --total-budget-s 0 was spent; run again to continue"
+    )
+    # An earlier run on this device measured one row: kept, the other three measured, the file saved after each.
+    args.total_budget_s = None
+    earlier = {**record, "rows": [{"model": "EAR-B", "parscale_n": 1, "num_inference_steps": 2, "sampling": "exact",
+                                   "batch": 1, "seconds_per_image": 123.0, "git_revision": "abc"}]}  # fmt: skip
+    record = sf.measure(args, previous=earlier, save=lambda r: saved.append(len(r["rows"])))
+    assert record["rows"][0]["seconds_per_image"] == 123.0 and saved == [2, 3, 4]
+    assert [sf.row_key(r)[2:] for r in record["rows"]] == [(2, "exact"), (2, "cached"), (3, "exact"), (3, "cached")]
+    assert record["not_measured"] == [] and all(r["git_revision"] for r in record["rows"])
+    # Another device's (or size's) rows are not kept.
+    record = sf.measure(args, previous={**earlier, "device_name": "NVIDIA H100 80GB HBM3"})
+    assert all(r["seconds_per_image"] != 123.0 for r in record["rows"]) and len(record["rows"]) == 4
 
 
 def test_the_docs_table_is_the_results_files_and_says_it_is_computed():
@@ -134,6 +161,8 @@ def test_the_docs_table_is_the_results_files_and_says_it_is_computed():
 def test_attention_on_real_cpu_tensors_is_counted_as_on_the_meta_device():
     # Real CPU tensors run attention as a kernel FlopCounterMode does not know by itself: without its formula
     # the CPU count would miss attention. q @ k^T and p @ v: 2 * (2 * b * h * s * s * d).
+    from functools import partial
+
     import torch
     import torch.nn.functional as F
 
@@ -141,4 +170,4 @@ def test_attention_on_real_cpu_tensors_is_counted_as_on_the_meta_device():
     expected = 4 * b * h * s * s * d
     for device in ("cpu", "meta"):
         q = torch.randn(b, h, s, d, device=device)
-        assert sf.count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == expected
+        assert sf.count_flops(partial(F.scaled_dot_product_attention, q, q, q)) == expected

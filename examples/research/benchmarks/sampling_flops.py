@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from parscale_ear_hf.models import EARTransformer, EnergyHead, LiteHybrid
 from parscale_ear_hf.pipeline_parscale_ear import ParScaleEARPipeline, SamplingCache, mask_schedule, predicting_steps
-from parscale_ear_hf.results import format_number, load_results, machine_summary, short_revision
+from parscale_ear_hf.results import format_number, git_revision, load_results, machine_summary, short_revision
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 MODELS = {"ear_b": "EAR-B", "ear_l": "EAR-L", "ear_h": "EAR-H"}
@@ -336,30 +336,69 @@ def count(args: argparse.Namespace) -> dict:
     }
 
 
-def measure(args: argparse.Namespace) -> dict:
+def row_key(row: dict) -> tuple:
+    """What names a measured row, whatever its batch: model, streams, steps, exact or cached."""
+    return row["model"], row["parscale_n"], row["num_inference_steps"], row["sampling"]
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def measure(args: argparse.Namespace, previous: dict | None = None, save=None) -> dict:
     """Seconds per image of the same rows on `args.device` (bf16 on a GPU), ``pipe(..., output_type="pt")`` end
-    to end, at each of `args.batches`; a row's larger batches are skipped once a call takes over `args.budget_s`."""
+    to end, at each of `args.batches`; a row's larger batches are skipped once a call takes over `args.budget_s`.
+
+    Resumable and sized to a budget: the rows of `previous` (an earlier record of this function) made on the same
+    device and sizes are kept and not measured again; once `args.total_budget_s` seconds have passed, no row
+    starts, and the record's `not_measured` names the rows left for a later run. `save` (if given) gets the record
+    after every row, so that a run stopped from outside keeps what it measured."""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     data, vae = (TINY["data"], TINY["vae"]) if args.tiny else (IMAGENET, vae_config(args.vae_config))
-    rows = []
-    for name in args.models:
-        for parscale_n in args.parscale:
-            config = model_config(name, parscale_n, args.config_dir)
-            if args.tiny:
-                config = {**config, **{k: {**config[k], **v} for k, v in TINY["model"].items()}}
-            pipe = build_pipeline(config, vae, data, device, dtype)
-            for steps in args.steps:
-                for cache in (None, default_cache(steps)):
-                    rows.extend(_time_row(pipe, name, parscale_n, steps, cache, args))
-    return {
+    record = {
         "metric": "sampling_seconds_per_image",
+        "device_name": device_name(device),
         "sizes": "tiny (--tiny: checks the code path, measures nothing)" if args.tiny else "ImageNet-256 configs",
         "dtype": str(dtype).removeprefix("torch."),
         "guidance_scale": GUIDANCE,
         "temperature": TEMPERATURE,
-        "rows": rows,
+        "rows": [],
+        "not_measured": [],
     }
+    same = previous is not None and all(previous.get(k) == record[k] for k in ("device_name", "sizes", "dtype"))
+    record["rows"] = list(previous["rows"]) if same else []
+    done = {row_key(r) for r in record["rows"]}
+    budget = getattr(args, "total_budget_s", None)
+    deadline = None if budget is None else time.monotonic() + budget
+    for name in args.models:
+        for parscale_n in args.parscale:
+            todo = [(steps, cache) for steps in args.steps for cache in (None, default_cache(steps))]
+            todo = [(k, c) for k, c in todo if (MODELS.get(name, name), parscale_n, k, _sampling(c)) not in done]
+            if not todo:
+                continue
+            pipe = None
+            for steps, cache in todo:
+                if deadline is not None and time.monotonic() > deadline:
+                    record["not_measured"].append(
+                        f"{MODELS.get(name, name)} P={parscale_n} {steps} steps {_sampling(cache)}: the run's "
+                        f"--total-budget-s {budget:g} was spent; run again to continue"
+                    )
+                    continue
+                if pipe is None:
+                    config = model_config(name, parscale_n, args.config_dir)
+                    if args.tiny:
+                        config = {**config, **{k: {**config[k], **v} for k, v in TINY["model"].items()}}
+                    pipe = build_pipeline(config, vae, data, device, dtype)
+                record["rows"].extend(_time_row(pipe, name, parscale_n, steps, cache, args))
+                if save is not None:
+                    save(record)
+            del pipe
+    return record
+
+
+def _sampling(cache) -> str:
+    return "exact" if cache is None else "cached"
 
 
 def _time_row(pipe, name, parscale_n, steps, cache, args) -> list[dict]:
@@ -376,8 +415,9 @@ def _time_row(pipe, name, parscale_n, steps, cache, args) -> list[dict]:
             times.append(time.perf_counter() - start)
         rows.append({
             "model": MODELS.get(name, name), "parscale_n": parscale_n, "num_inference_steps": steps,
-            "sampling": "exact" if cache is None else "cached", "batch": batch,
+            "sampling": _sampling(cache), "batch": batch,
             "seconds_per_image": statistics.median(times[1:]) / batch, "first_call_s": times[0],
+            "git_revision": git_revision(),
         })  # fmt: skip
         if times[-1] > args.budget_s:
             break
@@ -490,9 +530,11 @@ def readme_section(results_dir: str | os.PathLike) -> str:
 
 def measured_table(record: dict) -> str:
     """The Markdown table of a :func:`measure` record."""
+    # A resumed run keeps earlier runs' rows: each row names the revision that measured it.
+    revisions = sorted({r.get("git_revision", record["provenance"]["git_revision"])[:12] for r in record["rows"]})
     lines = [
-        f"**Measured** ({record['sizes']}; {record['dtype']}, {machine_summary(record['provenance']['machine'])}, "
-        f"at {short_revision(record)}): ms per image, end to end.",
+        f"**Measured** ({record['sizes']}; {record['dtype']}, {record.get('device_name', 'GPU')}, "
+        f"{machine_summary(record['provenance']['machine'])}, at {', '.join(revisions)}): ms per image, end to end.",
         "",
         "| model | P | steps | sampling | batch | ms / image |",
         "|---|---:|---:|---|---:|---:|",
@@ -502,6 +544,8 @@ def measured_table(record: dict) -> str:
             f"| {r['model']} | {r['parscale_n']} | {r['num_inference_steps']} | {r['sampling']} | {r['batch']} | "
             f"{1e3 * r['seconds_per_image']:.1f} |"
         )
+    if record.get("not_measured"):
+        lines += ["", "Not measured yet: " + "; ".join(record["not_measured"]) + "."]
     return "\n".join(lines)
 
 
@@ -521,5 +565,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     gpu.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     gpu.add_argument("--repeats", type=int, default=2, help="timed calls after one warm-up call")
     gpu.add_argument("--budget-s", type=float, default=10.0, help="skip a row's larger batches past this call time")
+    gpu.add_argument(
+        "--total-budget-s", type=float, default=None,
+        help="start no row after this many seconds (the rest: `not_measured`; a rerun continues)",
+    )  # fmt: skip
     gpu.add_argument("--tiny", action="store_true", help="tiny stand-in configs (the CPU rehearsal)")
     return parser

@@ -609,7 +609,8 @@ def floor_row(results_dir: str | os.PathLike) -> str | None:
     return "| real train digits vs held-out (the floor) | – | " + " | ".join(cells) + " |"
 
 
-# The comparisons docs/experiments.md states (the README in short); each: (claim, metric, cell a, cell b, what would support the claim).
+# The comparisons docs/experiments.md states (the README in short); each: (claim, metric, cell a, cell b, what
+# would support the claim).
 COMPARISONS = (
     ("A1: LiteHybrid costs no quality", "fid", "lh_both", "lh_off", "lh_both not worse"),
     ("A3: the coarse branch contributes", "fid", "lh_both", "lh_fine", "lh_both better"),

@@ -38,10 +38,11 @@ def markdown_documents(root: str | os.PathLike) -> list[Path]:
 
 def section_document(root: str | os.PathLike, name: str) -> Path:
     """The one page of :func:`markdown_documents` that holds the ``<!-- {name}:start -->`` marker."""
-    holders = [path for path in markdown_documents(root) if f"<!-- {name}:start -->" in path.read_text(encoding="utf-8")]
+    marker = f"<!-- {name}:start -->"
+    holders = [path for path in markdown_documents(root) if marker in path.read_text(encoding="utf-8")]
     if len(holders) != 1:
         raise ValueError(
-            f"section_document: expected one page under {root} (README.md, docs/*.md) holding '<!-- {name}:start -->', "
+            f"section_document: expected one page under {root} (README.md, docs/*.md) holding '{marker}', "
             f"found {[str(path) for path in holders]}."
         )
     return holders[0]
@@ -185,11 +186,14 @@ def former_demo_model_note(results_dir: str | os.PathLike, record: dict | None, 
     base = next(cell for cell in experiments.CELLS if cell.kind == "ear" and not cell.flags and not cell.config)
     runs = experiments.load_grid(results_dir / "experiments").get(base.name)
     if not runs:
-        raise ValueError(f"former_demo_model_note: no complete run of the grid's base cell '{base.name}' in {results_dir}.")
+        raise ValueError(
+            f"former_demo_model_note: no complete run of the grid's base cell '{base.name}' in {results_dir}."
+        )
     names = ", ".join(f"`{section}`" for section in former)
     return (
         f"_The demo-model rows (sections {names}) were measured on the former "
-        f"{runs[0]['parameters'] / 1e6:.1f}M-parameter demo model, which no longer ships (`{runs[0]['settings']['base_config']}`, "
+        f"{runs[0]['parameters'] / 1e6:.1f}M-parameter demo model, which no longer ships "
+        f"(`{runs[0]['settings']['base_config']}`, "
         f"the grid's `{base.name}` cell); a rerun on `{DEMO_MODEL}` (the grid's `{ship['cell']}` cell since "
         f"{shipped_at[:10]}) is pending ({ISSUE_RERUN})._"
     )
