@@ -66,7 +66,7 @@ class Request:
     images_per_class: float
     steps: float
     guidance: float
-    temperature: float
+    temperature: float | None  # None: the pipeline's (`pipe.sampling_defaults`)
     seed: float
     token_cache: bool = False
     condition_cache: bool = False
@@ -236,11 +236,12 @@ class DemoApp:
         model, pipe = self.pipeline(request.model)
         ids = pipe.class_ids(labels)  # unknown names and ids fail here, before any sampling
         count = len(ids) * per_class
+        temperature = pipe.sampling_defaults["temperature"] if request.temperature is None else request.temperature
         settings = {
             "num_images_per_class": per_class,
             "num_inference_steps": steps,
             "guidance_scale": request.guidance,
-            "temperature": request.temperature,
+            "temperature": temperature,
             "seed": seed,
         }
 
@@ -255,7 +256,7 @@ class DemoApp:
             num_images_per_class=per_class,
             num_inference_steps=steps,
             guidance_scale=request.guidance,
-            temperature=request.temperature,
+            temperature=temperature,
             generator=[torch.Generator().manual_seed(seed + i) for i in range(count)],
             cache=cache,
             callback_on_step_end=on_step,
@@ -318,7 +319,9 @@ def build_app(
                 per_class = gr.Number(value=2, precision=0, label="Images per class", elem_id="per_class")
                 steps = gr.Number(value=16, precision=0, label=f"Steps (1-{app.limits.max_steps})", elem_id="steps")
                 guidance = gr.Number(value=3.0, label="Guidance (>= 1)", elem_id="guidance")
-                temperature = gr.Number(value=0.7, label="Temperature (>= 0)", elem_id="temperature")
+                temperature = gr.Number(
+                    value=None, label="Temperature (>= 0; empty: the model's, EAR 0.7, MAR 1.0)", elem_id="temperature"
+                )
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                 with gr.Accordion("Fast sampling (LazyMAR's caches; not exact)", open=False):
                     token_cache = gr.Checkbox(value=False, label="Token cache", elem_id="token_cache")

@@ -47,8 +47,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--images-per-class", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="image i uses the seed seed+i")
     parser.add_argument("--steps", type=int, default=None, help="autoregressive steps (default: min(64, tokens))")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: off)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="energy head temperature")
+    parser.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (1: off; default: the pipeline's)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="the head's temperature (default: the pipeline's)"
+    )
     parser.add_argument("--output", default="outputs/grid.png", help="PNG grid, or a folder with --no-grid")
     parser.add_argument("--no-grid", action="store_true", help="write one PNG per image into --output (a folder)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -68,14 +72,15 @@ def generate(args: argparse.Namespace) -> list[PIL.Image.Image]:
     num_classes = pipe.transformer.config.num_classes
     labels = [int(x) if x.lstrip("-").isdigit() else x for x in args.labels or []] or list(range(min(10, num_classes)))
     steps = min(64, pipe.grid_size**2) if args.steps is None else args.steps
+    _, guidance, _, temperature = pipe.with_sampling_defaults(steps, args.guidance, None, args.temperature)
     count = len(labels) * args.images_per_class
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(count)]
     start = time.perf_counter()
     images = pipe(
         labels,
         num_inference_steps=steps,
-        guidance_scale=args.guidance,
-        temperature=args.temperature,
+        guidance_scale=guidance,
+        temperature=temperature,
         generator=generators,
         num_images_per_class=args.images_per_class,
         cache=cache,
@@ -93,8 +98,8 @@ def generate(args: argparse.Namespace) -> list[PIL.Image.Image]:
         by_row = [k * args.images_per_class + r for r in range(args.images_per_class) for k in range(len(labels))]
         labelled_grid([images[k] for k in by_row], [names[k] for k in by_row], columns=len(labels)).save(args.output)
     print(
-        f"wrote {args.output}: {len(images)} images of classes {labels}, {steps} steps, guidance {args.guidance}, "
-        f"temperature {args.temperature}, seed {args.seed}, {'cache ' + str(cache) if cache else 'exact'}"
+        f"wrote {args.output}: {len(images)} images of classes {labels}, {steps} steps, guidance {guidance}, "
+        f"temperature {temperature}, seed {args.seed}, {'cache ' + str(cache) if cache else 'exact'}"
         f"{', compiled' if args.compile else ''}, {seconds:.2f} s on {args.device}"
     )
     return images

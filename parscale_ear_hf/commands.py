@@ -77,13 +77,15 @@ def run_script(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespa
     run_command(parser.prog, func, parser.parse_args())
 
 
-def check_sampling_flags(owner: str, steps: int | None, guidance: float, temperature: float) -> None:
+def check_sampling_flags(owner: str, steps: int | None, guidance: float | None, temperature: float | None) -> None:
     """Refuse, before any model is loaded, the --steps / --guidance / --temperature that the pipeline
-    would refuse (``steps`` None: the command's default), inf and nan included."""
+    would refuse (None: not given, the command's or the pipeline's default), inf and nan included."""
     if steps is not None:
         check_int(owner, "--steps", steps, 1)
-    check_float(owner, "--guidance", guidance, 1.0, math.inf)
-    check_float(owner, "--temperature", temperature, 0.0, math.inf)
+    if guidance is not None:
+        check_float(owner, "--guidance", guidance, 1.0, math.inf)
+    if temperature is not None:
+        check_float(owner, "--temperature", temperature, 0.0, math.inf)
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:

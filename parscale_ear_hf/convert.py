@@ -372,6 +372,10 @@ MAR_MODELS = {
     "mar_large": dict(hidden_size=1024, num_heads=16, depth=16),
     "mar_huge": dict(hidden_size=1280, num_heads=16, depth=20),
 }
+# Saved in a converted MAR pipeline: MAR samples at temperature 1.0 (main_mar.py's default, and its evaluations
+# with guidance), not EAR's 0.7; so ``pipe(labels)`` samples as MAR does. The steps (64) and the linear schedule are
+# MAR's defaults already; MAR's guidance depends on the size (its README), so the user passes it.
+MAR_SAMPLING_DEFAULTS = {"temperature": 1.0}
 _MAR_BLOCK = r"(encoder|decoder)_blocks\.(\d+)"
 _MAR_KEYS = [
     ("transformer", r"token_proj\.(weight|bias)", r"z_proj.\1"),
@@ -589,7 +593,7 @@ def convert_mar_checkpoint(
     id2label = imagenet_id2label() if transformer.config.num_classes == 1000 else None
     pipe = ParScaleEARPipeline(
         vae=autoencoder, lite_hybrid=plain_lite_hybrid(transformer), transformer=transformer, energy_head=head,
-        id2label=id2label,
+        id2label=id2label, sampling_defaults=MAR_SAMPLING_DEFAULTS,
     )  # fmt: skip
     record = {
         "source": "LTH14/mar",

@@ -15,6 +15,31 @@ from .models.lite_hybrid import LiteHybrid
 from .models.lite_vae import LiteVAE
 from .models.mar_transformer import MARTransformer
 
+# What `pipe(...)` and `sample_tokens` use for an argument left out (None), unless the pipeline's saved
+# `sampling_defaults` say otherwise: EAR's evaluation settings (a converted MAR pipeline saves MAR's temperature).
+SAMPLING_DEFAULTS = {
+    "num_inference_steps": 64,
+    "guidance_scale": 3.0,
+    "guidance_schedule": "linear",
+    "temperature": 0.7,
+}
+
+
+def check_sampling_defaults(defaults) -> dict | None:
+    """`defaults` (None, or a dict of some :data:`SAMPLING_DEFAULTS` keys) as stored; raise naming a wrong key or
+    type (the values are checked as ``pipe(...)`` checks its arguments)."""
+    if defaults is None:
+        return None
+    if not isinstance(defaults, dict):
+        raise TypeError(f"ParScaleEARPipeline: `sampling_defaults` must be a dict or None, got {defaults!r}.")
+    unknown = sorted(set(defaults) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"ParScaleEARPipeline: `sampling_defaults` has unknown key(s) {unknown}; accepted: "
+            f"{', '.join(SAMPLING_DEFAULTS)}."
+        )
+    return dict(defaults)
+
 
 def condition_width(transformer: EARTransformer | MARTransformer) -> tuple[str, int]:
     """The name and value of the backbone's config field that is the width of its output, the head's condition:

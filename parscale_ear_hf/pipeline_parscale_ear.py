@@ -25,8 +25,10 @@ from .models.lite_hybrid import LiteHybrid
 from .models.lite_vae import LiteVAE
 from .models.mar_transformer import MARTransformer
 from .pipeline_components import (
+    SAMPLING_DEFAULTS,
     check_components,
     check_id2label,
+    check_sampling_defaults,
     eval_mode,
     flatten_labels,
     label_names,
@@ -84,6 +86,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         transformer: EARTransformer | MARTransformer,
         energy_head: EnergyHead | DiffusionHead,
         id2label: dict | None = None,
+        sampling_defaults: dict | None = None,
     ):
         super().__init__()
         check_components(vae, lite_hybrid, transformer, energy_head)
@@ -91,6 +94,11 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         # JSON keys are strings: store them so, to make the config identical after a reload.
         id2label = check_id2label(id2label, transformer.config.num_classes)
         self.register_to_config(id2label={str(k): v for k, v in id2label.items()} if id2label else None)
+        self.register_to_config(sampling_defaults=check_sampling_defaults(sampling_defaults))
+        try:
+            self.check_inputs(*self.with_sampling_defaults(None, None, None, None), ("tokens",))
+        except ValueError as error:
+            raise ValueError(f"ParScaleEARPipeline: `sampling_defaults` {sampling_defaults!r}: {error}") from None
         self.labels = label_names(id2label)
         self._compiled_hidden = None
         self.vae_scale_factor = vae_spatial_factor(vae)
@@ -101,6 +109,20 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         """``{class id: name}`` or None."""
         stored = self.config.id2label
         return {int(k): v for k, v in stored.items()} if stored else None
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """What ``pipe(...)`` and :meth:`sample_tokens` use for `num_inference_steps`, `guidance_scale`,
+        `guidance_schedule` and `temperature` when left out: EAR's (64 steps, 3.0, "linear", 0.7), overridden by
+        the pipeline's saved `sampling_defaults` (a pipeline converted from MAR saves MAR's temperature, 1.0).
+        Set them with ``ParScaleEARPipeline(..., sampling_defaults={...})`` or
+        ``from_pretrained(path, sampling_defaults={...})``; ``save_pretrained`` keeps them."""
+        return {**SAMPLING_DEFAULTS, **(self.config.sampling_defaults or {})}
+
+    def with_sampling_defaults(self, num_inference_steps, guidance_scale, guidance_schedule, temperature) -> tuple:
+        """The four sampling arguments, each None replaced by :attr:`sampling_defaults`'s."""
+        given = zip(SAMPLING_DEFAULTS, (num_inference_steps, guidance_scale, guidance_schedule, temperature))
+        return tuple(self.sampling_defaults[name] if value is None else value for name, value in given)
 
     @property
     def grid_size(self) -> int:
@@ -225,10 +247,10 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         class_ids: torch.LongTensor,
         orders: torch.LongTensor,
         noise: torch.Tensor,
-        num_inference_steps: int,
-        guidance_scale: float,
-        guidance_schedule: str = "linear",
-        temperature: float = 0.7,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        guidance_schedule: str | None = None,
+        temperature: float | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("tokens",),
         cache: SamplingCache | None = None,
@@ -263,6 +285,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
             guidance_scale: classifier-free guidance `cfg` >= 1; 1 disables guidance.
             guidance_schedule: "linear" (EAR / MAR) or "constant".
             temperature: the head's temperature; EAR uses 0.7, MAR 1.0 (0.95 without guidance).
+            Each of these four left None takes the pipeline's :attr:`sampling_defaults`.
             callback_on_step_end: ``fn(pipe, i, step, tensors) -> dict`` called after the `i`-th step run
                 (schedule step `step`; the two differ only past skipped steps) with the tensors named in
                 `callback_on_step_end_tensor_inputs`: `tokens` `(B, N, C)`, `latents` `(B, C, h, w)` (a view of
@@ -278,6 +301,9 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         Returns:
             Tokens `(B, N, C)` in raster order (see ``tokens_to_latents``).
         """
+        num_inference_steps, guidance_scale, guidance_schedule, temperature = self.with_sampling_defaults(
+            num_inference_steps, guidance_scale, guidance_schedule, temperature
+        )
         self.check_inputs(
             num_inference_steps,
             guidance_scale,
@@ -419,10 +445,10 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
     def __call__(
         self,
         class_labels: int | str | list[int] | list[str] | torch.Tensor,
-        num_inference_steps: int = 64,
-        guidance_scale: float = 3.0,
-        guidance_schedule: str = "linear",
-        temperature: float = 0.7,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        temperature: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_images_per_class: int = 1,
         output_type: str = "pil",
@@ -457,11 +483,17 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
             cache: None (the default) samples exactly, as EAR does; a :class:`SamplingCache` turns on LazyMAR's token
                 and condition caches: faster, slightly different images.
 
+        `num_inference_steps`, `guidance_scale`, `guidance_schedule` and `temperature` left None take the pipeline's
+        :attr:`sampling_defaults`: EAR's 64, 3.0, "linear" and 0.7, unless the pipeline saved others.
+
         Returns:
             :class:`~diffusers.ImagePipelineOutput` with `.images`, or a tuple `(images,)`.
         """
         # 1. Check inputs; `class_ids` raises for labels it cannot map.
         ids = self.class_ids(class_labels)
+        num_inference_steps, guidance_scale, guidance_schedule, temperature = self.with_sampling_defaults(
+            num_inference_steps, guidance_scale, guidance_schedule, temperature
+        )
         self.check_inputs(
             num_inference_steps,
             guidance_scale,

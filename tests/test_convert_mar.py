@@ -92,6 +92,7 @@ def test_conversion_writes_a_pipeline_with_the_ema_weights_by_default(converted,
     assert (transformer.config.buffer_size, transformer.config.class_dropout_prob) == (4, 0.1)
     assert head.config.num_sampling_steps == 100
     assert pipe.id2label is None  # 10 classes: not ImageNet's
+    assert pipe.sampling_defaults["temperature"] == 1.0  # MAR's, not EAR's 0.7: pipe(labels) samples as MAR does
     expected = mar_state_dicts(made["ema"], transformer, head)
     for name, component in (("transformer", transformer), ("energy_head", head)):
         state = component.state_dict()
@@ -119,12 +120,14 @@ def test_the_converted_pipeline_generates_alone_and_in_a_batch(converted):
 
 def test_the_cli_and_the_web_demo_generate_with_it(converted, tmp_path, capsys):
     grid = tmp_path / "grid.png"
-    main(["generate", "--model", str(converted), "--labels", "1", "2", "--steps", "4", "--temperature", "1.0",
-          "--output", str(grid), "--device", "cpu"])  # fmt: skip
-    assert "wrote" in capsys.readouterr().out and PIL.Image.open(grid).size[0] > 0
-    request = Request(str(converted), "1, 2", images_per_class=1, steps=4, guidance=3.0, temperature=1.0, seed=5)
+    # Without --temperature / an empty field: the pipeline's saved default, MAR's 1.0.
+    main(["generate", "--model", str(converted), "--labels", "1", "2", "--steps", "4", "--output", str(grid),
+          "--device", "cpu"])  # fmt: skip
+    assert "temperature 1.0," in capsys.readouterr().out and PIL.Image.open(grid).size[0] > 0
+    request = Request(str(converted), "1, 2", images_per_class=1, steps=4, guidance=3.0, temperature=None, seed=5)
     out = DemoApp([str(converted)]).generate(request)
     assert len(out["images"]) == 2 and out["settings"]["class_ids"] == [1, 2]
+    assert out["settings"]["temperature"] == 1.0
 
 
 def test_the_fid_evaluation_scores_it(converted, tmp_path):
@@ -137,9 +140,12 @@ def test_the_fid_evaluation_scores_it(converted, tmp_path):
     main(["eval", "--model", str(converted), "--output-dir", str(tmp_path / "eval"), "--extractor", "digit",
           "--classifier", str(tmp_path / "clf"), "--dataset", str(tmp_path / "data"), "--split", "train",
           "--reference-cache-dir", str(tmp_path / "refs"), "--images-per-class", "1", "--batch-size", "5",
-          "--steps", "2", "--temperature", "1.0"])  # fmt: skip
+          "--steps", "2"])  # fmt: skip
     record = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert record["samples"]["total"] == 10 and record["metrics"]["demo_fid"] > 0
+    # No --temperature: the pipeline's (MAR's 1.0) is used, and recorded as such.
+    sampling = json.loads((tmp_path / "eval" / "eval_config.json").read_text())["sampling"]
+    assert (sampling["temperature"], sampling["guidance_schedule"]) == (1.0, "linear")
 
 
 def test_the_model_card_states_origin_license_and_paper(converted):

@@ -61,7 +61,6 @@ WEIGHTS_HELP = (
     "installed weights (no IS)"
 )
 PIPELINE_CLASSES = ("ParScaleEARPipeline", "DiTPipeline")
-DEFAULT_TEMPERATURE, DEFAULT_GUIDANCE_SCHEDULE = 0.7, "linear"
 # Our pipeline's options that a DiTPipeline does not have (flag -> argument name).
 OURS_ONLY = {
     "--temperature": "temperature",
@@ -105,9 +104,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--guidance-schedule",
         default=None,
         choices=["linear", "constant"],
-        help=f"default {DEFAULT_GUIDANCE_SCHEDULE}",
+        help="default: the pipeline's (`pipe.sampling_defaults`: linear)",
     )
-    sample.add_argument("--temperature", type=float, default=None, help=f"default {DEFAULT_TEMPERATURE}")
+    sample.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="default: the pipeline's (`pipe.sampling_defaults`: EAR's 0.7; a pipeline converted from MAR saves 1.0)",
+    )
     sample.add_argument("--seed", type=int, default=0)
     add_cache_arguments(parser)  # --token-cache ... and --compile (a DiTPipeline's transformer: torch.compile)
     feats = parser.add_argument_group("feature extractor")
@@ -131,8 +135,7 @@ def _check_flags(args) -> None:
     args.mixed_precision = check_mixed_precision(
         "eval_fid", args.mixed_precision, args.cpu or not torch.cuda.is_available()
     )
-    temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
-    check_sampling_flags("eval_fid", args.steps, args.guidance, temperature)
+    check_sampling_flags("eval_fid", args.steps, args.guidance, args.temperature)
     args.sampling_cache = cache_from_args("eval_fid", args)
     if args.num_samples is not None:
         check_int("eval_fid", "--num-samples", args.num_samples)
@@ -181,8 +184,8 @@ def _sampling(args, pipeline_class: str) -> dict:
     return {
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
-        "guidance_schedule": args.guidance_schedule or DEFAULT_GUIDANCE_SCHEDULE,
-        "temperature": DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
+        "guidance_schedule": args.guidance_schedule,  # None: the pipeline's, filled in once it is loaded
+        "temperature": args.temperature,
         "cache": cache,
     }
 
@@ -226,6 +229,9 @@ def run(args: argparse.Namespace) -> dict | None:
     start = time.perf_counter()
     pipe, image_size, modules = load_pipeline(args.model, pipeline_class, accelerator.device, args.compile)
     pipe.set_progress_bar_config(disable=True)
+    if pipeline_class == "ParScaleEARPipeline":  # what the pipeline will use, recorded as such
+        keys = ("num_inference_steps", "guidance_scale", "guidance_schedule", "temperature")
+        sampling.update(zip(keys, pipe.with_sampling_defaults(*(sampling[k] for k in keys))))
     num_classes = pipeline_num_classes(pipe)
     _check_against_model(args, num_classes)
     channels = pipe.vae.config.out_channels
