@@ -301,30 +301,12 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         Returns:
             Tokens `(B, N, C)` in raster order (see ``tokens_to_latents``).
         """
-        num_inference_steps, guidance_scale, guidance_schedule, temperature = self.with_sampling_defaults(
-            num_inference_steps, guidance_scale, guidance_schedule, temperature
-        )
-        self.check_inputs(
-            num_inference_steps,
-            guidance_scale,
-            guidance_schedule,
-            temperature,
-            callback_on_step_end_tensor_inputs,
-            cache,
-        )
+        # (steps, guidance, schedule, temperature), the pipeline's defaults for those left None.
+        sampling = self.with_sampling_defaults(num_inference_steps, guidance_scale, guidance_schedule, temperature)
+        tensor_inputs = callback_on_step_end_tensor_inputs
+        self.check_inputs(*sampling, tensor_inputs, cache)
         check_sampling_tensors(class_ids, orders, noise, self.grid_size**2, self.energy_head.noise_shape)
-        return self._sample_tokens(
-            class_ids,
-            orders,
-            noise,
-            num_inference_steps,
-            guidance_scale,
-            guidance_schedule,
-            temperature,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            cache,
-        )
+        return self._sample_tokens(class_ids, orders, noise, *sampling, callback_on_step_end, tensor_inputs, cache)
 
     def _sample_tokens(
         self,
@@ -491,21 +473,11 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         """
         # 1. Check inputs; `class_ids` raises for labels it cannot map.
         ids = self.class_ids(class_labels)
-        num_inference_steps, guidance_scale, guidance_schedule, temperature = self.with_sampling_defaults(
-            num_inference_steps, guidance_scale, guidance_schedule, temperature
-        )
-        self.check_inputs(
-            num_inference_steps,
-            guidance_scale,
-            guidance_schedule,
-            temperature,
-            callback_on_step_end_tensor_inputs,
-            cache,
-            num_images_per_class,
-            output_type,
-            generator,
-            num_class_labels=len(ids),
-        )
+        # (steps, guidance, schedule, temperature), the pipeline's defaults for those left None.
+        sampling = self.with_sampling_defaults(num_inference_steps, guidance_scale, guidance_schedule, temperature)
+        tensor_inputs = callback_on_step_end_tensor_inputs
+        per_call = (num_images_per_class, output_type, generator)  # what only __call__ takes
+        self.check_inputs(*sampling, tensor_inputs, cache, *per_call, num_class_labels=len(ids))
         ids = [i for i in ids for _ in range(num_images_per_class)]
 
         # 2. Prepare all randomness up front, image i's from its own generator: its order, then a noise per token.
@@ -514,18 +486,8 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         noise = head.noise_from_uniform(uniform(batch, (n, *head.noise_shape), generator, device))
 
         # 3. Masked autoregressive sampling of the tokens.
-        tokens = self._sample_tokens(
-            torch.tensor(ids, device=device),
-            orders,
-            noise,
-            num_inference_steps,
-            guidance_scale,
-            guidance_schedule,
-            temperature,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            cache,
-        )
+        class_ids = torch.tensor(ids, device=device)
+        tokens = self._sample_tokens(class_ids, orders, noise, *sampling, callback_on_step_end, tensor_inputs, cache)
 
         # 4. Decode and post-process.
         images = tokens_to_latents(tokens, self.grid_size)
