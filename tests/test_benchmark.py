@@ -105,6 +105,46 @@ def test_cli_runs_a_section_and_merges_results(tmp_path, monkeypatch):
         run_example("benchmark.py", "--sections", "nope")
 
 
+def test_merge_takes_named_sections_with_their_provenance_and_nothing_else(tmp_path):
+    from parscale_ear_hf.results import write_results
+
+    def results(path, rows: dict, revisions: dict, profile="cpu"):
+        provenance = {section: {"git_revision": revision} for section, revision in revisions.items()}
+        return write_results(
+            path,
+            {
+                "metric": "benchmark",
+                "profile": profile,
+                "device": "cpu",
+                "device_name": None,
+                "dtype": "torch.float32",
+                "measurements": rows,
+                "section_provenance": provenance,
+            },
+        )
+
+    ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"
+    results(ours, {"heads/speedup_1": {"ratio": 2.0}, "flops/matmul_peak": {"flop_per_s": 1e9}},
+            {"heads": "a" * 40, "matmul": "a" * 40})  # fmt: skip
+    results(theirs, {"heads/speedup_2": {"ratio": 3.0}, "flops/matmul_peak": {"flop_per_s": 5e9}},
+            {"heads": "b" * 40, "matmul": "b" * 40})  # fmt: skip
+    merged = bm.merge_sections(theirs, ours, ["heads"])
+    # The heads rows and their provenance are the other run's; matmul stays ours.
+    assert merged["measurements"] == {"heads/speedup_2": {"ratio": 3.0}, "flops/matmul_peak": {"flop_per_s": 1e9}}
+    assert merged["section_provenance"]["heads"]["git_revision"] == "b" * 40
+    assert merged["section_provenance"]["matmul"]["git_revision"] == "a" * 40
+    assert json.loads(ours.read_text()) == merged and ours.with_suffix(".md").is_file()
+    with pytest.raises(ValueError, match=r"has no section\(s\) \['vae'\]; it ran \['heads', 'matmul'\]"):
+        bm.merge_sections(theirs, ours, ["vae"])
+    results(theirs, {}, {"heads": "c" * 40}, profile="gpu")
+    with pytest.raises(ValueError, match="is of the gpu profile"):
+        bm.merge_sections(theirs, ours, ["heads"])
+    with pytest.raises(ValueError, match="holds no results"):
+        bm.merge_sections(tmp_path / "absent.json", ours, ["heads"])
+    with pytest.raises(ValueError, match="name the sections"):
+        bm.merge_sections(theirs, ours, None)
+
+
 def test_cpu_memory_probe_sees_activations_grow_with_batch():
     """The fresh-process probe counts what one forward holds: 64 sequences of 272 x 256 floats
     (an MLP hidden of 4x that is 70 MiB alone) must show, one sequence must not."""

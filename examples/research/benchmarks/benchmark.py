@@ -540,6 +540,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", default=None, help="results JSON (default: results/benchmark_<profile>.json)")
     parser.add_argument(
+        "--merge-from",
+        default=None,
+        metavar="FILE",
+        help="measure nothing: take the --sections' rows, each section with its provenance, from FILE (the same "
+        "profile's results, e.g. of a run in another checkout) into --output, then write the reports",
+    )
+    parser.add_argument(
         "--tiny",
         action="store_true",
         help="small stand-ins for every default config and sweep: checks a GPU run's code paths on a CPU in "
@@ -590,6 +597,8 @@ def run(args: argparse.Namespace) -> dict:
 
     profile = args.profile or ("gpu" if args.device.startswith("cuda") else "cpu")
     sections = args.sections or [section for section in SECTIONS if section not in ON_REQUEST]
+    if getattr(args, "merge_from", None):
+        return merge_sections(args.merge_from, args.output or f"results/benchmark_{profile}.json", args.sections)
     check_args(args, profile, sections)
     dtype = torch.bfloat16 if profile == "gpu" else torch.float32
     sizes = TINY if args.tiny else FULL
@@ -647,6 +656,45 @@ def run(args: argparse.Namespace) -> dict:
     if bench_sampling.write_report(output) is not None:
         print("\n".join(bench_sampling.target_lines(record["sampling_targets"])))
     return record
+
+
+def merge_sections(source: str | os.PathLike, output: str | os.PathLike, sections: list[str] | None) -> dict:
+    """Replace the rows of `sections` in `output` by those of `source`, each section keeping the provenance it
+    was measured under (the machine and revision of `source`'s run), and write the reports: how runs made in
+    parallel (other checkouts, other sections) join one results file.
+
+    Raises:
+        ValueError: no --sections, either file missing or of another profile, or a section `source` never ran.
+    """
+    from parscale_ear_hf.results import load_results, write_results
+
+    if not sections:
+        raise ValueError("bench --merge-from: name the sections to take with --sections.")
+    record, other = load_results(output), load_results(source)
+    for path, loaded in ((output, record), (source, other)):
+        if loaded is None:
+            raise ValueError(f"bench --merge-from: {str(path)!r} holds no results (run the benchmark first).")
+    if other["profile"] != record["profile"]:
+        raise ValueError(
+            f"bench --merge-from: {str(source)!r} is of the {other['profile']} profile, {str(output)!r} of the "
+            f"{record['profile']} one; merge only results of one profile."
+        )
+    missing = [s for s in sections if s not in other.get("section_provenance", {})]
+    if missing:
+        raise ValueError(f"bench --merge-from: {str(source)!r} has no section(s) {missing}; it ran "
+                         f"{sorted(other.get('section_provenance', {}))}.")  # fmt: skip
+    measured, section_provenance = dict(record["measurements"]), dict(record["section_provenance"])
+    for section in sections:
+        measured = {key: row for key, row in measured.items() if not key.startswith(f"{section}/")}
+        measured.update({key: row for key, row in other["measurements"].items() if key.startswith(f"{section}/")})
+        section_provenance[section] = other["section_provenance"][section]
+    payload = {k: v for k, v in record.items() if k != "provenance"}
+    payload.update(measurements=measured, section_provenance=section_provenance, targets=check_targets(measured),
+                   sampling_targets=bench_sampling.check_targets(measured))  # fmt: skip
+    merged = write_results(output, payload)
+    print(write_reports(output))
+    bench_sampling.write_report(output)
+    return merged
 
 
 def _batch_section(b: Bench, args, gpu: bool) -> None:
