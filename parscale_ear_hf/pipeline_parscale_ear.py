@@ -100,7 +100,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         except ValueError as error:
             raise ValueError(f"ParScaleEARPipeline: `sampling_defaults` {sampling_defaults!r}: {error}") from None
         self.labels = label_names(id2label)
-        self._compiled_hidden = None
+        self._compiled_hidden = self._compiled_partial = None
         self.vae_scale_factor = vae_spatial_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -340,7 +340,9 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         mask = torch.ones(batch, n, dtype=torch.bool, device=device)
         state = None
         if cache and cache.enabled:
-            state = SamplingCacheState(cache, self.lite_hybrid, self.transformer, num_inference_steps)
+            state = SamplingCacheState(
+                cache, self.lite_hybrid, self.transformer, num_inference_steps, self._compiled_partial
+            )
         # While m tokens are masked they are orders[:, :m]: a step predicts the slice orders[:, m_next:m].
         num_masked = last_pass = n
 
@@ -408,20 +410,30 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         return h_cond, h_uncond
 
     def enable_compiled_step(self, **compile_kwargs) -> None:
-        """Run exact sampling's backbone step (LiteHybrid and transformer, both guidance passes) under
-        ``torch.compile`` as one graph (``fullgraph=True``: a graph break is an error).
+        """Run sampling's backbone steps under ``torch.compile`` (``fullgraph=True``: a graph break is an error).
 
-        Its shapes are static: batch, N and hidden size do not change between steps, so it compiles once
-        per batch size and guidance on / off (``dynamic=False`` unless given). On a GPU, pass
-        ``mode="reduce-overhead"`` for CUDA graphs, and load the pipeline in bf16 (``dtype=torch.bfloat16``).
-        Other keyword arguments go to ``torch.compile``. The caches of :class:`SamplingCache` run eagerly.
+        - Exact sampling's step (LiteHybrid and transformer, both guidance passes) as one graph with static
+          shapes: batch, N and hidden size do not change between steps, so it compiles once per batch size and
+          guidance on / off (``dynamic=False`` unless given).
+        - With a :class:`SamplingCache` on EAR's backbone, its cached passes (``EARTransformer.forward_partial``)
+          with dynamic shapes (``dynamic=True`` whatever is given): the rows they recompute change from step to
+          step, so a handful of graphs serve every step count. The refreshes' full passes and the LiteHybrid run
+          eagerly. On MAR's backbone the cached passes run eagerly: its encoder's sequence grows with the tokens
+          decoded, and its checks of the cache read tensors, which one graph cannot hold.
+
+        On a GPU, pass ``mode="reduce-overhead"`` for CUDA graphs, and load the pipeline in bf16
+        (``dtype=torch.bfloat16``). Other keyword arguments go to ``torch.compile``.
         """
         compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
         self._compiled_hidden = torch.compile(self._hidden, **compile_kwargs)
+        self._compiled_partial = None  # MAR's backbone: eager, see above
+        if isinstance(self.transformer, EARTransformer):
+            partial = self.transformer.forward_partial
+            self._compiled_partial = torch.compile(partial, **{**compile_kwargs, "dynamic": True})
 
     def disable_compiled_step(self) -> None:
-        """Back to the eager step."""
-        self._compiled_hidden = None
+        """Back to the eager steps."""
+        self._compiled_hidden = self._compiled_partial = None
 
     @torch.no_grad()
     def __call__(

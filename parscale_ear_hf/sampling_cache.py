@@ -8,6 +8,7 @@ Both backbones offer the same cached methods: ``token_cache(full_layers)`` (an e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -134,6 +135,8 @@ class SamplingCacheState:
         cache: the settings.
         lite_hybrid, transformer: the pipeline's components (already in eval mode).
         num_inference_steps: the run's step count, which sets the default `refresh_every`.
+        partial_pass: what runs the cached passes: the backbone's ``forward_partial`` (the default) or a compiled
+            version of it (:meth:`ParScaleEARPipeline.enable_compiled_step`).
     """
 
     def __init__(
@@ -142,8 +145,10 @@ class SamplingCacheState:
         lite_hybrid: LiteHybrid,
         transformer: EARTransformer | MARTransformer,
         num_inference_steps: int,
+        partial_pass: Callable | None = None,
     ):
         self.cache, self.lite_hybrid, self.transformer = cache, lite_hybrid, transformer
+        self.partial_pass = partial_pass or transformer.forward_partial
         self.refresh_every = cache.refresh_every_at(num_inference_steps)
         self.tokens: TokenCache | MARTokenCache | None = None  # the backbone's, from its `token_cache`
         self.uncond_minus_cond: torch.Tensor | None = None  # (B, N, D) float32, from the last refresh
@@ -194,10 +199,11 @@ class SamplingCacheState:
             self.layout, self.last_refresh = layout, step
             z = gather_rows(h, predict.repeat(2, 1) if both else predict)
         elif cache.token_cache:
-            z = transformer.forward_partial(
+            z = self.partial_pass(
                 *rows,
                 cache=self.tokens,
-                positions=recompute.repeat(2, 1) if both else recompute,
+                # A copy, also of one pass's rows: a compiled pass would recompile for each offset of the slice.
+                positions=recompute.repeat(1 + both, 1),
                 num_out=predict.shape[1],
                 extra_share=cache.token_share,
             )

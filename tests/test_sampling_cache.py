@@ -214,3 +214,22 @@ def test_compiled_step_gives_the_eager_images(pipe):
     finally:
         pipe.disable_compiled_step()
     assert np.abs((compiled - eager).numpy()).max() < 1e-4
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels on a CPU: ~20 s when its cache is cold
+def test_compiled_cached_passes_give_the_eager_cached_images():
+    # ParScale's streams are batch rows inside the compiled pass and mixed there.
+    pipe = tiny_pipeline(parscale_n=2)
+    cache = SamplingCache(token_share=0.25, refresh_every=4)
+    eager = run(pipe, steps=12, cache=cache)
+    pipe.enable_compiled_step()
+    compiled_pass, calls = pipe._compiled_partial, []
+    pipe._compiled_partial = lambda *args, **kwargs: calls.append(1) or compiled_pass(*args, **kwargs)
+    try:
+        compiled = run(pipe, steps=12, cache=cache)
+    finally:
+        pipe.disable_compiled_step()
+    # 12 steps, full passes at steps 0, 4 and 8: the other 9 ran compiled.
+    assert len(calls) == 9
+    assert (compiled - eager).abs().max() < float32_rounding_bound(pipe, num_inference_steps=12)
+    assert (eager - run(pipe, steps=12)).abs().max() > 1e-3  # a cached run, not an exact one
