@@ -781,11 +781,19 @@ def _rows(m: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in m.items() if k.startswith(prefix)}
 
 
+def best_cached_speedup(row: dict) -> float:
+    """The faster cached variant (eager, or with the compiled step) against the faster exact one, from a
+    ``cache/speedup_*`` row's ratios of eager exact over each variant: a variant's time is exact's over its ratio."""
+    cached = max(row["cached"], row.get("cached_compiled", 0.0))
+    return cached / max(1.0, row.get("compiled", 1.0))
+
+
 def check_targets(m: dict) -> dict:
     """The issue's targets from the measurements: per target the measured value, the bound and
     whether it is met (None: not measured; `note` says why, or where the profile is).
 
-    - cached >= 2.5x exact, per config: the worst (batch, steps) of the measured ones;
+    - cached >= 2.5x exact, per config: the worst (batch, steps) of the measured ones, each the faster cached
+      variant against the faster exact one (:func:`best_cached_speedup`);
     - cached FID at most 5% above exact at the same steps (Inception FID; demo-FID beside it): the worst step count;
     - exact >= 1.2x the authors' sampler at batch 1, per config: the worst step count;
     - compiled faster than eager at batch 16, per config: the worst step count (else the profile says why).
@@ -795,8 +803,9 @@ def check_targets(m: dict) -> dict:
     for config in sorted({row["config"] for row in speedups.values()} | set(CONFIGS)):
         rows = [row for row in speedups.values() if row["config"] == config]
         targets[f"cached_speedup_{config}"] = _target(
-            f"cached sampling faster than exact at the same steps ({config}, worst of batch x steps)",
-            min((row["cached"] for row in rows if "cached" in row), default=None), CACHED_SPEEDUP,
+            f"cached sampling faster than exact at the same steps, the faster of eager and compiled on each side "
+            f"({config}, worst of batch x steps)",
+            min((best_cached_speedup(row) for row in rows if "cached" in row), default=None), CACHED_SPEEDUP,
         )  # fmt: skip
         status = m.get(f"cache/compiled_status_{config}", {})
         available = status.get("available", True)
