@@ -363,14 +363,13 @@ def measure(args: argparse.Namespace, previous: dict | None = None, save=None) -
         "dtype": str(dtype).removeprefix("torch."),
         "guidance_scale": GUIDANCE,
         "temperature": TEMPERATURE,
-        "rows": [],
-        "not_measured": [],
     }
     same = previous is not None and all(previous.get(k) == record[k] for k in ("device_name", "sizes", "dtype"))
-    record["rows"] = list(previous["rows"]) if same else []
+    record.update(rows=list(previous["rows"]) if same else [], not_measured=[])
     done = {row_key(r) for r in record["rows"]}
     budget = getattr(args, "total_budget_s", None)
     deadline = None if budget is None else time.monotonic() + budget
+    revision = git_revision()
     for name in args.models:
         for parscale_n in args.parscale:
             todo = [(steps, cache) for steps in args.steps for cache in (None, default_cache(steps))]
@@ -390,7 +389,7 @@ def measure(args: argparse.Namespace, previous: dict | None = None, save=None) -
                     if args.tiny:
                         config = {**config, **{k: {**config[k], **v} for k, v in TINY["model"].items()}}
                     pipe = build_pipeline(config, vae, data, device, dtype)
-                record["rows"].extend(_time_row(pipe, name, parscale_n, steps, cache, args))
+                record["rows"].extend(_time_row(pipe, name, parscale_n, steps, cache, args, revision))
                 if save is not None:
                     save(record)
             del pipe
@@ -401,8 +400,8 @@ def _sampling(cache) -> str:
     return "exact" if cache is None else "cached"
 
 
-def _time_row(pipe, name, parscale_n, steps, cache, args) -> list[dict]:
-    """One row's timings, one per batch of `args.batches` (the first call of each warms up)."""
+def _time_row(pipe, name, parscale_n, steps, cache, args, revision: str) -> list[dict]:
+    """One row's timings, one per batch of `args.batches` (the first call of each warms up), made at `revision`."""
     rows = []
     for batch in args.batches:
         times = []
@@ -417,7 +416,7 @@ def _time_row(pipe, name, parscale_n, steps, cache, args) -> list[dict]:
             "model": MODELS.get(name, name), "parscale_n": parscale_n, "num_inference_steps": steps,
             "sampling": _sampling(cache), "batch": batch,
             "seconds_per_image": statistics.median(times[1:]) / batch, "first_call_s": times[0],
-            "git_revision": git_revision(),
+            "git_revision": revision,
         })  # fmt: skip
         if times[-1] > args.budget_s:
             break
