@@ -385,13 +385,9 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         return tokens
 
     def _exact_hidden(self, tokens, mask, labels, null_labels, predict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One exact step's backbone: hidden states `(B, T, D)` at `predict` `(B, T)` of the conditional pass and,
-        given `null_labels`, of the unconditional one (None otherwise). The compiled step computes every position
-        (static shapes: one graph for all steps), the eager one only the last block's rows at `predict`."""
-        if self._compiled_hidden is None:
-            return self._hidden(tokens, mask, labels, null_labels, predict)
-        h_cond, h_uncond = self._compiled_hidden(tokens, mask, labels, null_labels)
-        return gather_rows(h_cond, predict), None if h_uncond is None else gather_rows(h_uncond, predict)
+        """One exact step's backbone, eager or compiled: hidden states `(B, T, D)` at `predict` `(B, T)` of the
+        conditional pass and, given `null_labels`, of the unconditional one (None otherwise)."""
+        return (self._compiled_hidden or self._hidden)(tokens, mask, labels, null_labels, predict)
 
     def _hidden(
         self, tokens, mask, labels, null_labels=None, predict=None
@@ -412,24 +408,29 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
     def enable_compiled_step(self, **compile_kwargs) -> None:
         """Run sampling's backbone steps under ``torch.compile`` (``fullgraph=True``: a graph break is an error).
 
-        - Exact sampling's step (LiteHybrid and transformer, both guidance passes) as one graph with static
-          shapes: batch, N and hidden size do not change between steps, so it compiles once per batch size and
-          guidance on / off (``dynamic=False`` unless given).
-        - With a :class:`SamplingCache` on EAR's backbone, its cached passes (``EARTransformer.forward_partial``)
-          with dynamic shapes (``dynamic=True`` whatever is given): the rows they recompute change from step to
-          step, so a handful of graphs serve every step count. The refreshes' full passes and the LiteHybrid run
-          eagerly. On MAR's backbone the cached passes run eagerly: its encoder's sequence grows with the tokens
-          decoded, and its checks of the cache read tensors, which one graph cannot hold.
+        - Exact sampling's step (LiteHybrid and transformer, both guidance passes, the last block only at the rows
+          predicted) as one graph.
+        - With a :class:`SamplingCache`, its cached passes (``EARTransformer.forward_partial``). The refreshes'
+          full passes and the LiteHybrid run eagerly.
 
+        The rows a step predicts (and those a cached pass recomputes) change from step to step: with torch's
+        automatic dynamic shapes (``dynamic`` not given) the first step compiles for its shapes, the next one once
+        more with those sizes symbolic, and that graph serves the other steps and step counts.
         On a GPU, pass ``mode="reduce-overhead"`` for CUDA graphs, and load the pipeline in bf16
         (``dtype=torch.bfloat16``). Other keyword arguments go to ``torch.compile``.
+
+        EAR's backbone only: MAR's (:class:`MARTransformer`) raises a TypeError. Its encoder's sequence holds the
+        tokens known so far and it checks its inputs by reading tensors, which one graph cannot hold.
         """
-        compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+        if not isinstance(self.transformer, EARTransformer):
+            raise TypeError(
+                f"ParScaleEARPipeline.enable_compiled_step: the compiled step is for EARTransformer backbones; this "
+                f"pipeline's is a {type(self.transformer).__name__}, whose encoder changes length with the tokens "
+                "known. Sample it eagerly (with or without a SamplingCache)."
+            )
+        compile_kwargs = {"fullgraph": True, **compile_kwargs}
         self._compiled_hidden = torch.compile(self._hidden, **compile_kwargs)
-        self._compiled_partial = None  # MAR's backbone: eager, see above
-        if isinstance(self.transformer, EARTransformer):
-            partial = self.transformer.forward_partial
-            self._compiled_partial = torch.compile(partial, **{**compile_kwargs, "dynamic": True})
+        self._compiled_partial = torch.compile(self.transformer.forward_partial, **compile_kwargs)
 
     def disable_compiled_step(self) -> None:
         """Back to the eager steps."""

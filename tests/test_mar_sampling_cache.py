@@ -365,11 +365,11 @@ def test_pipeline_with_the_default_caches_samples_nearly_the_same_images():
     assert (cached - exact).norm() < 0.5 * (other_seed - exact).norm()
 
 
-def test_the_compiled_step_leaves_mars_cached_passes_eager():
-    # MAR's encoder grows with the tokens decoded, which one graph cannot hold: its cached passes stay eager, and
-    # a cached run (its refreshes and cached passes never use the compiled exact step) gives the same images.
+def test_the_compiled_step_is_refused_on_mars_backbone():
+    # MAR's encoder grows with the tokens known, which one graph cannot hold: a clear error, not one from dynamo at
+    # the first step; the pipeline still samples eagerly.
     pipe = mar_pipeline()
-    eager = run(pipe, steps=12, cache=SamplingCache())
-    pipe.enable_compiled_step()
-    assert pipe._compiled_partial is None
-    assert torch.equal(run(pipe, steps=12, cache=SamplingCache()), eager)
+    with pytest.raises(TypeError, match="compiled step is for EARTransformer backbones; this pipeline's is a MARTr"):
+        pipe.enable_compiled_step()
+    assert pipe._compiled_hidden is None and pipe._compiled_partial is None
+    assert torch.equal(run(pipe, steps=4), run(pipe, steps=4))
