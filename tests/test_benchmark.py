@@ -152,3 +152,16 @@ def test_cpu_memory_probe_sees_activations_grow_with_batch():
     small = bm.cpu_peak_memory({"kind": "transformer", "config": config, "batch": 1})
     large = bm.cpu_peak_memory({"kind": "transformer", "config": config, "batch": 64})
     assert 0 < small < large and large - small > 50, (small, large)
+
+
+def test_a_section_names_the_revision_it_started_at(tmp_path, monkeypatch):
+    # A commit made while the sections run changes the checkout, not the code that runs: the revision read at
+    # the start is the one recorded.
+    import parscale_ear_hf.results as results
+
+    revisions = iter(["a" * 40] + ["b" * 40] * 10)
+    monkeypatch.setattr(results, "git_revision", lambda: next(revisions))
+    monkeypatch.setattr(bm, "bench_heads", lambda b, counts: b.results.update({"heads/speedup_1": {"ratio": 2.0}}))
+    output = tmp_path / "bench.json"
+    run_example("benchmark.py", "--device", "cpu", "--sections", "heads", "--output", str(output))
+    assert json.loads(output.read_text())["section_provenance"]["heads"]["git_revision"] == "a" * 40

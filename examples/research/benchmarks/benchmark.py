@@ -629,6 +629,8 @@ def run(args: argparse.Namespace) -> dict:
     measured = dict(previous.get("measurements", {}))
     section_provenance = dict(previous.get("section_provenance", {}))
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
+    # The code that runs is the one imported now: a commit made while the sections run must not be named.
+    revision = provenance()["git_revision"]
     for section in sections:
         print(f"[{section}]", flush=True)
         start = len(bench.results)
@@ -637,7 +639,7 @@ def run(args: argparse.Namespace) -> dict:
         measured = {key: row for key, row in measured.items() if not key.startswith(f"{section}/")}
         for key in list(bench.results)[start:]:
             measured[key] = bench.results[key]
-        section_provenance[section] = provenance()
+        section_provenance[section] = {**provenance(), "git_revision": revision}
         payload = {
             "metric": "benchmark",
             "profile": profile,
