@@ -350,6 +350,20 @@ needs_reference = pytest.mark.skipif(
 
 
 @needs_reference
+def test_reference_section_times_ours_eager_and_compiled_against_theirs():
+    """The section at a tiny config: ours, ours compiled and theirs timed in the same rounds, FLOPs counted, the
+    tokens of the same orders and noise compared."""
+    b = Bench("cpu", torch.float32, repeats=3, budget_s=5.0, progress=False)
+    bs.bench_reference(b, REFERENCE_CODE, {"tiny": TINY_EAR}, batches=(1,), steps=(3,))
+    assert b.results["reference/compiled_status_tiny"]["available"] is True
+    assert {f"reference/tiny_b1_s3_{v}" for v in ("ours", "reference", "ours_compiled")} <= set(b.results)
+    ratio = b.results["reference/ratio_tiny_b1_s3"]
+    assert ratio["speedup"] > 0 and ratio["speedup_compiled"] > 0
+    assert 0 < ratio["flops_ours"] < ratio["flops_reference"]  # our last block only at the rows predicted
+    assert b.results["reference/agreement_tiny"]["max_abs_diff"] <= 1e-5  # the bound of the test below
+
+
+@needs_reference
 @pytest.mark.parametrize(("guidance", "steps"), [(1.0, 8), (3.0, 3), (3.0, 20)])
 def test_reference_and_converted_model_sample_the_same_tokens(guidance, steps):
     """Same weights (through the converter), orders and noise: the authors' sampler and ours agree
