@@ -416,6 +416,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         The rows a step predicts (and those a cached pass recomputes) change from step to step: with torch's
         automatic dynamic shapes (``dynamic`` not given) the first step compiles for its shapes, the next one once
         more with those sizes symbolic, and that graph serves the other steps and step counts.
+
         On a GPU, pass ``mode="reduce-overhead"`` for CUDA graphs, and load the pipeline in bf16
         (``dtype=torch.bfloat16``). Other keyword arguments go to ``torch.compile``.
 
