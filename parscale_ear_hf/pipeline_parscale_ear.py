@@ -389,11 +389,8 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
         conditional pass and, given `null_labels`, of the unconditional one (None otherwise)."""
         return (self._compiled_hidden or self._hidden)(tokens, mask, labels, null_labels, predict)
 
-    def _hidden(
-        self, tokens, mask, labels, null_labels=None, predict=None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Backbone of one exact step: hidden states `(B, N, D)` (or `(B, T, D)` at `predict` `(B, T)`) of the
-        conditional pass and, given `null_labels`, of the unconditional one (None otherwise), run as one batch."""
+    def _hidden(self, tokens, mask, labels, null_labels, predict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_exact_hidden`, eagerly (what the compiled step compiles): both guidance passes as one batch."""
         x = self.lite_hybrid(tokens, mask)
         if null_labels is None:
             return self.transformer(x, labels, mask, positions=predict), None
@@ -401,7 +398,7 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
             torch.cat([x, x]),
             torch.cat([labels, null_labels]),
             torch.cat([mask, mask]),
-            positions=None if predict is None else predict.repeat(2, 1),
+            positions=predict.repeat(2, 1),
         ).chunk(2)
         return h_cond, h_uncond
 
@@ -415,7 +412,8 @@ class ParScaleEARPipeline(PipelineHubMixin, DiffusionPipeline):
 
         The rows a step predicts (and those a cached pass recomputes) change from step to step: with torch's
         automatic dynamic shapes (``dynamic`` not given) the first step compiles for its shapes, the next one once
-        more with those sizes symbolic, and that graph serves the other steps and step counts.
+        more with those sizes symbolic, and a handful of graphs (a step of one row gets its own) serve every step
+        and step count.
 
         On a GPU, pass ``mode="reduce-overhead"`` for CUDA graphs, and load the pipeline in bf16
         (``dtype=torch.bfloat16``). Other keyword arguments go to ``torch.compile``.

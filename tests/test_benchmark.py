@@ -101,6 +101,9 @@ def test_cli_runs_a_section_and_merges_results(tmp_path, monkeypatch):
     run_example("benchmark.py", "--device", "cpu", "--sections", "heads", "--output", str(output))
     measured = set(json.loads(output.read_text())["measurements"])
     assert "heads/speedup_2" in measured and "heads/speedup_1" not in measured and "flops/matmul_peak" in measured
+    # Each section lists the rows it wrote, whatever their names: matmul's is `flops/...`.
+    listed = json.loads(output.read_text())["section_provenance"]["matmul"]["rows"]
+    assert listed == ["flops/matmul_peak"]
     with pytest.raises(SystemExit):
         run_example("benchmark.py", "--sections", "nope")
 
@@ -136,6 +139,15 @@ def test_merge_takes_named_sections_with_their_provenance_and_nothing_else(tmp_p
     assert json.loads(ours.read_text()) == merged and ours.with_suffix(".md").is_file()
     with pytest.raises(ValueError, match=r"has no section\(s\) \['vae'\]; it ran \['heads', 'matmul'\]"):
         bm.merge_sections(theirs, ours, ["vae"])
+    # matmul's row is not named after it: without the rows its provenance lists, refused, not half merged.
+    with pytest.raises(ValueError, match="lists no rows of section 'matmul'"):
+        bm.merge_sections(theirs, ours, ["matmul"])
+    theirs_record = json.loads(theirs.read_text())
+    theirs_record["section_provenance"]["matmul"]["rows"] = ["flops/matmul_peak"]
+    theirs.write_text(json.dumps(theirs_record))
+    merged = bm.merge_sections(theirs, ours, ["matmul"])
+    assert merged["measurements"]["flops/matmul_peak"] == {"flop_per_s": 5e9}
+    assert merged["section_provenance"]["matmul"]["git_revision"] == "b" * 40
     results(theirs, {}, {"heads": "c" * 40}, profile="gpu")
     with pytest.raises(ValueError, match="is of the gpu profile"):
         bm.merge_sections(theirs, ours, ["heads"])

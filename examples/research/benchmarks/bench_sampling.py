@@ -212,7 +212,7 @@ def bench_reference(b, reference_code, configs: dict[str, dict], batches, steps)
                 if "ours_compiled" in rows:
                     b.add(f"reference/{name}_b{batch}_s{k}_ours_compiled", rows["ours_compiled"], **info)
                 ratio = paired_ratio(times["ours"], times["reference"])
-                b.results[f"reference/ratio_{name}_b{batch}_s{k}"] = {
+                row = b.results[f"reference/ratio_{name}_b{batch}_s{k}"] = {
                     "config": name,
                     "batch": batch,
                     "steps": k,
@@ -224,9 +224,7 @@ def bench_reference(b, reference_code, configs: dict[str, dict], batches, steps)
                     "flops_reference": flops["reference"],
                 }
                 if "ours_compiled" in times:
-                    b.results[f"reference/ratio_{name}_b{batch}_s{k}"]["speedup_compiled"] = paired_ratio(
-                        times["reference"], times["ours_compiled"]
-                    )["median"]
+                    row["speedup_compiled"] = paired_ratio(times["reference"], times["ours_compiled"])["median"]
 
 
 def _agreement(reference, pipe, config: dict, device, steps: int, batch: int = 2) -> dict:

@@ -593,7 +593,7 @@ def check_args(args: argparse.Namespace, profile: str, sections: list[str]) -> N
 def run(args: argparse.Namespace) -> dict:
     """Measure the profile's sections, merge them into the results JSON (sections not run keep their
     earlier values, each with its own provenance), and write the Markdown table and the plot."""
-    from parscale_ear_hf.results import load_results, provenance, write_results
+    from parscale_ear_hf.results import git_revision, load_results, provenance, write_results
 
     profile = args.profile or ("gpu" if args.device.startswith("cuda") else "cpu")
     sections = args.sections or [section for section in SECTIONS if section not in ON_REQUEST]
@@ -630,16 +630,17 @@ def run(args: argparse.Namespace) -> dict:
     section_provenance = dict(previous.get("section_provenance", {}))
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
     # The code that runs is the one imported now: a commit made while the sections run must not be named.
-    revision = provenance()["git_revision"]
+    revision = git_revision()
     for section in sections:
         print(f"[{section}]", flush=True)
         start = len(bench.results)
         plans[section]()
         # A section run again replaces its rows: none of its earlier rows stays under this run's provenance.
-        measured = {key: row for key, row in measured.items() if not key.startswith(f"{section}/")}
-        for key in list(bench.results)[start:]:
-            measured[key] = bench.results[key]
-        section_provenance[section] = {**provenance(), "git_revision": revision}
+        for key in section_rows(measured, section_provenance.get(section), section):
+            del measured[key]
+        rows = list(bench.results)[start:]
+        measured.update({key: bench.results[key] for key in rows})
+        section_provenance[section] = {**provenance(), "git_revision": revision, "rows": rows}
         payload = {
             "metric": "benchmark",
             "profile": profile,
@@ -658,6 +659,15 @@ def run(args: argparse.Namespace) -> dict:
     if bench_sampling.write_report(output) is not None:
         print("\n".join(bench_sampling.target_lines(record["sampling_targets"])))
     return record
+
+
+def section_rows(measured: dict, provenance: dict | None, section: str) -> list[str]:
+    """The keys of `measured` that `section` wrote: those its `provenance` lists, or, in results written before
+    sections listed their rows, those named ``<section>/...`` (some sections also write ``flops/...`` rows)."""
+    listed = (provenance or {}).get("rows")
+    if listed is not None:
+        return [key for key in listed if key in measured]
+    return [key for key in measured if key.startswith(f"{section}/")]
 
 
 def merge_sections(source: str | os.PathLike, output: str | os.PathLike, sections: list[str] | None) -> dict:
@@ -687,8 +697,15 @@ def merge_sections(source: str | os.PathLike, output: str | os.PathLike, section
                          f"{sorted(other.get('section_provenance', {}))}.")  # fmt: skip
     measured, section_provenance = dict(record["measurements"]), dict(record["section_provenance"])
     for section in sections:
-        measured = {key: row for key, row in measured.items() if not key.startswith(f"{section}/")}
-        measured.update({key: row for key, row in other["measurements"].items() if key.startswith(f"{section}/")})
+        taken = section_rows(other["measurements"], other["section_provenance"][section], section)
+        if not taken:
+            raise ValueError(
+                f"bench --merge-from: {str(source)!r} lists no rows of section {section!r} (written before sections "
+                f"recorded their rows, and none is named '{section}/...'); run the section again there or here."
+            )
+        for key in section_rows(measured, section_provenance.get(section), section):
+            del measured[key]
+        measured.update({key: other["measurements"][key] for key in taken})
         section_provenance[section] = other["section_provenance"][section]
     payload = {k: v for k, v in record.items() if k != "provenance"}
     payload.update(measurements=measured, section_provenance=section_provenance, targets=check_targets(measured),
